@@ -1,0 +1,327 @@
+"""Stack settings: one frozen, validated object built from the stack's config.
+
+The Pulumi program and the offline `infra` command both call `load_settings` with the raw
+config map (``{"betting-platform:patroni": '{"nodes": 3, ...}', "aws:region": "eu-west-1"}``,
+values as the Pulumi engine hands them over: strings, structured values JSON-encoded), so a
+bad value fails the same way in both, before any resource is declared. Secrets are not part
+of the settings: they stay Pulumi secrets (see `SECRET_KEYS`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from infra.units import GIB, duration_seconds, size_bytes
+
+PROJECT = "betting-platform"
+ENVIRONMENTS = ("dev", "staging", "prod")
+# Pulumi config secrets (`pulumi config set --secret KEY ...`); never part of the settings object.
+SECRET_KEYS = ("pagerdutyRoutingKey", "slackCriticalWebhook", "slackWarningsWebhook")
+
+# Requirements document: Prometheus keeps 30 days on at least 50 GB of SSD.
+MIN_PROMETHEUS_RETENTION = "30d"
+MIN_PROMETHEUS_VOLUME_GIB = 50
+# Size retention may use at most this share of the TSDB volume: the WAL, the head block and
+# compaction's temporary copies live beside the blocks it counts.
+MAX_RETENTION_SIZE_SHARE = 0.85
+MIN_VERIFICATION_RETENTION_DAYS = 90
+MIN_AUDIT_RETENTION_YEARS = 7
+
+
+class SettingsError(ValueError):
+    """Every problem in a stack's config, one line each, naming the key."""
+
+    def __init__(self, stack: str, problems: list[str]):
+        self.stack = stack
+        self.problems = problems
+        super().__init__(f"stack {stack!r} has invalid settings:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _duration(text: str) -> str:
+    duration_seconds(text)
+    return text
+
+
+def _size(text: str) -> str:
+    size_bytes(text)
+    return text
+
+
+Duration = Annotated[str, AfterValidator(_duration)]
+PrometheusSize = Annotated[str, AfterValidator(_size)]
+InstanceType = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")]
+# Data volumes are SSD only: st1, sc1 and standard (magnetic) are too slow for a database or a TSDB.
+SsdVolumeType = Literal["gp3", "gp2", "io1", "io2"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+class VolumeSettings(_Model):
+    size_gib: int = Field(ge=8, le=16384, alias="sizeGiB")
+    type: SsdVolumeType = "gp3"
+    iops: int | None = Field(default=None, ge=3000, le=256000)
+    throughput: int | None = Field(default=None, ge=125, le=1000, description="MiB/s, gp3 only")
+
+    @model_validator(mode="after")
+    def _performance_fits_type(self) -> VolumeSettings:
+        if self.type in ("io1", "io2") and self.iops is None:
+            raise ValueError(f"type {self.type} needs iops (3000 or more)")
+        if self.throughput is not None and self.type != "gp3":
+            raise ValueError(f"throughput is a gp3 setting; type is {self.type}")
+        return self
+
+
+class PatroniSettings(_Model):
+    nodes: int = Field(ge=1, le=9)
+    instance_type: InstanceType
+    data_volume: VolumeSettings
+    postgres_version: Literal[15] = 15
+    # Patroni's documented minimums: ttl 20, loop_wait 1, retry_timeout 3.
+    ttl: int = Field(default=30, ge=20, le=3600)
+    loop_wait: int = Field(default=10, ge=1, le=600)
+    retry_timeout: int = Field(default=10, ge=3, le=600)
+    primary_start_timeout: int = Field(default=300, ge=0, le=3600)
+    maximum_lag_on_failover: int = Field(default=1048576, ge=0)
+    synchronous_mode: bool = False
+    synchronous_mode_strict: bool = False
+    watchdog: Literal["off", "automatic", "required"] = "off"
+    max_connections: int = Field(default=200, ge=20, le=10000)
+
+    @model_validator(mode="after")
+    def _timing(self) -> PatroniSettings:
+        if self.loop_wait + 2 * self.retry_timeout > self.ttl:
+            raise ValueError(
+                f"loopWait + 2 * retryTimeout must be <= ttl (Patroni's rule); found "
+                f"{self.loop_wait} + 2 * {self.retry_timeout} = {self.loop_wait + 2 * self.retry_timeout} > ttl {self.ttl}"
+            )
+        if self.synchronous_mode and self.nodes < 2:
+            raise ValueError("synchronousMode needs at least 2 nodes")
+        return self
+
+
+class EtcdSettings(_Model):
+    members: Literal[1, 3, 5]
+    instance_type: InstanceType
+    data_volume: VolumeSettings = VolumeSettings(size_gib=20)
+
+
+class RedisSettings(_Model):
+    node_type: Annotated[str, Field(pattern=r"^cache\.[a-z0-9]+\.[a-z0-9]+$")]
+    num_cache_clusters: int = Field(ge=1, le=6)
+    multi_az: bool = False
+    engine_version: Annotated[str, Field(pattern=r"^[67]\.\d+$")] = "7.1"
+    maxmemory_policy: Literal[
+        "volatile-lru", "allkeys-lru", "volatile-lfu", "allkeys-lfu", "volatile-random",
+        "allkeys-random", "volatile-ttl", "noeviction",
+    ] = "allkeys-lru"
+
+    @model_validator(mode="after")
+    def _failover_needs_replica(self) -> RedisSettings:
+        if self.multi_az and self.num_cache_clusters < 2:
+            raise ValueError(f"multiAz needs numCacheClusters >= 2 (a primary and a replica); found {self.num_cache_clusters}")
+        return self
+
+
+class ClickHouseSettings(_Model):
+    instance_type: InstanceType
+    data_volume: VolumeSettings
+
+
+class PrometheusSettings(_Model):
+    replicas: int = Field(default=1, ge=1, le=3)
+    instance_type: InstanceType
+    volume: VolumeSettings = VolumeSettings(size_gib=MIN_PROMETHEUS_VOLUME_GIB)
+    retention_time: Duration = MIN_PROMETHEUS_RETENTION
+    retention_size: PrometheusSize = "42GB"
+    scrape_interval: Duration = "15s"
+    evaluation_interval: Duration = "15s"
+
+    @field_validator("volume")
+    @classmethod
+    def _volume_meets_requirement(cls, volume: VolumeSettings) -> VolumeSettings:
+        if volume.size_gib < MIN_PROMETHEUS_VOLUME_GIB:
+            raise ValueError(f"Prometheus needs a volume of at least {MIN_PROMETHEUS_VOLUME_GIB} GiB; found {volume.size_gib}")
+        return volume
+
+    @field_validator("retention_time")
+    @classmethod
+    def _retention_meets_requirement(cls, value: str) -> str:
+        if duration_seconds(value) < duration_seconds(MIN_PROMETHEUS_RETENTION):
+            raise ValueError(f"must keep at least {MIN_PROMETHEUS_RETENTION}; found {value}")
+        return value
+
+    @field_validator("scrape_interval", "evaluation_interval")
+    @classmethod
+    def _sane_interval(cls, value: str) -> str:
+        if not 1 <= duration_seconds(value) <= 300:
+            raise ValueError(f"must be between 1s and 5m; found {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _size_retention_fits_volume(self) -> PrometheusSettings:
+        limit = int(self.volume.size_gib * MAX_RETENTION_SIZE_SHARE)
+        if size_bytes(self.retention_size) > limit * GIB:
+            raise ValueError(
+                f"retentionSize {self.retention_size} (Prometheus reads GB as GiB) leaves no room for the WAL on a "
+                f"{self.volume.size_gib} GiB volume; allowed at most {limit}GB ({MAX_RETENTION_SIZE_SHARE:.0%})"
+            )
+        return self
+
+
+class GrafanaSettings(_Model):
+    instance_type: InstanceType
+
+
+class MonitoringSettings(_Model):
+    prometheus: PrometheusSettings
+    grafana: GrafanaSettings
+
+
+class AlertingSettings(_Model):
+    email_to: Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
+    email_from: Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
+    smtp_smarthost: Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]+:\d+$")]
+    slack_critical_channel: Annotated[str, Field(pattern=r"^#[a-z0-9_-]+$")] = "#alerts-critical"
+    slack_warnings_channel: Annotated[str, Field(pattern=r"^#[a-z0-9_-]+$")] = "#alerts-warnings"
+
+
+class BackupSettings(_Model):
+    verification_retention_days: int = Field(default=MIN_VERIFICATION_RETENTION_DAYS, ge=MIN_VERIFICATION_RETENTION_DAYS, le=3650)
+    audit_retention_years: int = Field(default=MIN_AUDIT_RETENTION_YEARS, ge=MIN_AUDIT_RETENTION_YEARS, le=100)
+    archive_transition_days: int = Field(default=30, ge=1, le=3650)
+    full_backup_schedule: Annotated[str, Field(pattern=r"^\S+ \S+ \S+ \S+ \S+$")] = "0 2 * * *"
+    full_backup_retention: int = Field(default=7, ge=1, le=365)
+
+
+class ApplicationSettings(_Model):
+    metrics_targets: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]+:\d{1,5}$")], ...] = ()
+
+
+class StackSettings(_Model):
+    stack: str
+    environment: Literal["dev", "staging", "prod"]
+    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")]
+    availability_zones: tuple[str, ...] = Field(min_length=1, max_length=6)
+    vpc_cidr: str = "10.40.0.0/16"
+    dns_zone: Annotated[str, Field(pattern=r"^([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)+[a-z]{2,}$")]
+    patroni: PatroniSettings
+    etcd: EtcdSettings
+    redis: RedisSettings
+    clickhouse: ClickHouseSettings
+    monitoring: MonitoringSettings
+    alerting: AlertingSettings
+    backups: BackupSettings = BackupSettings()
+    application: ApplicationSettings = ApplicationSettings()
+    tags: dict[str, str] = {}
+
+    @field_validator("vpc_cidr")
+    @classmethod
+    def _cidr(cls, value: str) -> str:
+        try:
+            network = ipaddress.IPv4Network(value)
+        except ValueError as error:
+            raise ValueError(f"not an IPv4 CIDR ({error})") from None
+        if not 16 <= network.prefixlen <= 24:
+            raise ValueError(f"prefix must be /16 to /24; found /{network.prefixlen}")
+        return value
+
+    @model_validator(mode="after")
+    def _zones(self) -> StackSettings:
+        if len(set(self.availability_zones)) != len(self.availability_zones):
+            raise ValueError(f"availabilityZones repeats a zone: {list(self.availability_zones)}")
+        foreign = [az for az in self.availability_zones if not re.fullmatch(re.escape(self.region) + r"[a-z]", az)]
+        if foreign:
+            raise ValueError(f"availabilityZones {foreign} are not zones of region {self.region}")
+        if self.environment == "prod":
+            problems = []
+            if len(self.availability_zones) < 3:
+                problems.append(f"prod needs 3 availabilityZones; found {len(self.availability_zones)}")
+            if self.patroni.nodes < 3:
+                problems.append(f"prod needs patroni.nodes >= 3; found {self.patroni.nodes}")
+            if self.etcd.members < 3:
+                problems.append(f"prod needs etcd.members >= 3; found {self.etcd.members}")
+            if not self.patroni.synchronous_mode:
+                problems.append("prod needs patroni.synchronousMode: true (no acknowledged write lost on failover)")
+            if problems:
+                raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def subnet_cidrs(self) -> tuple[str, ...]:
+        """One private subnet per AZ: the VPC split in 4 (room for up to 4 AZs) or 8 beyond that."""
+        network = ipaddress.IPv4Network(self.vpc_cidr)
+        extra_bits = 2 if len(self.availability_zones) <= 4 else 3
+        return tuple(str(s) for s in list(network.subnets(prefixlen_diff=extra_bits))[: len(self.availability_zones)])
+
+
+# Keys the stack config may hold in the project namespace (camelCase, as written in stacks/).
+_SETTING_KEYS = {field.alias or name for name, field in StackSettings.model_fields.items()} - {"stack", "region"}
+
+
+def _decode(value: Any) -> Any:
+    """The engine passes every config value as a string; structured values are JSON inside it."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = [str(part) for part in error["loc"] if not str(part).startswith("function-")]
+    if location and location[0] == "region":
+        key = "aws:region"
+    else:
+        key = f"{PROJECT}:" + ".".join(location) if location else f"{PROJECT} config"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{key}: missing; set it in the stack file"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown setting (found {error['input']!r}); see the settings table in README.md"
+    found = error.get("input")
+    shown = "" if isinstance(found, dict) or "found" in message else f" (found {found!r})"
+    return f"{key}: {message}{shown}"
+
+
+def load_settings(config: Mapping[str, Any], stack: str) -> StackSettings:
+    """Validate a stack's raw config; raise SettingsError naming every bad key."""
+    prefix = f"{PROJECT}:"
+    problems: list[str] = []
+    values: dict[str, Any] = {"stack": stack, "region": config.get("aws:region")}
+    for full_key, raw in sorted(config.items()):
+        if not full_key.startswith(prefix):
+            continue
+        key = full_key[len(prefix):]
+        if key in SECRET_KEYS:
+            continue
+        if key not in _SETTING_KEYS:
+            problems.append(f"{full_key}: unknown setting; allowed: {', '.join(sorted(_SETTING_KEYS | set(SECRET_KEYS)))}")
+            continue
+        values[key] = _decode(raw) if key not in ("environment", "dnsZone", "vpcCidr") else raw
+    environment = values.get("environment")
+    if environment is not None and environment not in ENVIRONMENTS:
+        problems.append(f"{prefix}environment: unknown environment {environment!r}; allowed: {', '.join(ENVIRONMENTS)}")
+    if problems:
+        raise SettingsError(stack, problems)
+    try:
+        return StackSettings.model_validate(values)
+    except ValidationError as error:
+        raise SettingsError(stack, [_describe(e) for e in error.errors()]) from None

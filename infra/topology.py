@@ -1,0 +1,144 @@
+"""Where every service lives, by stable name: pure data derived from the settings.
+
+Renderers address peers only through these names (a private Route 53 zone on AWS), never
+through Pulumi Outputs, so every config file is known before anything is created.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from infra.settings import StackSettings
+
+Role = Literal["etcd", "postgres", "clickhouse", "monitoring", "grafana"]
+
+
+class Ports:
+    POSTGRES = 5432
+    PATRONI_API = 8008
+    POSTGRES_EXPORTER = 9187
+    NODE_EXPORTER = 9100
+    ETCD_CLIENT = 2379
+    ETCD_PEER = 2380
+    REDIS = 6379
+    REDIS_EXPORTER = 9121
+    CLICKHOUSE_HTTP = 8123
+    CLICKHOUSE_NATIVE = 9000
+    CLICKHOUSE_METRICS = 9363
+    PROMETHEUS = 9090
+    ALERTMANAGER = 9093
+    ALERTMANAGER_CLUSTER = 9094
+    GRAFANA = 3000
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str  # "pg-1": also the Pulumi resource name stem and the Patroni member name
+    role: Role
+    index: int  # 1-based within its role
+    availability_zone: str
+    fqdn: str  # "pg-1.prod.betting.internal"
+
+
+@dataclass(frozen=True)
+class Topology:
+    environment: str
+    dns_zone: str
+    etcd: tuple[Host, ...]
+    postgres: tuple[Host, ...]
+    clickhouse: tuple[Host, ...]
+    monitoring: tuple[Host, ...]  # each runs Prometheus, Alertmanager (clustered) and redis_exporter
+    grafana: tuple[Host, ...]
+    # Aliases in the private zone, pointing at things that are not one of our hosts.
+    redis_endpoint: str  # CNAME to the ElastiCache primary endpoint
+    postgres_primary_endpoint: str  # internal NLB, healthy target = Patroni /primary
+    postgres_replica_endpoint: str  # internal NLB, healthy targets = Patroni /replica
+    backup_bucket: str
+    audit_bucket: str
+    patroni_scope: str  # Patroni cluster name (the DCS namespace key)
+    application_targets: tuple[str, ...]
+
+    @property
+    def hosts(self) -> tuple[Host, ...]:
+        return self.etcd + self.postgres + self.clickhouse + self.monitoring + self.grafana
+
+
+def _hosts(settings: StackSettings, role: Role, stem: str, count: int) -> tuple[Host, ...]:
+    zones = settings.availability_zones
+    return tuple(
+        Host(
+            name=f"{stem}-{i}",
+            role=role,
+            index=i,
+            availability_zone=zones[(i - 1) % len(zones)],
+            fqdn=f"{stem}-{i}.{settings.dns_zone}",
+        )
+        for i in range(1, count + 1)
+    )
+
+
+def build_topology(settings: StackSettings) -> Topology:
+    zone = settings.dns_zone
+    return Topology(
+        environment=settings.environment,
+        dns_zone=zone,
+        etcd=_hosts(settings, "etcd", "etcd", settings.etcd.members),
+        postgres=_hosts(settings, "postgres", "pg", settings.patroni.nodes),
+        clickhouse=_hosts(settings, "clickhouse", "clickhouse", 1),
+        monitoring=_hosts(settings, "monitoring", "monitoring", settings.monitoring.prometheus.replicas),
+        grafana=_hosts(settings, "grafana", "grafana", 1),
+        redis_endpoint=f"redis.{zone}",
+        postgres_primary_endpoint=f"pg-primary.{zone}",
+        postgres_replica_endpoint=f"pg-replicas.{zone}",
+        # Bucket names are global: environment and region keep them apart and predictable.
+        backup_bucket=f"betting-{settings.environment}-pg-backups-{settings.region}",
+        audit_bucket=f"betting-{settings.environment}-audit-logs-{settings.region}",
+        patroni_scope=f"betting-{settings.environment}",
+        application_targets=settings.application.metrics_targets,
+    )
+
+
+class Paths:
+    """Where files live on a host. Rendered configs reference these; the sandbox maps them."""
+
+    SECRETS_DIR = "/etc/betting/secrets"  # written at boot from SSM SecureString, mode 0400
+    PROMETHEUS_CONFIG = "/etc/prometheus/prometheus.yml"
+    PROMETHEUS_RULES_DIR = "/etc/prometheus/rules"
+    PROMETHEUS_DATA = "/var/lib/prometheus"  # the dedicated TSDB volume is mounted here
+    ALERTMANAGER_CONFIG = "/etc/prometheus/alertmanager.yml"
+    ALERTMANAGER_DATA = "/var/lib/prometheus/alertmanager"
+    NODE_EXPORTER_TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"  # backup_last_success_timestamp lands here
+    GRAFANA_PROVISIONING = "/etc/grafana/provisioning"
+    GRAFANA_DASHBOARDS = "/var/lib/grafana/dashboards"
+    PATRONI_CONFIG = "/etc/patroni/config.yml"
+    POSTGRES_DATA = "/var/lib/postgresql/15/main"  # the data volume is mounted at /var/lib/postgresql
+    POSTGRES_BIN = "/usr/lib/postgresql/15/bin"
+    POSTGRES_EXPORTER_QUERIES = "/etc/prometheus/postgres_exporter_queries.yaml"
+    PGBACKREST_CONFIG = "/etc/pgbackrest/pgbackrest.conf"
+    ETCD_CONFIG = "/etc/default/etcd"
+    ETCD_DATA = "/var/lib/etcd"
+    CLICKHOUSE_CONFIG_D = "/etc/clickhouse-server/config.d"
+    CLICKHOUSE_DATA = "/var/lib/clickhouse"
+
+
+class SecretNames:
+    """File names under Paths.SECRETS_DIR (and SSM parameter /betting/<env>/<name>)."""
+
+    PAGERDUTY_ROUTING_KEY = "pagerduty_routing_key"
+    SLACK_CRITICAL_WEBHOOK = "slack_critical_webhook"
+    SLACK_WARNINGS_WEBHOOK = "slack_warnings_webhook"
+    GRAFANA_ADMIN_PASSWORD = "grafana_admin_password"
+    POSTGRES_SUPERUSER_PASSWORD = "postgres_superuser_password"
+    POSTGRES_REPLICATION_PASSWORD = "postgres_replication_password"
+    POSTGRES_REWIND_PASSWORD = "postgres_rewind_password"
+    POSTGRES_EXPORTER_PASSWORD = "postgres_exporter_password"
+    REDIS_AUTH_TOKEN = "redis_auth_token"
+
+
+def secret_path(name: str) -> str:
+    return f"{Paths.SECRETS_DIR}/{name}"
+
+
+def ssm_parameter_name(environment: str, name: str) -> str:
+    return f"/betting/{environment}/{name}"
