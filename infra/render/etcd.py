@@ -1,0 +1,42 @@
+"""The environment file of Debian's etcd unit (/etc/default/etcd) for one member."""
+
+from __future__ import annotations
+
+from infra.settings import StackSettings
+from infra.topology import Host, Paths, Ports, Topology
+
+# etcd's defaults (100 ms / 1000 ms) suit one data centre; members in different AZs see
+# a few ms of RTT, still well inside them, so only the election timeout gets a margin.
+HEARTBEAT_INTERVAL_MS = 100
+ELECTION_TIMEOUT_MS = 1500
+QUOTA_BACKEND_BYTES = 2 * 1024**3
+
+
+def etcd_environment(settings: StackSettings, topology: Topology, member: Host) -> dict[str, str]:
+    if member not in topology.etcd:
+        raise ValueError(f"{member.name} is not an etcd member of this topology")
+    return {
+        "ETCD_NAME": member.name,
+        "ETCD_DATA_DIR": f"{Paths.ETCD_DATA}/{member.name}",
+        "ETCD_LISTEN_PEER_URLS": f"http://0.0.0.0:{Ports.ETCD_PEER}",
+        "ETCD_LISTEN_CLIENT_URLS": f"http://0.0.0.0:{Ports.ETCD_CLIENT}",
+        "ETCD_INITIAL_ADVERTISE_PEER_URLS": f"http://{member.fqdn}:{Ports.ETCD_PEER}",
+        "ETCD_ADVERTISE_CLIENT_URLS": f"http://{member.fqdn}:{Ports.ETCD_CLIENT}",
+        "ETCD_INITIAL_CLUSTER": ",".join(f"{m.name}=http://{m.fqdn}:{Ports.ETCD_PEER}" for m in topology.etcd),
+        "ETCD_INITIAL_CLUSTER_STATE": "new",
+        "ETCD_INITIAL_CLUSTER_TOKEN": topology.patroni_scope,
+        "ETCD_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL_MS),
+        "ETCD_ELECTION_TIMEOUT": str(ELECTION_TIMEOUT_MS),
+        "ETCD_AUTO_COMPACTION_MODE": "periodic",
+        "ETCD_AUTO_COMPACTION_RETENTION": "1h",
+        "ETCD_QUOTA_BACKEND_BYTES": str(QUOTA_BACKEND_BYTES),
+        # Patroni talks v3 (its etcd3 module); the v2 API stays off.
+        "ETCD_ENABLE_V2": "false",
+        # /metrics on the client port is what Prometheus scrapes.
+        "ETCD_METRICS": "basic",
+    }
+
+
+def render_etcd(settings: StackSettings, topology: Topology, member: Host) -> dict[str, bytes]:
+    lines = [f"{key}={value}" for key, value in etcd_environment(settings, topology, member).items()]
+    return {f"etcd/{member.name}.env": ("\n".join(lines) + "\n").encode()}

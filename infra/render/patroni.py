@@ -1,0 +1,139 @@
+"""patroni.yml for one PostgreSQL host: a pure function of the settings and the topology.
+
+Passwords are not in the file: Patroni reads them from the environment variables in
+`PASSWORD_ENV` (filled by the platform from the secret files named there), which its config
+loader merges over `postgresql.authentication`.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from infra.render.pgbackrest import PGBACKREST_BIN, stanza
+from infra.settings import StackSettings
+from infra.topology import Host, Paths, Ports, SecretNames, Topology
+
+SUPERUSER = "postgres"
+REPLICATION_USER = "replicator"
+REWIND_USER = "rewind_user"
+
+# Patroni's own environment variables -> the secret file (under Paths.SECRETS_DIR) that fills each.
+PASSWORD_ENV = {
+    "PATRONI_SUPERUSER_PASSWORD": SecretNames.POSTGRES_SUPERUSER_PASSWORD,
+    "PATRONI_REPLICATION_PASSWORD": SecretNames.POSTGRES_REPLICATION_PASSWORD,
+    "PATRONI_REWIND_PASSWORD": SecretNames.POSTGRES_REWIND_PASSWORD,
+}
+
+WATCHDOG_DEVICE = "/dev/watchdog"
+UNIX_SOCKET_DIR = "/var/run/postgresql"
+PGPASS = "/var/lib/postgresql/.pgpass.patroni"
+
+
+def _cluster_parameters(settings: StackSettings, node_count: int) -> dict:
+    """Parameters Patroni keeps equal on every member (stored in the DCS at bootstrap)."""
+    return {
+        "max_connections": settings.patroni.max_connections,
+        "wal_level": "replica",
+        "hot_standby": "on",
+        # pg_rewind needs hint bits in WAL (data checksums are on too, from initdb).
+        "wal_log_hints": "on",
+        # Every member may stream to every other, plus room for a pgBackRest backup and a rejoin.
+        "max_wal_senders": node_count + 5,
+        "max_replication_slots": node_count + 5,
+        "wal_keep_size": "1GB",
+        "max_slot_wal_keep_size": "20GB",
+    }
+
+
+def _local_parameters(settings: StackSettings, topology: Topology) -> dict:
+    archive = f"{PGBACKREST_BIN} --config={Paths.PGBACKREST_CONFIG} --stanza={stanza(topology)}"
+    return {
+        "unix_socket_directories": UNIX_SOCKET_DIR,
+        "shared_preload_libraries": "pg_stat_statements",
+        "pg_stat_statements.track": "all",
+        "pg_stat_statements.max": 10000,
+        "track_io_timing": "on",
+        "archive_mode": "on",
+        "archive_command": f"{archive} archive-push %p",
+        # Bounds the RPO of the backups when writes are rare: a segment is archived at least every minute.
+        "archive_timeout": "60s",
+        "log_min_duration_statement": "1s",
+        "log_line_prefix": "%m [%p] %q%u@%d ",
+    }
+
+
+def _pg_hba(settings: StackSettings) -> list[str]:
+    vpc = settings.vpc_cidr
+    return [
+        "local all all peer",
+        f"local replication {REPLICATION_USER} scram-sha-256",
+        f"host replication {REPLICATION_USER} 127.0.0.1/32 scram-sha-256",
+        f"host replication {REPLICATION_USER} {vpc} scram-sha-256",
+        "host all all 127.0.0.1/32 scram-sha-256",
+        f"host all all {vpc} scram-sha-256",
+    ]
+
+
+def patroni_config(settings: StackSettings, topology: Topology, node: Host) -> dict:
+    """The patroni.yml of `node` as data (render_patroni serialises it)."""
+    if node not in topology.postgres:
+        raise ValueError(f"{node.name} is not a PostgreSQL host of this topology")
+    patroni = settings.patroni
+    backrest = f"{PGBACKREST_BIN} --config={Paths.PGBACKREST_CONFIG} --stanza={stanza(topology)}"
+    config: dict = {
+        "scope": topology.patroni_scope,
+        "namespace": "/service/",
+        "name": node.name,
+        "log": {"level": "INFO", "format": "%(asctime)s %(levelname)s: %(message)s"},
+        "restapi": {
+            "listen": f"0.0.0.0:{Ports.PATRONI_API}",
+            "connect_address": f"{node.fqdn}:{Ports.PATRONI_API}",
+        },
+        "etcd3": {"hosts": [f"{member.fqdn}:{Ports.ETCD_CLIENT}" for member in topology.etcd]},
+        "bootstrap": {
+            "dcs": {
+                "ttl": patroni.ttl,
+                "loop_wait": patroni.loop_wait,
+                "retry_timeout": patroni.retry_timeout,
+                "primary_start_timeout": patroni.primary_start_timeout,
+                "maximum_lag_on_failover": patroni.maximum_lag_on_failover,
+                "synchronous_mode": patroni.synchronous_mode,
+                "synchronous_mode_strict": patroni.synchronous_mode_strict,
+                "postgresql": {
+                    "use_pg_rewind": True,
+                    "use_slots": True,
+                    "parameters": _cluster_parameters(settings, len(topology.postgres)),
+                },
+            },
+            "initdb": [{"encoding": "UTF8"}, {"locale": "C.UTF-8"}, "data-checksums"],
+        },
+        "postgresql": {
+            "listen": f"0.0.0.0:{Ports.POSTGRES}",
+            "connect_address": f"{node.fqdn}:{Ports.POSTGRES}",
+            "data_dir": Paths.POSTGRES_DATA,
+            "bin_dir": Paths.POSTGRES_BIN,
+            "pgpass": PGPASS,
+            "use_unix_socket": True,
+            "use_unix_socket_repl": False,
+            "authentication": {
+                "superuser": {"username": SUPERUSER},
+                "replication": {"username": REPLICATION_USER},
+                "rewind": {"username": REWIND_USER},
+            },
+            "parameters": _local_parameters(settings, topology),
+            "recovery_conf": {"restore_command": f"{backrest} archive-get %f %p"},
+            "pg_hba": _pg_hba(settings),
+            # A new replica restores from the S3 backups first (no load on the primary), else streams a base backup.
+            "create_replica_methods": ["pgbackrest", "basebackup"],
+            "pgbackrest": {"command": f"{backrest} --delta restore", "keep_data": True, "no_params": True},
+            "basebackup": [{"checkpoint": "fast"}, {"max-rate": "200M"}],
+        },
+        "watchdog": {"mode": patroni.watchdog, "device": WATCHDOG_DEVICE, "safety_margin": 5},
+        "tags": {"nofailover": False, "noloadbalance": False, "clonefrom": False, "nosync": False},
+    }
+    return config
+
+
+def render_patroni(settings: StackSettings, topology: Topology, node: Host) -> dict[str, bytes]:
+    text = yaml.safe_dump(patroni_config(settings, topology, node), sort_keys=False, default_flow_style=False)
+    return {f"patroni/{node.name}.yml": text.encode()}
