@@ -134,6 +134,7 @@ class SecretNames:
     POSTGRES_REWIND_PASSWORD = "postgres_rewind_password"
     POSTGRES_EXPORTER_PASSWORD = "postgres_exporter_password"
     REDIS_AUTH_TOKEN = "redis_auth_token"
+    DEADMAN_HEARTBEAT_KEY = "deadman_heartbeat_key"  # Alertmanager Watchdog -> dead-man heartbeat API key
 
 
 def secret_path(name: str) -> str:
