@@ -1,0 +1,130 @@
+"""`infra`: evaluate, render, diff and try the platform without the Pulumi CLI, a cloud or credentials.
+
+  infra plan STACK [--json FILE]   resource inventory under the embedded mock engine (exit 1 on a settings error)
+  infra render STACK --out DIR     every rendered config file, one folder per service
+  infra diff STACK                 changes against the committed snapshot plans/STACK.json
+  infra sandbox up|down|status     run a stack's rendered configs as local processes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from infra.engine import ROOT, Evaluation, StackFileError, evaluate, read_stack_file
+from infra.settings import SettingsError, load_settings
+from infra.topology import build_topology
+
+PLANS_DIR = ROOT / "plans"
+# Large documents that the inventory table summarises by size; the JSON plan keeps them whole.
+_BULKY = {"userData", "policy", "assumeRolePolicy"}
+
+
+def plan_document(evaluation: Evaluation, environment: str) -> dict[str, Any]:
+    resources = sorted(
+        ({"type": r.type, "name": r.name, "parent": r.parent, "props": r.props} for r in evaluation.resources),
+        key=lambda r: (r["type"], r["name"]),
+    )
+    return {"stack": evaluation.stack, "environment": environment, "resources": resources}
+
+
+def _summary(props: dict[str, Any], width: int = 110) -> str:
+    parts = []
+    for key, value in sorted(props.items()):
+        if key in ("tags", "description"):
+            continue
+        if key in _BULKY and isinstance(value, str):
+            parts.append(f"{key}=<{len(value)} bytes>")
+        elif isinstance(value, (str, int, float, bool)):
+            parts.append(f"{key}={value}")
+        elif isinstance(value, (list, dict)):
+            text = json.dumps(value, separators=(",", ":"), sort_keys=True)
+            parts.append(f"{key}={text if len(text) <= 60 else text[:57] + '...'}")
+    line = " ".join(parts)
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def print_inventory(document: dict[str, Any], out=sys.stdout) -> None:
+    resources = document["resources"]
+    type_width = max(len(r["type"]) for r in resources)
+    name_width = max(len(r["name"]) for r in resources)
+    for r in resources:
+        print(f"{r['type']:<{type_width}}  {r['name']:<{name_width}}  {_summary(r['props'])}", file=out)
+    print(f"\n{len(resources)} resources in stack {document['stack']} ({document['environment']})", file=out)
+
+
+def _load(stack: str) -> tuple[Any, Evaluation]:
+    config, _ = read_stack_file(stack)
+    settings = load_settings(config, stack)
+    evaluation = evaluate(stack, config)
+    if evaluation.error is not None:
+        raise evaluation.error
+    return settings, evaluation
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    settings, evaluation = _load(args.stack)
+    document = plan_document(evaluation, settings.environment)
+    print_inventory(document)
+    if evaluation.placeholder_secrets:
+        print("secrets not readable offline, masked placeholders used (pulumi up requires them): "
+              + ", ".join(evaluation.placeholder_secrets))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+        print(f"plan written to {args.json}")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from infra.render.bundle import render_all
+
+    config, _ = read_stack_file(args.stack)
+    settings = load_settings(config, args.stack)
+    files = render_all(settings, build_topology(settings))
+    out = Path(args.out)
+    for rel, content in files.items():
+        target = out / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+    print(f"{len(files)} files rendered for stack {args.stack} into {out}")
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from infra.sandbox.cli import main as sandbox_main
+
+    return sandbox_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infra", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    plan = commands.add_parser("plan", help="resource inventory of a stack, offline")
+    plan.add_argument("stack")
+    plan.add_argument("--json", metavar="FILE", help="also write the plan as JSON (the snapshot format)")
+    plan.set_defaults(func=cmd_plan)
+    render = commands.add_parser("render", help="write every rendered config file of a stack")
+    render.add_argument("stack")
+    render.add_argument("--out", required=True, metavar="DIR")
+    render.set_defaults(func=cmd_render)
+    sandbox = commands.add_parser("sandbox", help="run a stack's rendered configs as local processes", add_help=False)
+    sandbox.add_argument("rest", nargs=argparse.REMAINDER)
+    sandbox.set_defaults(func=cmd_sandbox)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SettingsError, StackFileError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

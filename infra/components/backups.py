@@ -1,0 +1,177 @@
+"""BackupStorage: the PostgreSQL backup bucket and the audit-log bucket, both SSE-KMS with a
+customer-managed key, versioned, private, TLS-only, with the retention the requirements set:
+backup-verification records 90 days, an archive prefix in Glacier, audit logs 7 years under
+Object Lock in compliance mode.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.settings import StackSettings
+from infra.topology import Topology
+
+# Prefixes inside the backup bucket (pgBackRest's repository path is the first).
+BASE_BACKUP_PREFIX = "pgbackrest/"
+VERIFICATION_PREFIX = "verification/"
+ARCHIVE_PREFIX = "archive/"
+DAYS_PER_YEAR = 365
+NONCURRENT_VERSION_DAYS = 30
+
+
+@dataclass
+class BackupStorageArgs:
+    settings: StackSettings
+    topology: Topology
+    tags: dict[str, str]
+
+
+class BackupStorage(pulumi.ComponentResource):
+    key: aws.kms.Key
+    backup_bucket: aws.s3.Bucket
+    audit_bucket: aws.s3.Bucket
+
+    def __init__(self, name: str, args: BackupStorageArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("betting:backups:BackupStorage", name, None, opts)
+        self._name = name
+        self._args = args
+        self._child = pulumi.ResourceOptions(parent=self)
+        protect = args.settings.environment == "prod"
+
+        self.key = aws.kms.Key(
+            f"{name}-key",
+            description=f"betting {args.settings.environment} backups and audit logs",
+            enable_key_rotation=True,
+            deletion_window_in_days=30,
+            tags=args.tags,
+            opts=pulumi.ResourceOptions(parent=self, protect=protect),
+        )
+        aws.kms.Alias(f"{name}-key-alias", name=f"alias/betting-{args.settings.environment}-backups",
+                      target_key_id=self.key.key_id, opts=self._child)
+
+        self.backup_bucket = self._create_bucket("backups", args.topology.backup_bucket, object_lock=False, protect=protect)
+        self._create_backup_lifecycle()
+        self.audit_bucket = self._create_bucket("audit", args.topology.audit_bucket, object_lock=True, protect=protect)
+        self._create_audit_retention()
+
+        self.register_outputs({
+            "key_arn": self.key.arn,
+            "backup_bucket": self.backup_bucket.bucket,
+            "audit_bucket": self.audit_bucket.bucket,
+        })
+
+    def _create_bucket(self, purpose: str, bucket_name: str, object_lock: bool, protect: bool) -> aws.s3.Bucket:
+        name = f"{self._name}-{purpose}"
+        bucket = aws.s3.Bucket(
+            name,
+            bucket=bucket_name,
+            object_lock_enabled=object_lock,
+            tags={**self._args.tags, "Purpose": "audit-logs" if object_lock else "backups"},
+            opts=pulumi.ResourceOptions(parent=self, protect=protect),
+        )
+        aws.s3.BucketVersioning(
+            f"{name}-versioning",
+            bucket=bucket.id,
+            versioning_configuration=aws.s3.BucketVersioningVersioningConfigurationArgs(status="Enabled"),
+            opts=self._child,
+        )
+        aws.s3.BucketServerSideEncryptionConfiguration(
+            f"{name}-encryption",
+            bucket=bucket.id,
+            rules=[aws.s3.BucketServerSideEncryptionConfigurationRuleArgs(
+                apply_server_side_encryption_by_default=aws.s3.BucketServerSideEncryptionConfigurationRuleApplyServerSideEncryptionByDefaultArgs(
+                    sse_algorithm="aws:kms", kms_master_key_id=self.key.arn),
+                bucket_key_enabled=True,
+            )],
+            opts=self._child,
+        )
+        public_access = aws.s3.BucketPublicAccessBlock(
+            f"{name}-public-access",
+            bucket=bucket.id,
+            block_public_acls=True,
+            block_public_policy=True,
+            ignore_public_acls=True,
+            restrict_public_buckets=True,
+            opts=self._child,
+        )
+        aws.s3.BucketPolicy(
+            f"{name}-tls-only",
+            bucket=bucket.id,
+            policy=bucket.arn.apply(lambda arn: json.dumps({
+                "Version": "2012-10-17",
+                "Statement": [{
+                    "Sid": "DenyInsecureTransport",
+                    "Effect": "Deny",
+                    "Principal": "*",
+                    "Action": "s3:*",
+                    "Resource": [arn, f"{arn}/*"],
+                    "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+                }],
+            }, sort_keys=True)),
+            # S3 rejects a bucket policy while the public-access block is being written.
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[public_access]),
+        )
+        return bucket
+
+    def _create_backup_lifecycle(self) -> None:
+        backups = self._args.settings.backups
+        rule = aws.s3.BucketLifecycleConfigurationRuleArgs
+        prefix = aws.s3.BucketLifecycleConfigurationRuleFilterArgs
+        aws.s3.BucketLifecycleConfiguration(
+            f"{self._name}-backups-lifecycle",
+            bucket=self.backup_bucket.id,
+            rules=[
+                rule(
+                    id="backup-verification",
+                    status="Enabled",
+                    filter=prefix(prefix=VERIFICATION_PREFIX),
+                    expiration=aws.s3.BucketLifecycleConfigurationRuleExpirationArgs(days=backups.verification_retention_days),
+                    noncurrent_version_expiration=aws.s3.BucketLifecycleConfigurationRuleNoncurrentVersionExpirationArgs(
+                        noncurrent_days=1),
+                ),
+                # pgBackRest expires its own backups and WAL (fullBackupRetention); the bucket only cleans
+                # up the versions it leaves behind. They stay in Standard: a restore must not wait for a thaw.
+                rule(
+                    id="base-backups-and-wal",
+                    status="Enabled",
+                    filter=prefix(prefix=BASE_BACKUP_PREFIX),
+                    noncurrent_version_expiration=aws.s3.BucketLifecycleConfigurationRuleNoncurrentVersionExpirationArgs(
+                        noncurrent_days=NONCURRENT_VERSION_DAYS),
+                ),
+                rule(
+                    id="archive-to-glacier",
+                    status="Enabled",
+                    filter=prefix(prefix=ARCHIVE_PREFIX),
+                    transitions=[aws.s3.BucketLifecycleConfigurationRuleTransitionArgs(
+                        days=backups.archive_transition_days, storage_class="GLACIER")],
+                ),
+            ],
+            opts=self._child,
+        )
+
+    def _create_audit_retention(self) -> None:
+        years = self._args.settings.backups.audit_retention_years
+        aws.s3.BucketObjectLockConfiguration(
+            f"{self._name}-audit-object-lock",
+            bucket=self.audit_bucket.id,
+            rule=aws.s3.BucketObjectLockConfigurationRuleArgs(
+                default_retention=aws.s3.BucketObjectLockConfigurationRuleDefaultRetentionArgs(mode="COMPLIANCE", years=years)),
+            opts=self._child,
+        )
+        aws.s3.BucketLifecycleConfiguration(
+            f"{self._name}-audit-lifecycle",
+            bucket=self.audit_bucket.id,
+            rules=[aws.s3.BucketLifecycleConfigurationRuleArgs(
+                id="audit-logs-deep-archive",
+                status="Enabled",
+                filter=aws.s3.BucketLifecycleConfigurationRuleFilterArgs(prefix=""),
+                transitions=[aws.s3.BucketLifecycleConfigurationRuleTransitionArgs(days=1, storage_class="DEEP_ARCHIVE")],
+                # Object Lock keeps every version for the full term (+2 for leap days); expiry removes what it released.
+                expiration=aws.s3.BucketLifecycleConfigurationRuleExpirationArgs(days=years * DAYS_PER_YEAR + 2),
+            )],
+            opts=self._child,
+        )

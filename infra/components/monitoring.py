@@ -1,0 +1,59 @@
+"""Monitoring: Prometheus + Alertmanager hosts (each with its own TSDB volume; Alertmanagers
+clustered), Grafana, and the alerting secrets they read from SSM at boot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_random as random
+
+from infra.platforms.aws import AwsContext, AwsHost, create_host, create_secret_parameter
+from infra.services import HostSpec
+from infra.topology import Ports, SecretNames
+
+
+@dataclass
+class MonitoringArgs:
+    prometheus_specs: tuple[HostSpec, ...]
+    grafana_specs: tuple[HostSpec, ...]
+    context: AwsContext
+    # Pulumi config secrets, passed through untouched (they stay secret Outputs).
+    pagerduty_routing_key: pulumi.Input[str]
+    slack_critical_webhook: pulumi.Input[str]
+    slack_warnings_webhook: pulumi.Input[str]
+
+
+class Monitoring(pulumi.ComponentResource):
+    prometheus: list[AwsHost]
+    grafana: list[AwsHost]
+
+    def __init__(self, name: str, args: MonitoringArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("betting:monitoring:Monitoring", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        ctx = args.context
+
+        parameters = []
+        for secret, value in (
+            (SecretNames.PAGERDUTY_ROUTING_KEY, args.pagerduty_routing_key),
+            (SecretNames.SLACK_CRITICAL_WEBHOOK, args.slack_critical_webhook),
+            (SecretNames.SLACK_WARNINGS_WEBHOOK, args.slack_warnings_webhook),
+        ):
+            parameters.append(create_secret_parameter(f"{name}-{secret.replace('_', '-')}", ctx.environment, secret, value,
+                                                      ctx.data_key_arn, self))
+        grafana_password = random.RandomPassword(f"{name}-grafana-admin-password", length=32, special=False, opts=child)
+        grafana_parameter = create_secret_parameter(f"{name}-grafana-admin-password-parameter", ctx.environment,
+                                                    SecretNames.GRAFANA_ADMIN_PASSWORD, grafana_password.result,
+                                                    ctx.data_key_arn, self)
+
+        self.prometheus = [create_host(name, spec, ctx, self, boots_after=parameters) for spec in args.prometheus_specs]
+        self.grafana = [create_host(name, spec, ctx, self, boots_after=[grafana_parameter]) for spec in args.grafana_specs]
+        self.grafana_admin_password = grafana_password.result
+
+        self.register_outputs({
+            "prometheus_urls": [f"http://{spec.host.fqdn}:{Ports.PROMETHEUS}" for spec in args.prometheus_specs],
+            "alertmanager_urls": [f"http://{spec.host.fqdn}:{Ports.ALERTMANAGER}" for spec in args.prometheus_specs],
+            "grafana_urls": [f"http://{spec.host.fqdn}:{Ports.GRAFANA}" for spec in args.grafana_specs],
+            "grafana_admin_password": self.grafana_admin_password,
+        })

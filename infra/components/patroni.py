@@ -1,0 +1,131 @@
+"""PatroniCluster: etcd members and Patroni/PostgreSQL nodes, their passwords, and an internal
+load balancer that sends writes to the leader (Patroni's /primary) and reads to replicas (/replica).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+import pulumi_random as random
+
+from infra.platforms.aws import AwsContext, AwsHost, create_host, create_secret_parameter
+from infra.services import HostSpec
+from infra.settings import StackSettings
+from infra.topology import Ports, SecretNames, Topology
+
+PASSWORDS = (
+    SecretNames.POSTGRES_SUPERUSER_PASSWORD,
+    SecretNames.POSTGRES_REPLICATION_PASSWORD,
+    SecretNames.POSTGRES_REWIND_PASSWORD,
+    SecretNames.POSTGRES_EXPORTER_PASSWORD,
+)
+READ_PORT = Ports.POSTGRES + 1
+
+
+@dataclass
+class PatroniClusterArgs:
+    settings: StackSettings
+    topology: Topology
+    etcd_specs: tuple[HostSpec, ...]
+    node_specs: tuple[HostSpec, ...]
+    context: AwsContext
+    lb_security_group_id: pulumi.Input[str]
+
+
+class PatroniCluster(pulumi.ComponentResource):
+    etcd: list[AwsHost]
+    nodes: list[AwsHost]
+    load_balancer: aws.lb.LoadBalancer
+
+    def __init__(self, name: str, args: PatroniClusterArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("betting:postgres:PatroniCluster", name, None, opts)
+        self._name = name
+        self._args = args
+        self._child = pulumi.ResourceOptions(parent=self)
+
+        self.passwords, parameters = self._create_passwords()
+        self.etcd = [create_host(name, spec, args.context, self) for spec in args.etcd_specs]
+        self.nodes = [create_host(name, spec, args.context, self, boots_after=parameters) for spec in args.node_specs]
+        self.load_balancer = self._create_load_balancer()
+
+        self.register_outputs({
+            "writer_endpoint": f"{args.topology.postgres_primary_endpoint}:{Ports.POSTGRES}",
+            "reader_endpoint": f"{args.topology.postgres_replica_endpoint}:{READ_PORT}",
+            "nodes": [spec.host.fqdn for spec in args.node_specs],
+            "etcd": [spec.host.fqdn for spec in args.etcd_specs],
+            "superuser_password": self.passwords[SecretNames.POSTGRES_SUPERUSER_PASSWORD],
+        })
+
+    def _create_passwords(self) -> tuple[dict[str, pulumi.Output[str]], list[aws.ssm.Parameter]]:
+        passwords, parameters = {}, []
+        for secret in PASSWORDS:
+            password = random.RandomPassword(
+                f"{self._name}-{secret.replace('_', '-')}",
+                length=32,
+                special=False,  # passwords travel through env files and connection strings
+                opts=self._child,
+            )
+            parameters.append(create_secret_parameter(
+                f"{self._name}-{secret.replace('_', '-')}-parameter", self._args.settings.environment,
+                secret, password.result, self._args.context.data_key_arn, self))
+            passwords[secret] = password.result
+        return passwords, parameters
+
+    def _create_load_balancer(self) -> aws.lb.LoadBalancer:
+        name, args = self._name, self._args
+        lb = aws.lb.LoadBalancer(
+            f"{name}-lb",
+            internal=True,
+            load_balancer_type="network",
+            subnets=list(args.context.subnet_ids.values()),
+            security_groups=[args.lb_security_group_id],
+            enable_cross_zone_load_balancing=True,
+            tags=args.context.tags,
+            opts=self._child,
+        )
+        for purpose, listen_port, health_path, alias in (
+            ("primary", Ports.POSTGRES, "/primary", args.topology.postgres_primary_endpoint),
+            ("replicas", READ_PORT, "/replica", args.topology.postgres_replica_endpoint),
+        ):
+            group = aws.lb.TargetGroup(
+                f"{name}-{purpose}",
+                port=Ports.POSTGRES,
+                protocol="TCP",
+                vpc_id=args.context.vpc_id,
+                target_type="instance",
+                # Patroni answers 200 only on the node in that role: the leader for /primary, a streaming replica for /replica.
+                health_check=aws.lb.TargetGroupHealthCheckArgs(
+                    protocol="HTTP", port=str(Ports.PATRONI_API), path=health_path,
+                    interval=5, healthy_threshold=2, unhealthy_threshold=2, timeout=3),
+                deregistration_delay=5,
+                connection_termination=True,  # a demoted leader must not keep write sessions
+                tags=args.context.tags,
+                opts=self._child,
+            )
+            for spec, node in zip(args.node_specs, self.nodes, strict=True):
+                aws.lb.TargetGroupAttachment(
+                    f"{name}-{purpose}-{spec.host.name}",
+                    target_group_arn=group.arn,
+                    target_id=node.instance.id,
+                    port=Ports.POSTGRES,
+                    opts=self._child,
+                )
+            aws.lb.Listener(
+                f"{name}-{purpose}",
+                load_balancer_arn=lb.arn,
+                port=listen_port,
+                protocol="TCP",
+                default_actions=[aws.lb.ListenerDefaultActionArgs(type="forward", target_group_arn=group.arn)],
+                opts=self._child,
+            )
+            aws.route53.Record(
+                f"{name}-{purpose}-dns",
+                zone_id=args.context.zone_id,
+                name=alias,
+                type="A",
+                aliases=[aws.route53.RecordAliasArgs(name=lb.dns_name, zone_id=lb.zone_id, evaluate_target_health=True)],
+                opts=self._child,
+            )
+        return lb

@@ -1,0 +1,178 @@
+"""Evaluate the Pulumi program offline: Pulumi's own mock engine (pulumi.runtime.set_mocks),
+fed the stack file's config, recording every resource the program registers.
+
+This is the official unit-test path, used here for `infra plan`, plan snapshots and the tests.
+Computed attributes (ids, ARNs, addresses) get stable fake values; secrets are masked.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import yaml
+from google.protobuf import json_format
+from pulumi.runtime import mocks as pulumi_mocks
+from pulumi.runtime.stack import run_pulumi_func
+from pulumi.runtime.sync_await import _sync_await
+
+from infra.settings import PROJECT, SECRET_KEYS
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET_MASK = "[secret]"
+OFFLINE_ACCOUNT = "123456789012"
+OFFLINE_AMI = "ami-0debian12offline0"
+
+# Markers of the Pulumi wire format (sdk/python/lib/pulumi/runtime/rpc.py).
+_SIG = "4dabf18193072939515e22adb298388d"
+_SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
+_RESOURCE_SIG = "5cf8f73096256a8f31e491e813e4eb8e"
+_UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
+
+
+class StackFileError(ValueError):
+    pass
+
+
+def read_stack_file(stack: str, stacks_dir: Path = ROOT / "stacks") -> tuple[dict[str, str], list[str]]:
+    """The stack's config as the engine passes it (strings; structured values as JSON), and which keys are secure."""
+    path = stacks_dir / f"Pulumi.{stack}.yaml"
+    if not path.exists():
+        known = sorted(p.name.removeprefix("Pulumi.").removesuffix(".yaml") for p in stacks_dir.glob("Pulumi.*.yaml"))
+        raise StackFileError(f"unknown stack {stack!r}: no {path.relative_to(ROOT)}; stacks: {', '.join(known)}")
+    document = yaml.safe_load(path.read_text()) or {}
+    config: dict[str, str] = {}
+    secure: list[str] = []
+    for key, value in (document.get("config") or {}).items():
+        if isinstance(value, dict) and set(value) == {"secure"}:
+            secure.append(key)  # ciphertext of the stack's secrets provider: only the CLI can open it
+            continue
+        config[key] = value if isinstance(value, str) else json.dumps(value)
+    return config, secure
+
+
+def _plain(value: Any) -> Any:
+    """Wire-format value -> plain JSON, secrets masked, resource references as their id."""
+    if isinstance(value, dict):
+        signature = value.get(_SIG)
+        if signature == _SECRET_SIG:
+            return SECRET_MASK
+        if signature == _RESOURCE_SIG:
+            return value.get("id") or value.get("urn")
+        if signature is not None:
+            return {k: _plain(v) for k, v in value.items() if k != _SIG}
+        return {k: _plain(v) for k, v in sorted(value.items())}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if value == _UNKNOWN:
+        return "[unknown]"
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _computed(typ: str, name: str, inputs: dict) -> dict[str, Any]:
+    """Attributes AWS would compute, stable per resource name."""
+    region = "eu-west-1"
+    state: dict[str, Any] = {"arn": f"arn:aws:offline:{region}:{OFFLINE_ACCOUNT}:{typ.split(':')[-1].lower()}/{name}"}
+    if typ == "aws:s3/bucket:Bucket":
+        state["arn"] = f"arn:aws:s3:::{inputs.get('bucket', name)}"
+        state["bucket"] = inputs.get("bucket", name)
+    elif typ == "aws:ec2/instance:Instance":
+        state["privateIp"] = "10.0.0.10"
+    elif typ == "aws:route53/zone:Zone":
+        state["zoneId"] = f"Z{name.upper().replace('-', '')}"
+    elif typ == "aws:lb/loadBalancer:LoadBalancer":
+        state.update(dnsName=f"{name}.elb.{region}.amazonaws.com", zoneId="ZOFFLINELB")
+    elif typ == "aws:elasticache/replicationGroup:ReplicationGroup":
+        state["primaryEndpointAddress"] = f"master.{name}.cache.amazonaws.com"
+    elif typ == "aws:kms/key:Key":
+        state["keyId"] = f"{name}-key-id"
+    elif typ in ("aws:iam/role:Role", "aws:iam/instanceProfile:InstanceProfile", "aws:elasticache/subnetGroup:SubnetGroup",
+                 "aws:elasticache/parameterGroup:ParameterGroup"):
+        state["name"] = inputs.get("name", name)
+    elif typ == "random:index/randomPassword:RandomPassword":
+        state["result"] = "offline-" + "x" * 24
+    return state
+
+
+class OfflineMocks(pulumi_mocks.Mocks):
+    def new_resource(self, args: pulumi_mocks.MockResourceArgs):
+        state = {**args.inputs, **{k: v for k, v in _computed(args.typ, args.name, args.inputs).items() if k not in args.inputs}}
+        resource_id = state.get("bucket") if args.typ == "aws:s3/bucket:Bucket" else f"{args.name}_id"
+        return resource_id, state
+
+    def call(self, args: pulumi_mocks.MockCallArgs):
+        if args.token == "aws:index/getCallerIdentity:getCallerIdentity":
+            return {"accountId": OFFLINE_ACCOUNT, "arn": f"arn:aws:iam::{OFFLINE_ACCOUNT}:user/offline", "userId": "offline"}
+        if args.token == "aws:ec2/getAmi:getAmi":
+            return {"id": OFFLINE_AMI, "architecture": "x86_64", "name": "debian-12-amd64-offline"}
+        return {}
+
+
+@dataclass
+class Registered:
+    type: str
+    name: str
+    urn: str
+    parent: str | None
+    custom: bool
+    props: dict[str, Any]
+
+
+class RecordingMonitor(pulumi_mocks.MockMonitor):
+    def __init__(self, mocks: pulumi_mocks.Mocks):
+        super().__init__(mocks)
+        self.registered: list[Registered] = []
+
+    def RegisterResource(self, request):
+        response = super().RegisterResource(request)
+        if request.type != "pulumi:pulumi:Stack":
+            props = _plain(json_format.MessageToDict(request.object))
+            parent = None
+            if request.parent and request.parent.split("::")[2].split("$")[-1] != "pulumi:pulumi:Stack":
+                parent = request.parent.split("::")[-1]
+            self.registered.append(Registered(request.type, request.name, response.urn, parent, request.custom, props))
+        return response
+
+
+@dataclass
+class Evaluation:
+    stack: str
+    resources: list[Registered]
+    placeholder_secrets: list[str] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+def evaluate(stack: str, config: dict[str, str] | None = None, secret_values: dict[str, str] | None = None) -> Evaluation:
+    """Run the program for `stack` under the mock engine and return what it registered.
+
+    Secrets the stack file holds encrypted (or that are set with `pulumi config set --secret`)
+    cannot be read without the CLI: a masked placeholder stands in for them, and the plan says so.
+    """
+    from infra import program
+
+    secure: list[str] = []
+    if config is None:
+        config, secure = read_stack_file(stack)
+    config = dict(config)
+    placeholders = []
+    for key in SECRET_KEYS:
+        full = f"{PROJECT}:{key}"
+        if secret_values and key in secret_values:
+            config[full] = secret_values[key]
+        elif full not in config:
+            config[full] = "offline-placeholder"
+            placeholders.append(full)
+    monitor = RecordingMonitor(OfflineMocks())
+    pulumi.runtime.set_all_config(config, [f"{PROJECT}:{k}" for k in SECRET_KEYS] + secure)
+    pulumi_mocks.set_mocks(OfflineMocks(), project=PROJECT, stack=stack, preview=False, monitor=monitor)
+    evaluation = Evaluation(stack, monitor.registered, placeholders)
+    try:
+        _sync_await(run_pulumi_func(program.run))
+    except Exception as error:  # noqa: BLE001 - reported to the caller, who decides how to fail
+        evaluation.error = error
+    return evaluation

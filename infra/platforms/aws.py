@@ -1,0 +1,178 @@
+"""HostSpec -> EC2: instance, encrypted data volume, instance role scoped to what the host needs, DNS name.
+
+Called by components, which pass themselves as `parent`; every resource is named from the
+component's name and the host's name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.render.cloudinit import render_cloud_init
+from infra.services import HostSpec
+from infra.topology import ssm_parameter_name
+
+DATA_DEVICE = "/dev/sdf"
+ROOT_VOLUME_GIB = 20
+SSM_CORE_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"  # Session Manager instead of SSH
+
+
+@dataclass
+class AwsContext:
+    """What every host needs from the foundation: network, keys, image, account."""
+
+    environment: str
+    region: str
+    account_id: pulumi.Input[str]
+    ami_id: pulumi.Input[str]
+    vpc_id: pulumi.Input[str]
+    subnet_ids: dict[str, pulumi.Input[str]]  # by availability zone
+    security_group_ids: dict[str, pulumi.Input[str]]  # by SecurityRole
+    zone_id: pulumi.Input[str]
+    data_key_arn: pulumi.Input[str]  # encrypts volumes and SSM SecureStrings
+    bucket_key_arns: dict[str, pulumi.Input[str]] = field(default_factory=dict)  # bucket name -> its KMS key
+    protect_data: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class AwsHost:
+    instance: aws.ec2.Instance
+    volume: aws.ebs.Volume | None
+    role: aws.iam.Role
+
+
+def _access_policy(spec: HostSpec, ctx: AwsContext) -> pulumi.Output[str] | None:
+    """Exactly the SSM parameters, KMS keys and bucket prefixes this host uses; nothing wider."""
+    parameter_names = [ssm_parameter_name(ctx.environment, name) for name in spec.secret_names]
+    grants = spec.bucket_grants
+    if not parameter_names and not grants:
+        return None
+    bucket_keys = [ctx.bucket_key_arns[g.bucket] for g in grants if g.bucket in ctx.bucket_key_arns]
+
+    def document(args: list) -> str:
+        account, data_key, *keys = args
+        statements = []
+        if parameter_names:
+            statements.append({
+                "Sid": "ReadOwnSecrets",
+                "Effect": "Allow",
+                "Action": ["ssm:GetParameter"],
+                "Resource": [f"arn:aws:ssm:{ctx.region}:{account}:parameter{name}" for name in parameter_names],
+            })
+            statements.append({
+                "Sid": "DecryptOwnSecrets",
+                "Effect": "Allow",
+                "Action": ["kms:Decrypt"],
+                "Resource": [data_key],
+                "Condition": {"StringEquals": {"kms:ViaService": f"ssm.{ctx.region}.amazonaws.com"}},
+            })
+        for grant in grants:
+            actions = ["s3:GetObject"] + (["s3:PutObject", "s3:DeleteObject"] if grant.write else [])
+            statements.append({
+                "Effect": "Allow",
+                "Action": ["s3:ListBucket"],
+                "Resource": [f"arn:aws:s3:::{grant.bucket}"],
+                "Condition": {"StringLike": {"s3:prefix": [f"{grant.prefix}*"]}},
+            })
+            objects = f"arn:aws:s3:::{grant.bucket}/{grant.prefix}*"
+            statements.append({"Effect": "Allow", "Action": actions, "Resource": [objects]})
+        if keys:
+            statements.append({"Effect": "Allow", "Action": ["kms:Decrypt", "kms:GenerateDataKey"], "Resource": keys})
+        return json.dumps({"Version": "2012-10-17", "Statement": statements}, sort_keys=True)
+
+    return pulumi.Output.all(ctx.account_id, ctx.data_key_arn, *bucket_keys).apply(document)
+
+
+def create_host(prefix: str, spec: HostSpec, ctx: AwsContext, parent: pulumi.Resource,
+                boots_after: list[pulumi.Resource] | None = None) -> AwsHost:
+    """`boots_after`: what must exist before first boot (the SSM parameters the host reads)."""
+    host = spec.host
+    name = f"{prefix}-{host.name}"
+    opts = pulumi.ResourceOptions(parent=parent)
+    tags = {**ctx.tags, "Name": host.fqdn, "Role": host.role, "Host": host.name}
+
+    role = aws.iam.Role(
+        f"{name}-role",
+        assume_role_policy=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}],
+        }),
+        tags=tags,
+        opts=opts,
+    )
+    aws.iam.RolePolicyAttachment(f"{name}-ssm-core", role=role.name, policy_arn=SSM_CORE_POLICY, opts=opts)
+    policy = _access_policy(spec, ctx)
+    if policy is not None:
+        aws.iam.RolePolicy(f"{name}-access", role=role.id, policy=policy, opts=opts)
+    profile = aws.iam.InstanceProfile(f"{name}-profile", role=role.name, opts=opts)
+
+    instance = aws.ec2.Instance(
+        name,
+        ami=ctx.ami_id,
+        instance_type=spec.instance_type,
+        subnet_id=ctx.subnet_ids[host.availability_zone],
+        vpc_security_group_ids=[ctx.security_group_ids[host.role]],
+        associate_public_ip_address=False,
+        iam_instance_profile=profile.name,
+        metadata_options=aws.ec2.InstanceMetadataOptionsArgs(http_tokens="required", http_endpoint="enabled",
+                                                             http_put_response_hop_limit=1),
+        root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(volume_size=ROOT_VOLUME_GIB, volume_type="gp3",
+                                                              encrypted=True, kms_key_id=ctx.data_key_arn),
+        user_data=render_cloud_init(spec, ctx.environment, ctx.region).decode(),
+        tags=tags,
+        opts=pulumi.ResourceOptions(parent=parent, depends_on=boots_after or []),
+    )
+
+    volume = None
+    if spec.volume is not None:
+        settings = spec.volume.settings
+        volume = aws.ebs.Volume(
+            f"{name}-{spec.volume.purpose}",
+            availability_zone=host.availability_zone,
+            size=settings.size_gib,
+            type=settings.type,
+            iops=settings.iops,
+            throughput=settings.throughput,
+            encrypted=True,
+            kms_key_id=ctx.data_key_arn,
+            tags={**tags, "Name": f"{host.fqdn} {spec.volume.purpose}", "Role": spec.volume.purpose},
+            # The data outlives any instance: replacing a host reattaches the same volume.
+            opts=pulumi.ResourceOptions(parent=parent, protect=ctx.protect_data),
+        )
+        aws.ec2.VolumeAttachment(
+            f"{name}-{spec.volume.purpose}-attachment",
+            device_name=DATA_DEVICE,
+            instance_id=instance.id,
+            volume_id=volume.id,
+            stop_instance_before_detaching=True,
+            opts=opts,
+        )
+
+    aws.route53.Record(
+        f"{name}-dns",
+        zone_id=ctx.zone_id,
+        name=host.fqdn,
+        type="A",
+        ttl=60,
+        records=[instance.private_ip],
+        opts=opts,
+    )
+    return AwsHost(instance=instance, volume=volume, role=role)
+
+
+def create_secret_parameter(resource_name: str, environment: str, secret_name: str, value: pulumi.Input[str],
+                            key_arn: pulumi.Input[str], parent: pulumi.Resource) -> aws.ssm.Parameter:
+    """A secret as an SSM SecureString under /betting/<env>/<name>, read by hosts at boot."""
+    return aws.ssm.Parameter(
+        resource_name,
+        name=ssm_parameter_name(environment, secret_name),
+        type="SecureString",
+        key_id=key_arn,
+        value=pulumi.Output.secret(value),
+        opts=pulumi.ResourceOptions(parent=parent),
+    )

@@ -1,0 +1,104 @@
+"""The Pulumi program: settings -> rendered specs -> components. Run by infra/__main__.py
+under the Pulumi engine, and by `infra plan` / the tests under the embedded mock engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+from pulumi.runtime.config import CONFIG, get_config_env
+
+from infra.components.backups import BackupStorage, BackupStorageArgs
+from infra.components.clickhouse import ClickHouse, ClickHouseArgs
+from infra.components.monitoring import Monitoring, MonitoringArgs
+from infra.components.network import Network, NetworkArgs
+from infra.components.patroni import PatroniCluster, PatroniClusterArgs
+from infra.components.redis import RedisCache, RedisCacheArgs
+from infra.platforms.aws import AwsContext
+from infra.services import host_specs
+from infra.settings import SECRET_KEYS, load_settings
+from infra.topology import build_topology
+
+DEBIAN_ACCOUNT = "136693071363"  # publishes the official Debian AMIs
+DEBIAN_IMAGE = "debian-12-amd64-*"
+
+
+def stack_config() -> dict[str, Any]:
+    """The stack's config as the engine hands it to the program (env for `pulumi up`, set_all_config for mocks)."""
+    return {**get_config_env(), **CONFIG.get()}
+
+
+def run() -> None:
+    stack = pulumi.get_stack()
+    settings = load_settings(stack_config(), stack)  # raises before any resource exists
+    config = pulumi.Config()
+    secrets = {key: config.require_secret(key) for key in SECRET_KEYS}
+    topology = build_topology(settings)
+    specs = host_specs(settings, topology)  # every config file is rendered here, before any resource
+    by_role = {role: tuple(s for s in specs if s.host.role == role)
+               for role in ("etcd", "postgres", "clickhouse", "monitoring", "grafana")}
+    tags = {"Project": "betting-platform", "Environment": settings.environment, "Stack": stack, "ManagedBy": "pulumi",
+            **settings.tags}
+    protect = settings.environment == "prod"
+
+    network = Network("network", NetworkArgs(settings=settings, tags=tags))
+    data_key = aws.kms.Key(
+        "data-key",
+        description=f"betting {settings.environment}: EBS volumes, ElastiCache and SSM secrets",
+        enable_key_rotation=True,
+        deletion_window_in_days=30,
+        tags=tags,
+        opts=pulumi.ResourceOptions(protect=protect),
+    )
+    backups = BackupStorage("backups", BackupStorageArgs(settings=settings, topology=topology, tags=tags))
+    image = aws.ec2.get_ami_output(
+        most_recent=True,
+        owners=[DEBIAN_ACCOUNT],
+        filters=[aws.ec2.GetAmiFilterArgs(name="name", values=[DEBIAN_IMAGE]),
+                 aws.ec2.GetAmiFilterArgs(name="architecture", values=["x86_64"])],
+    )
+    context = AwsContext(
+        environment=settings.environment,
+        region=settings.region,
+        account_id=aws.get_caller_identity_output().account_id,
+        ami_id=image.id,
+        vpc_id=network.vpc.id,
+        subnet_ids=network.subnet_ids,
+        security_group_ids=network.security_group_ids,
+        zone_id=network.zone.zone_id,
+        data_key_arn=data_key.arn,
+        bucket_key_arns={topology.backup_bucket: backups.key.arn},
+        protect_data=protect,
+        tags=tags,
+    )
+
+    redis = RedisCache("redis", RedisCacheArgs(settings=settings, topology=topology, context=context))
+    postgres = PatroniCluster("postgres", PatroniClusterArgs(
+        settings=settings, topology=topology, etcd_specs=by_role["etcd"], node_specs=by_role["postgres"],
+        context=context, lb_security_group_id=network.security_group_ids["postgres-lb"]))
+    clickhouse = ClickHouse("clickhouse", ClickHouseArgs(specs=by_role["clickhouse"], context=context))
+    monitoring = Monitoring("monitoring", MonitoringArgs(
+        prometheus_specs=by_role["monitoring"], grafana_specs=by_role["grafana"], context=context,
+        pagerduty_routing_key=secrets["pagerdutyRoutingKey"],
+        slack_critical_webhook=secrets["slackCriticalWebhook"],
+        slack_warnings_webhook=secrets["slackWarningsWebhook"],
+    ), opts=pulumi.ResourceOptions(depends_on=[redis]))  # redis_exporter reads Redis' token at boot
+
+    pulumi.export("environment", settings.environment)
+    pulumi.export("vpc_id", network.vpc.id)
+    pulumi.export("clients_security_group_id", network.security_group_ids["clients"])
+    pulumi.export("dns_zone", settings.dns_zone)
+    pulumi.export("postgres_writer", f"{topology.postgres_primary_endpoint}:5432")
+    pulumi.export("postgres_reader", f"{topology.postgres_replica_endpoint}:5433")
+    pulumi.export("postgres_nodes", [s.host.fqdn for s in by_role["postgres"]])
+    pulumi.export("redis_endpoint", f"{topology.redis_endpoint}:6379")
+    pulumi.export("clickhouse_hosts", [s.host.fqdn for s in by_role["clickhouse"]])
+    pulumi.export("prometheus_urls", [f"http://{s.host.fqdn}:9090" for s in by_role["monitoring"]])
+    pulumi.export("grafana_url", f"http://{by_role['grafana'][0].host.fqdn}:3000")
+    pulumi.export("grafana_admin_password", monitoring.grafana_admin_password)
+    pulumi.export("backup_bucket", backups.backup_bucket.bucket)
+    pulumi.export("audit_bucket", backups.audit_bucket.bucket)
+    pulumi.export("postgres_load_balancer", postgres.load_balancer.dns_name)
+    pulumi.export("clickhouse_instance_ids", [h.instance.id for h in clickhouse.hosts])

@@ -1,0 +1,40 @@
+"""Every file rendered for a stack, one folder per service: what `infra render` writes."""
+
+from __future__ import annotations
+
+from infra.render.alertmanager import render_alertmanager
+from infra.render.clickhouse import render_clickhouse
+from infra.render.cloudinit import render_cloud_init
+from infra.render.etcd import render_etcd
+from infra.render.exporters import render_exporters
+from infra.render.grafana import render_grafana
+from infra.render.patroni import render_patroni
+from infra.render.pgbackrest import render_pgbackrest
+from infra.render.prometheus import render_prometheus
+from infra.render.redis import render_redis
+from infra.services import host_specs
+from infra.settings import StackSettings
+from infra.topology import Topology
+
+
+def render_all(settings: StackSettings, topology: Topology) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    parts = [
+        render_prometheus(settings, topology),
+        render_alertmanager(settings, topology),
+        render_grafana(settings, topology),
+        render_exporters(settings, topology),
+        render_clickhouse(settings, topology),
+        render_pgbackrest(settings, topology),
+        render_redis(settings, topology),
+        *(render_patroni(settings, topology, node) for node in topology.postgres),
+        *(render_etcd(settings, topology, member) for member in topology.etcd),
+        {f"cloud-init/{spec.host.name}.yaml": render_cloud_init(spec, settings.environment, settings.region)
+         for spec in host_specs(settings, topology)},
+    ]
+    for part in parts:
+        for path, content in part.items():
+            if path in files and files[path] != content:
+                raise ValueError(f"two renderers produce {path} with different content")
+            files[path] = content
+    return dict(sorted(files.items()))
