@@ -26,6 +26,8 @@ UNKNOWN_SENTINELS = frozenset({
     "e48ece36-62e2-4504-bad9-02848725956a",  # archive
     "dd056dcd-154b-4c76-9bd3-c8f88648b5ff",  # object
 })
+# How the offline plan (`infra plan --json`, infra/engine.py) writes an unknown value.
+PLAN_UNKNOWN = "[unknown]"
 
 
 class _Unknown:
@@ -72,7 +74,7 @@ def normalize(value: Any) -> Any:
 
 def _normalize(value: Any, unknown_error: type[Exception]) -> Any:
     if isinstance(value, str):
-        return UNKNOWN if value in UNKNOWN_SENTINELS else value
+        return UNKNOWN if value in UNKNOWN_SENTINELS or value == PLAN_UNKNOWN else value
     if isinstance(value, Mapping):
         result = {}
         for key in list(iter(value)):

@@ -57,6 +57,9 @@ def _tsdb_volumes(instance: Resource, resources: Sequence[Resource]) -> list[Res
             return UNKNOWN
         if linked:
             volumes.append(volume)
+    if not volumes and any(v.props.get("tags") is UNKNOWN or UNKNOWN in (v.tags.get("Role"), v.tags.get("Host"))
+                           for v in by_type(resources, VOLUME)):
+        return UNKNOWN  # a volume whose tags are still unknown may be this host's
     return volumes
 
 
