@@ -154,7 +154,7 @@ class SLO:
     threshold: float | None = None
     comparison: Literal["<", ">"] = "<"
     bad: str = ""  # ratio: counter selector of bad events
-    total: str = ""  # ratio: counter selector of all events; latency: the histogram's name
+    total: str = ""  # ratio: counter selectors of all events, joined by " + "; latency: the histogram's name
     selector: str = ""  # latency: label matchers of the histogram series
     gauge: str = ""  # threshold: PromQL of the gauge
     burn_rate_alerts: bool = False
@@ -175,7 +175,8 @@ class SLO:
     def error_ratio(self, window: str) -> str:
         """PromQL: share of bad events (or bad time) over `window`."""
         if self.kind == "ratio":
-            return f"sum(rate({self.bad}[{window}])) / sum(rate({self.total}[{window}]))"
+            total = " + ".join(f"sum(rate({selector}[{window}]))" for selector in self.total.split(" + "))
+            return f"sum(rate({self.bad}[{window}])) / ({total})"
         if self.kind == "latency":
             le = _le(self.threshold)
             fast = f"sum(rate({self.total}_bucket{{{self.selector}{', ' if self.selector else ''}le=\"{le}\"}}[{window}]))"
@@ -218,7 +219,7 @@ SLOS: tuple[SLO, ...] = (
     SLO("api-availability", "API availability 99.9 %", 1, "availability", "ratio", 0.999, "30d", "backend",
         "SLA breach", bad='http_requests_total{status=~"5.."}', total="http_requests_total", burn_rate_alerts=True),
     SLO("transaction-success", "Transaction success > 99.99 %", 1, "transaction_success", "ratio", 0.9999, "1d", "dbre",
-        "Financial loss", bad="pg_stat_database_xact_rollback", total="{__name__=~\"pg_stat_database_xact_(commit|rollback)\"}",
+        "Financial loss", bad="pg_stat_database_xact_rollback", total="pg_stat_database_xact_commit + pg_stat_database_xact_rollback",
         burn_rate_alerts=True),
     # Tier 2: important, operational.
     SLO("query2-4-latency", "Queries 2-4 p95 < 10 ms", 2, "query_latency", "latency", 0.95, "1h", "dbre",
