@@ -16,6 +16,7 @@ import pulumi
 import yaml
 from google.protobuf import json_format
 from pulumi.runtime import mocks as pulumi_mocks
+from pulumi.runtime.settings import get_root_resource
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
@@ -145,6 +146,16 @@ class Evaluation:
     resources: list[Registered]
     placeholder_secrets: list[str] = field(default_factory=list)
     error: BaseException | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)  # stack outputs, secrets masked
+
+
+def _stack_outputs() -> dict[str, Any]:
+    outputs = {}
+    for name, value in get_root_resource().outputs.items():
+        output = pulumi.Output.from_input(value)
+        secret = _sync_await(output._is_secret)
+        outputs[name] = SECRET_MASK if secret else _sync_await(output.future())
+    return outputs
 
 
 def evaluate(stack: str, config: dict[str, str] | None = None, secret_values: dict[str, str] | None = None) -> Evaluation:
@@ -173,6 +184,7 @@ def evaluate(stack: str, config: dict[str, str] | None = None, secret_values: di
     evaluation = Evaluation(stack, monitor.registered, placeholders)
     try:
         _sync_await(run_pulumi_func(program.run))
+        evaluation.outputs = _stack_outputs()
     except Exception as error:  # noqa: BLE001 - reported to the caller, who decides how to fail
         evaluation.error = error
     return evaluation

@@ -305,7 +305,9 @@ def load_settings(config: Mapping[str, Any], stack: str) -> StackSettings:
     """Validate a stack's raw config; raise SettingsError naming every bad key."""
     prefix = f"{PROJECT}:"
     problems: list[str] = []
-    values: dict[str, Any] = {"stack": stack, "region": config.get("aws:region")}
+    values: dict[str, Any] = {"stack": stack}
+    if "aws:region" in config:
+        values["region"] = config["aws:region"]
     for full_key, raw in sorted(config.items()):
         if not full_key.startswith(prefix):
             continue

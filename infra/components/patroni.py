@@ -69,8 +69,8 @@ class PatroniCluster(pulumi.ComponentResource):
             )
             parameters.append(create_secret_parameter(
                 f"{self._name}-{secret.replace('_', '-')}-parameter", self._args.settings.environment,
-                secret, password.result, self._args.context.data_key_arn, self))
-            passwords[secret] = password.result
+                secret, pulumi.Output.secret(password.result), self._args.context.data_key_arn, self))
+            passwords[secret] = pulumi.Output.secret(password.result)
         return passwords, parameters
 
     def _create_load_balancer(self) -> aws.lb.LoadBalancer:

@@ -38,7 +38,7 @@ class RedisCache(pulumi.ComponentResource):
             opts=child,
         )
         create_secret_parameter(f"{name}-auth-token-parameter", ctx.environment, SecretNames.REDIS_AUTH_TOKEN,
-                                token.result, ctx.data_key_arn, self)
+                                pulumi.Output.secret(token.result), ctx.data_key_arn, self)
         subnets = aws.elasticache.SubnetGroup(
             f"{name}-subnets",
             subnet_ids=list(ctx.subnet_ids.values()),
@@ -69,7 +69,7 @@ class RedisCache(pulumi.ComponentResource):
             transit_encryption_enabled=True,
             at_rest_encryption_enabled=True,
             kms_key_id=ctx.data_key_arn,
-            auth_token=token.result,
+            auth_token=pulumi.Output.secret(token.result),
             snapshot_retention_limit=7 if ctx.environment == "prod" else 1,
             apply_immediately=ctx.environment != "prod",
             tags=ctx.tags,
@@ -86,5 +86,5 @@ class RedisCache(pulumi.ComponentResource):
         )
         self.register_outputs({
             "endpoint": f"{args.topology.redis_endpoint}:{Ports.REDIS}",
-            "auth_token": token.result,
+            "auth_token": pulumi.Output.secret(token.result),
         })
