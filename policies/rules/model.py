@@ -75,6 +75,8 @@ def normalize(value: Any) -> Any:
 def _normalize(value: Any, unknown_error: type[Exception]) -> Any:
     if isinstance(value, str):
         return UNKNOWN if value in UNKNOWN_SENTINELS or value == PLAN_UNKNOWN else value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # protobuf Structs carry every number as a float: 90 days arrives as 90.0
     if isinstance(value, Mapping):
         result = {}
         for key in list(iter(value)):
