@@ -189,7 +189,8 @@ def test_monitoring_role_reads_alerting_secrets_and_nothing_of_postgres():
     assert names == {"pagerduty_routing_key", "slack_critical_webhook", "slack_warnings_webhook", "redis_auth_token"}
     # etcd members read no secret and no bucket: their roles carry only the Session Manager policy.
     assert not [p.name for p in of_type("prod", "iam/rolePolicy:RolePolicy") if p.name.startswith("postgres-etcd")]
-    assert len([a for a in of_type("prod", "rolePolicyAttachment:RolePolicyAttachment") if a.name.startswith("postgres-etcd")]) == 3
+    attachments = of_type("prod", "rolePolicyAttachment:RolePolicyAttachment")
+    assert len([a for a in attachments if a.name.startswith("postgres-etcd")]) == 3
 
 
 @pytest.mark.parametrize("stack", STACKS)

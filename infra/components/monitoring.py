@@ -43,14 +43,14 @@ class Monitoring(pulumi.ComponentResource):
             parameters.append(create_secret_parameter(f"{name}-{secret.replace('_', '-')}", ctx.environment, secret, value,
                                                       ctx.data_key_arn, self))
         grafana_password = random.RandomPassword(f"{name}-grafana-admin-password", length=32, special=False, opts=child)
+        # Explicit: the provider's additional_secret_outputs is not honoured by every engine (the mock one ignores it).
+        self.grafana_admin_password = pulumi.Output.secret(grafana_password.result)
         grafana_parameter = create_secret_parameter(f"{name}-grafana-admin-password-parameter", ctx.environment,
-                                                    SecretNames.GRAFANA_ADMIN_PASSWORD, pulumi.Output.secret(grafana_password.result),
+                                                    SecretNames.GRAFANA_ADMIN_PASSWORD, self.grafana_admin_password,
                                                     ctx.data_key_arn, self)
 
         self.prometheus = [create_host(name, spec, ctx, self, boots_after=parameters) for spec in args.prometheus_specs]
         self.grafana = [create_host(name, spec, ctx, self, boots_after=[grafana_parameter]) for spec in args.grafana_specs]
-        # Explicit: the provider's additional_secret_outputs is not honoured by every engine (the mock one ignores it).
-        self.grafana_admin_password = pulumi.Output.secret(grafana_password.result)
 
         self.register_outputs({
             "prometheus_urls": [f"http://{spec.host.fqdn}:{Ports.PROMETHEUS}" for spec in args.prometheus_specs],
