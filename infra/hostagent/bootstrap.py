@@ -33,6 +33,22 @@ class Runner:
             return ""
         return subprocess.run(command, input=stdin, check=True, text=True, capture_output=True).stdout
 
+    def probe(self, *command: str) -> bool:
+        """True when the command succeeds; a dry run assumes it does."""
+        if self.dry_run:
+            print("PROBE " + shlex.join(command))
+            return True
+        return subprocess.run(command, capture_output=True).returncode == 0
+
+    def ensure_line(self, path: str, line: str) -> None:
+        if self.dry_run:
+            print(f"LINE {path}: {line}")
+            return
+        with open(path, "a+") as handle:
+            handle.seek(0)
+            if line not in handle.read().splitlines():
+                handle.write(line + "\n")
+
     def write(self, path: str, content: str, owner: str, mode: str) -> None:
         if self.dry_run:
             print(f"WRITE {path} owner={owner} mode={mode}")
@@ -60,22 +76,13 @@ def data_device(dry_run: bool) -> str:
     raise SystemExit(f"no data volume attached after {VOLUME_WAIT_SECONDS}s")
 
 
-def mount_volume(runner: Runner, volume: dict) -> None:
+def mount_volume(runner: Runner, volume: dict, fstab: str = "/etc/fstab") -> None:
     device = data_device(runner.dry_run)
-    has_fs = runner.dry_run or subprocess.run(["blkid", device], capture_output=True).returncode == 0
-    if not has_fs:
+    if not runner.probe("blkid", device):
         runner.run("mkfs.xfs", device)  # only a blank volume: a reattached one keeps its data
-    uuid = "UUID-OF-" + device if runner.dry_run else runner.run("blkid", "-s", "UUID", "-o", "value", device).strip()
+    uuid = runner.run("blkid", "-s", "UUID", "-o", "value", device).strip() or f"<uuid of {device}>"
     runner.run("mkdir", "-p", volume["mount"])
-    line = f"UUID={uuid} {volume['mount']} xfs defaults,nofail,noatime 0 2\n"
-    if runner.dry_run:
-        print(f"FSTAB {line.strip()}")
-    else:
-        with open("/etc/fstab") as fstab:
-            present = line in fstab.read()
-        if not present:
-            with open("/etc/fstab", "a") as fstab:
-                fstab.write(line)
+    runner.ensure_line(fstab, f"UUID={uuid} {volume['mount']} xfs defaults,nofail,noatime 0 2")
     runner.run("mount", volume["mount"])
 
 
