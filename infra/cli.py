@@ -47,7 +47,8 @@ def _summary(props: dict[str, Any], width: int = 110) -> str:
     return line if len(line) <= width else line[: width - 3] + "..."
 
 
-def print_inventory(document: dict[str, Any], out=sys.stdout) -> None:
+def print_inventory(document: dict[str, Any], out=None) -> None:
+    out = out or sys.stdout
     resources = document["resources"]
     type_width = max(len(r["type"]) for r in resources)
     name_width = max(len(r["name"]) for r in resources)
@@ -56,17 +57,17 @@ def print_inventory(document: dict[str, Any], out=sys.stdout) -> None:
     print(f"\n{len(resources)} resources in stack {document['stack']} ({document['environment']})", file=out)
 
 
-def _load(stack: str) -> tuple[Any, Evaluation]:
-    config, _ = read_stack_file(stack)
+def _load(stack: str, stacks_dir: Path) -> tuple[Any, Evaluation]:
+    config, secure = read_stack_file(stack, stacks_dir)
     settings = load_settings(config, stack)
-    evaluation = evaluate(stack, config)
+    evaluation = evaluate(stack, config, secure_keys=secure)
     if evaluation.error is not None:
         raise evaluation.error
     return settings, evaluation
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    settings, evaluation = _load(args.stack)
+    settings, evaluation = _load(args.stack, Path(args.stacks_dir))
     document = plan_document(evaluation, settings.environment)
     print_inventory(document)
     if evaluation.placeholder_secrets:
@@ -82,7 +83,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from infra.render.bundle import render_all
 
-    config, _ = read_stack_file(args.stack)
+    config, _ = read_stack_file(args.stack, Path(args.stacks_dir))
     settings = load_settings(config, args.stack)
     files = render_all(settings, build_topology(settings))
     out = Path(args.out)
@@ -102,6 +103,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infra", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stacks-dir", default=str(ROOT / "stacks"),
+                        help="where Pulumi.<stack>.yaml files live (default: stacks/)")
     commands = parser.add_subparsers(dest="command", required=True)
     plan = commands.add_parser("plan", help="resource inventory of a stack, offline")
     plan.add_argument("stack")

@@ -158,7 +158,8 @@ def _stack_outputs() -> dict[str, Any]:
     return outputs
 
 
-def evaluate(stack: str, config: dict[str, str] | None = None, secret_values: dict[str, str] | None = None) -> Evaluation:
+def evaluate(stack: str, config: dict[str, str] | None = None, secret_values: dict[str, str] | None = None,
+             secure_keys: list[str] | None = None) -> Evaluation:
     """Run the program for `stack` under the mock engine and return what it registered.
 
     Secrets the stack file holds encrypted (or that are set with `pulumi config set --secret`)
@@ -166,7 +167,7 @@ def evaluate(stack: str, config: dict[str, str] | None = None, secret_values: di
     """
     from infra import program
 
-    secure: list[str] = []
+    secure: list[str] = list(secure_keys or [])
     if config is None:
         config, secure = read_stack_file(stack)
     config = dict(config)
