@@ -1,0 +1,102 @@
+"""The shipped stacks, evaluated by the program under the mock engine, against every policy."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from infra.plan_diff import current_plan
+from policies import engine
+from policies.rules import RULES
+from policies.rules.pack import build_policy
+from policies.rules.prometheus_flags import DEFAULTS_FILE, write_files
+
+STACKS = ("dev", "staging", "prod")
+
+
+@pytest.fixture(scope="module")
+def plans():
+    return {stack: current_plan(stack) for stack in STACKS}
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_shipped_stack_passes_every_policy(plans, stack):
+    plan = plans[stack]
+    assert engine.evaluate(plan["resources"], plan["environment"], stack) == []
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_rules_see_what_they_guard_in_the_real_program(plans, stack):
+    """Guard against rules that pass because they match nothing: the program's resources are the ones they read."""
+    resources = plans[stack]["resources"]
+    types = {r["type"] for r in resources}
+    for rule in RULES:
+        if rule.kind == "resource":
+            assert types & set(rule.resource_types), f"{rule.name} matches no resource of stack {stack}"
+    instances = [r for r in resources if r["type"] == "aws:ec2/instance:Instance"]
+    monitoring = [r for r in instances if r["props"]["tags"].get("Role") == "monitoring"]
+    assert monitoring and all(DEFAULTS_FILE in write_files(r["props"]["userData"]) for r in monitoring)
+    purposes = {r["props"].get("tags", {}).get("Purpose") for r in resources if r["type"] == "aws:s3/bucket:Bucket"}
+    assert {"backups", "audit-logs"} <= purposes
+
+
+def _mutate(plan, name, change):
+    resources = copy.deepcopy(plan["resources"])
+    (resource,) = [r for r in resources if r["name"] == name]
+    change(resource["props"])
+    return resources
+
+
+def _retention_changed(days: str):
+    def change(props):
+        flag = "--storage.tsdb.retention.time="
+        props["userData"] = props["userData"].replace(f"{flag}30d", f"{flag}{days}")
+    return change
+
+
+def test_a_drifted_prometheus_flag_in_the_real_user_data_is_caught(plans):
+    plan = plans["prod"]
+    assert "--storage.tsdb.retention.time=30d" in json.dumps(plan)
+    violations = engine.evaluate(_mutate(plan, "monitoring-monitoring-1", _retention_changed("7d")), "prod", "prod")
+    assert [(v.policy, v.enforcement, v.resource) for v in violations] == [
+        ("prometheus-retention", "mandatory", "aws:ec2/instance:Instance::monitoring-monitoring-1")]
+    assert "retention time 7d" in violations[0].message
+
+
+@pytest.mark.parametrize(("name", "change", "policy"), [
+    ("monitoring-monitoring-2-prometheus-tsdb", lambda p: p.update(type="st1"), "prometheus-tsdb-volume"),
+    ("postgres-pg-1-postgres-data", lambda p: p.update(encrypted=False), "data-volume-encrypted-ssd"),
+    ("redis-group", lambda p: p.update(atRestEncryptionEnabled=False), "elasticache-encryption"),
+])
+def test_a_change_to_the_real_prod_plan_breaks_the_rule_it_should(plans, name, change, policy):
+    plan = plans["prod"]
+    assert any(r["name"] == name for r in plan["resources"]), f"the program no longer declares {name}"
+    violations = engine.evaluate(_mutate(plan, name, change), "prod", "prod")
+    assert policy in {v.policy for v in violations}
+    assert all(v.mandatory for v in violations)
+
+
+def test_the_pack_agrees_with_the_offline_engine_on_the_real_plan(plans):
+    """Through the SDK's arguments, as during `pulumi preview`: the real dev stack passes every policy."""
+    from guardrail_cases import run_policy
+
+    resources = plans["dev"]["resources"]
+    for rule in RULES:
+        assert run_policy(rule.name, resources) == [], rule.name
+    assert isinstance(build_policy(RULES[0]).name, str)
+
+
+def test_infra_plan_exits_non_zero_and_prints_each_mandatory_violation(monkeypatch, tmp_path, capsys):
+    """`infra plan STACK` runs the same rules: a stack config demanding a 1000 GiB TSDB makes it fail."""
+    from infra import cli
+
+    (tmp_path / "staging.json").write_text(json.dumps({"all": "mandatory", "prometheus-tsdb-volume": {"minSizeGiB": 1000}}))
+    monkeypatch.setattr(engine, "CONFIG_DIR", tmp_path)
+    code = cli.main(["plan", "staging"])
+    output = capsys.readouterr()
+    text = output.out + output.err
+    assert code != 0
+    for volume in ("monitoring-monitoring-1-prometheus-tsdb", "monitoring-monitoring-2-prometheus-tsdb"):
+        assert f"Volume '{volume}': size is 100 GiB" in text, text[-2000:]
