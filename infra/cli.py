@@ -1,8 +1,9 @@
 """`infra`: evaluate, render, diff and try the platform without the Pulumi CLI, a cloud or credentials.
 
-  infra plan STACK [--json FILE]   resource inventory under the embedded mock engine (exit 1 on a settings error)
+  infra plan STACK [--json FILE]   resource inventory under the embedded mock engine, and the policy verdicts
+                                   (exit 1 on a settings error or a mandatory policy violation)
   infra render STACK --out DIR     every rendered config file, one folder per service
-  infra diff STACK                 changes against the committed snapshot plans/STACK.json
+  infra diff STACK [--exit-code]   changes against the committed snapshot plans/STACK.json
   infra sandbox up|down|status     run a stack's rendered configs as local processes
 """
 
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from infra.engine import ROOT, Evaluation, StackFileError, evaluate, read_stack_file
+from infra.plan_diff import PLANS_DIR, diff_plans, dumps_plan, load_plan, refresh_command
 from infra.settings import SettingsError, load_settings
 from infra.topology import build_topology
+from policies.engine import evaluate as policy_evaluate
 
-PLANS_DIR = ROOT / "plans"
 # Large documents that the inventory table summarises by size; the JSON plan keeps them whole.
 _BULKY = {"userData", "policy", "assumeRolePolicy"}
 
@@ -75,9 +77,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
               + ", ".join(evaluation.placeholder_secrets))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+        Path(args.json).write_text(dumps_plan(document))
         print(f"plan written to {args.json}")
-    return 0
+    violations = policy_evaluate(document["resources"], settings.environment, args.stack)
+    blocking = [v for v in violations if v.mandatory]
+    print(f"\npolicies: {len(blocking)} mandatory and {len(violations) - len(blocking)} advisory violations")
+    for violation in violations:
+        print(f"  {violation}")
+    return 1 if blocking else 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    settings, evaluation = _load(args.stack, Path(args.stacks_dir))
+    current = json.loads(dumps_plan(plan_document(evaluation, settings.environment)))
+    snapshot = load_plan(args.stack, Path(args.plans_dir))
+    if snapshot is None:
+        print(f"no snapshot {Path(args.plans_dir) / (args.stack + '.json')}; create it with: {refresh_command(args.stack)}")
+    print(diff_plans(snapshot, current), end="")
+    return 1 if args.exit_code and snapshot != current else 0
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -110,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("stack")
     plan.add_argument("--json", metavar="FILE", help="also write the plan as JSON (the snapshot format)")
     plan.set_defaults(func=cmd_plan)
+    diff = commands.add_parser("diff", help="changes against the committed plan snapshot plans/STACK.json")
+    diff.add_argument("stack")
+    diff.add_argument("--plans-dir", default=str(PLANS_DIR))
+    diff.add_argument("--exit-code", action="store_true", help="exit 1 when the plan differs from the snapshot")
+    diff.set_defaults(func=cmd_diff)
     render = commands.add_parser("render", help="write every rendered config file of a stack")
     render.add_argument("stack")
     render.add_argument("--out", required=True, metavar="DIR")

@@ -111,3 +111,37 @@ def test_render_matches_what_the_hosts_receive(rendered_prod):
     written = {e["path"]: e["content"] for e in cloud_init["write_files"]}
     assert written["/etc/prometheus/prometheus.yml"] == (rendered_prod / "prometheus/prometheus.yml").read_text()
     assert written["/etc/prometheus/alertmanager.yml"] == (rendered_prod / "alertmanager/alertmanager.yml").read_text()
+
+
+def test_plan_passes_every_policy_for_shipped_stacks(capsys):
+    code, out, _ = run_cli(capsys, "plan", "staging")
+    assert code == 0
+    assert "policies: 0 mandatory and 0 advisory violations" in out
+
+
+def test_plan_exits_1_on_a_mandatory_violation_and_prints_it(capsys, monkeypatch):
+    import infra.platforms.aws as platform
+
+    real = platform.aws.ec2.InstanceMetadataOptionsArgs
+    # A program change that would let IMDSv1 back in: the policy, not the settings, must stop it.
+    monkeypatch.setattr(platform.aws.ec2, "InstanceMetadataOptionsArgs", lambda **kw: real(**{**kw, "http_tokens": "optional"}))
+    code, out, _ = run_cli(capsys, "plan", "prod")
+    assert code == 1
+    lines = [line for line in out.splitlines() if line.strip().startswith("[mandatory]")]
+    assert len(lines) == 10  # every host of prod
+    assert any("postgres-pg-1" in line and "optional" in line for line in lines)
+
+
+def test_diff_shows_property_changes_against_the_snapshot(capsys, tmp_path):
+    assert main(["plan", "dev", "--json", str(tmp_path / "dev.json")]) == 0
+    snapshot = json.loads((tmp_path / "dev.json").read_text())
+    volume = next(r for r in snapshot["resources"] if r["name"] == "postgres-pg-1-postgres-data")
+    volume["props"]["size"] = 20
+    snapshot["resources"] = [r for r in snapshot["resources"] if r["name"] != "redis-auth-token"]
+    (tmp_path / "dev.json").write_text(json.dumps(snapshot))
+    capsys.readouterr()
+    code, out, _ = run_cli(capsys, "diff", "dev", "--plans-dir", str(tmp_path), "--exit-code")
+    assert code == 1
+    assert "redis-auth-token" in out and "postgres-pg-1-postgres-data" in out
+    assert "20" in out and "50" in out
+    assert "1 to add, 0 to remove, 1 to change" in out
