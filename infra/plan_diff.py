@@ -197,3 +197,24 @@ def current_plan(stack: str) -> dict[str, Any]:
     if evaluation.error is not None:
         raise evaluation.error
     return json.loads(dumps_plan(plan_document(evaluation, settings.environment)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m infra.plan_diff OLD.json NEW.json`: the diff between two plan files (CI: base branch vs pull request).
+
+    A missing or empty OLD file counts as no snapshot (everything added).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m infra.plan_diff", description=main.__doc__)
+    parser.add_argument("old", type=Path)
+    parser.add_argument("new", type=Path)
+    args = parser.parse_args(argv)
+    old_text = args.old.read_text() if args.old.exists() else ""
+    old = json.loads(old_text) if old_text.strip() else None
+    print(diff_plans(old, json.loads(args.new.read_text())), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
