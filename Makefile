@@ -1,0 +1,61 @@
+# Everyday entry points. STACK selects the stack (dev, staging, prod).
+STACK ?= dev
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The real daemons the tests run: every rendered config is checked by the binary that will read it.
+SYSTEM_PACKAGES := prometheus prometheus-alertmanager patroni python3-etcd etcd-server etcd-client postgresql \
+	redis-server prometheus-postgres-exporter prometheus-redis-exporter prometheus-node-exporter pgbackrest curl
+
+.PHONY: setup system-deps test lint plan render diff snapshots preview up sandbox-up sandbox-down
+
+$(BIN)/infra: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+setup: $(BIN)/infra
+
+# Debian/Ubuntu packages of the daemons; installs only when one is missing.
+system-deps:
+	@missing=0; for b in promtool amtool prometheus prometheus-alertmanager patroni etcd redis-server pgbackrest \
+		prometheus-postgres-exporter prometheus-redis-exporter prometheus-node-exporter; do \
+		command -v $$b >/dev/null || missing=1; done; \
+	[ -x /usr/lib/postgresql/15/bin/postgres ] || missing=1; \
+	if [ $$missing = 1 ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(SYSTEM_PACKAGES); \
+	fi
+
+test: setup system-deps
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+plan: setup
+	$(BIN)/infra plan $(STACK)
+
+render: setup
+	$(BIN)/infra render $(STACK) --out out/$(STACK)
+
+diff: setup
+	$(BIN)/infra diff $(STACK)
+
+# Refresh the committed plan snapshots after an intended change.
+snapshots: setup
+	@for s in dev staging prod; do $(BIN)/infra plan $$s --json plans/$$s.json >/dev/null || exit 1; done
+	@git status --short plans/
+
+sandbox-up: setup system-deps
+	$(BIN)/infra sandbox up $(STACK)
+
+sandbox-down: setup
+	$(BIN)/infra sandbox down
+
+# With the Pulumi CLI and AWS credentials.
+preview: setup
+	pulumi preview --stack $(STACK) --diff --policy-pack policies
+
+up: setup
+	pulumi up --stack $(STACK) --policy-pack policies
