@@ -99,4 +99,4 @@ def test_infra_plan_exits_non_zero_and_prints_each_mandatory_violation(monkeypat
     text = output.out + output.err
     assert code != 0
     for volume in ("monitoring-monitoring-1-prometheus-tsdb", "monitoring-monitoring-2-prometheus-tsdb"):
-        assert f"Volume '{volume}': size is 100 GiB" in text, text[-2000:]
+        assert f"Volume '{volume}': size is " in text and "has 1000 GiB or more" in text, text[-2000:]
