@@ -48,7 +48,12 @@ def write_files(user_data: Any) -> dict[str, str] | Any:
         return UNKNOWN
     if not isinstance(user_data, str) or not user_data.lstrip().startswith("#cloud-config"):
         return {}
-    document = yaml.safe_load(user_data) or {}
+    try:
+        document = yaml.safe_load(user_data)
+    except yaml.YAMLError as error:
+        raise FlagError(f"user data is not valid #cloud-config YAML ({error.__class__.__name__})") from None
+    if not isinstance(document, dict):
+        return {}
     files: dict[str, str] = {}
     for entry in document.get("write_files") or []:
         if not isinstance(entry, dict) or "path" not in entry:

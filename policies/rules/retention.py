@@ -262,7 +262,7 @@ RULES = (
         check=check_prometheus_retention,
         config_schema={
             "minRetentionDays": {"type": "integer", "minimum": 1, "default": 30},
-            "maxSizeShareOfVolume": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.85},
+            "maxSizeShareOfVolume": {"type": "number", "minimum": 0.05, "maximum": 1, "default": 0.85},
         },
     ),
     Rule(

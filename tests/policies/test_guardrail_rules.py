@@ -70,6 +70,8 @@ VIOLATIONS = [
     ("prometheus-retention", MONITORING, lambda p: p.update(userData=cloud_config({"/etc/hosts": "127.0.0.1 localhost\n"})),
      "writes no /etc/default/prometheus"),
     ("prometheus-retention", TSDB, lambda p: p["tags"].update(Role="scratch"), "no prometheus-tsdb volume"),
+    ("prometheus-retention", MONITORING, lambda p: p.update(userData="#cloud-config\nwrite_files: [\n"),
+     "not valid #cloud-config YAML"),
     ("backup-verification-retention", BACKUPS_LIFECYCLE,
      _lifecycle_rule("backup-verification", lambda r: r.update(expiration={"days": 30})), "expires after 30 days"),
     ("backup-verification-retention", BACKUPS_LIFECYCLE, _lifecycle_rule("backup-verification", lambda r: r.pop("expiration")),
