@@ -1,0 +1,5 @@
+import sys
+
+from infra.sandbox.cli import main
+
+sys.exit(main(sys.argv[1:]))

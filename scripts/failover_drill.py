@@ -1,0 +1,279 @@
+"""Failover drill: break the Patroni leader of a running sandbox cluster, measure RTO and lost writes.
+
+    .venv/bin/python -m scripts.failover_drill node-loss [--count 3] [--state-dir .sandbox] [--port-base 25000]
+
+Scenarios:
+  node-loss    SIGKILL the leader's Patroni and its postmaster (the host is gone)
+  pg-crash     SIGKILL the leader's postmaster only (Patroni restarts it)
+  switchover   planned switchover through Patroni's REST API
+  split-brain  SIGKILL the leader's Patroni only: its postmaster lives on and still accepts writes
+
+A writer inserts rows without pause through the node whose Patroni answers /primary with
+200 (what the pg-primary load balancer routes on) and records every commit that returned
+OK. RTO is the time from the fault to the first acknowledged write on a connection opened
+after it; a write is lost when it was acknowledged and is not on the primary afterwards. The
+killed node is restarted and must rejoin as a streaming replica (pg_rewind) before the
+drill counts as done. Prints progress while it runs; exits 1 if any acknowledged write was lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import requests
+
+from infra.sandbox.runner import Sandbox, SandboxError, wait_for
+from infra.topology import Host, SecretNames
+
+SCENARIOS = ("node-loss", "pg-crash", "switchover", "split-brain")
+TABLE = "failover_drill_writes"
+# A commit that waits longer than this is abandoned (never counted as acknowledged): in
+# synchronous mode an isolated old primary blocks commits until its sync standby returns.
+WRITE_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Ack:
+    id: int
+    at: float  # time.monotonic() when the commit returned
+    connected_at: float  # when the connection that carried it was opened
+    member: str
+
+
+@dataclass
+class Writer:
+    """Inserts rows one after another through the current Patroni primary; records each OK."""
+
+    api_urls: list[str]
+    password: str
+    run: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    acks: list[Ack] = field(default_factory=list)
+    errors: int = 0
+    sync_cancel_warnings: int = 0
+
+    def __post_init__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="drill-writer", daemon=True)
+
+    def primary(self) -> dict | None:
+        """The member whose Patroni says it is the primary (200 on /primary)."""
+        for url in self.api_urls:
+            try:
+                response = requests.get(f"{url}/primary", timeout=0.5)
+            except requests.RequestException:
+                continue
+            if response.status_code == 200:
+                # /primary answers with the node's status, not its connect address: /cluster has that.
+                members = requests.get(f"{url}/cluster", timeout=0.5).json()["members"]
+                me = next(m for m in members if m["api_url"].startswith(url + "/"))
+                return {"name": me["name"], "host": me["host"], "port": me["port"]}
+        return None
+
+    def _connect(self):
+        member = self.primary()
+        if member is None:
+            return None, None
+        conn = psycopg.connect(host=member["host"], port=member["port"], user="postgres", password=self.password,
+                               dbname="postgres", autocommit=True, connect_timeout=2)
+        conn.add_notice_handler(self._notice)
+        return conn, member["name"]
+
+    def _notice(self, diagnostic) -> None:
+        if "synchronous replication" in (diagnostic.message_primary or ""):
+            self.sync_cancel_warnings += 1
+
+    def ensure_table(self) -> None:
+        conn, _ = self._connect()
+        if conn is None:
+            raise SandboxError("no primary to create the drill table on")
+        with conn:
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (run text, id bigint, at timestamptz DEFAULT now(), "
+                         "PRIMARY KEY (run, id))")
+
+    def _loop(self) -> None:
+        conn, member, connected_at, next_id = None, None, 0.0, 0
+        while not self._stop.is_set():
+            if conn is None:
+                try:
+                    conn, member = self._connect()
+                    connected_at = time.monotonic()
+                except (psycopg.Error, requests.RequestException, OSError, StopIteration, KeyError):
+                    conn = None
+                if conn is None:
+                    time.sleep(0.05)
+                    continue
+            next_id += 1
+            # Closing the socket from a timer is the only way to give up on a commit without the
+            # server turning the cancel into a success (a cancelled sync-rep wait commits locally).
+            timer = threading.Timer(WRITE_TIMEOUT_S, _shutdown_socket, (conn,))
+            timer.start()
+            try:
+                conn.execute(f"INSERT INTO {TABLE} (run, id) VALUES (%s, %s)", (self.run, next_id))
+                self.acks.append(Ack(next_id, time.monotonic(), connected_at, member))
+            except psycopg.Error:
+                self.errors += 1
+                _close_quietly(conn)
+                conn = None
+                time.sleep(0.02)
+            finally:
+                timer.cancel()
+        if conn is not None:
+            _close_quietly(conn)
+
+    def start(self, first_ack_timeout: float = 30) -> None:
+        self._thread.start()
+        wait_for("the writer's first acknowledged write", lambda: self.acks, first_ack_timeout)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(WRITE_TIMEOUT_S + 5)
+
+    def first_ack_after(self, since: float, not_member: str | None = None) -> Ack | None:
+        for ack in list(self.acks):
+            if ack.connected_at >= since and ack.at >= since and (not_member is None or ack.member != not_member):
+                return ack
+        return None
+
+    def missing(self, dsn: str) -> list[int]:
+        """Acknowledged ids that are not on the server at `dsn`."""
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=3) as conn:
+            present = {row[0] for row in conn.execute(f"SELECT id FROM {TABLE} WHERE run = %s", (self.run,))}
+        return sorted({ack.id for ack in self.acks} - present)
+
+
+def _shutdown_socket(conn) -> None:
+    try:
+        socket.socket(fileno=os.dup(conn.pgconn.socket)).shutdown(socket.SHUT_RDWR)
+    except (OSError, psycopg.Error):
+        pass
+
+
+def _close_quietly(conn) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - the connection is already broken
+        pass
+
+
+@dataclass
+class DrillResult:
+    scenario: str
+    old_leader: str
+    new_leader: str | None
+    rto_s: float | None
+    acknowledged: int
+    lost: int
+    rejoined_s: float | None
+    sync_cancel_warnings: int = 0
+
+    def line(self) -> str:
+        rto = f"{self.rto_s:.1f}s" if self.rto_s is not None else "none"
+        rejoin = f", old leader back as replica after {self.rejoined_s:.1f}s" if self.rejoined_s is not None else ""
+        return (f"{self.scenario}: {self.old_leader} -> {self.new_leader}, RTO {rto}, "
+                f"{self.acknowledged} writes acknowledged, {self.lost} lost{rejoin}")
+
+
+def _member_role(sandbox: Sandbox, node: Host) -> str | None:
+    for member in sandbox.cluster().get("members", []):
+        if member["name"] == node.name:
+            return member.get("role")
+    return None
+
+
+def run_drill(sandbox: Sandbox, scenario: str, progress: Callable[[str], None] = print,
+              rto_timeout: float = 120, settle_s: float = 1.0) -> DrillResult:
+    """One drill on a healthy sandbox cluster; leaves it healthy again (all members streaming)."""
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; one of {', '.join(SCENARIOS)}")
+    old = sandbox.wait_healthy()
+    writer = Writer([sandbox.patroni_url(n) for n in sandbox.topology.postgres],
+                    sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD))
+    writer.ensure_table()
+    writer.start()
+    time.sleep(settle_s)
+    start = time.monotonic()
+
+    def say(text: str) -> None:
+        progress(f"  t+{time.monotonic() - start:5.1f}s {text}")
+
+    patroni_pid, postmaster_pid = sandbox.patroni_pid(old), sandbox.postmaster_pid(old)
+    if scenario in ("node-loss", "split-brain"):
+        os.kill(patroni_pid, signal.SIGKILL)
+        if scenario == "node-loss":
+            os.kill(postmaster_pid, signal.SIGKILL)
+            say(f"SIGKILL {old.name}: Patroni (pid {patroni_pid}) and postmaster (pid {postmaster_pid})")
+        else:
+            say(f"SIGKILL {old.name}: Patroni only (pid {patroni_pid}); its postmaster (pid {postmaster_pid}) lives on")
+    elif scenario == "pg-crash":
+        os.kill(postmaster_pid, signal.SIGKILL)
+        say(f"SIGKILL {old.name}: postmaster (pid {postmaster_pid})")
+    else:
+        say(f"POST /switchover leader={old.name}")
+        response = requests.post(f"{sandbox.patroni_url(old)}/switchover", json={"leader": old.name}, timeout=60)
+        say(f"Patroni answered {response.status_code}: {response.text.strip()}")
+        if response.status_code != 200:
+            writer.stop()
+            raise SandboxError(f"switchover refused: {response.status_code} {response.text.strip()}")
+
+    must_move = scenario != "pg-crash"
+    ack = None
+    try:
+        ack = wait_for("an acknowledged write on a new connection",
+                       lambda: writer.first_ack_after(start, old.name if must_move else None), rto_timeout, 0.05)
+        say(f"{ack.member} acknowledged a write: RTO {ack.at - start:.1f}s")
+    except SandboxError as error:
+        say(f"no write acknowledged: {error}")
+    time.sleep(settle_s)
+    writer.stop()
+
+    rejoined = None
+    if scenario in ("node-loss", "split-brain"):
+        sandbox.start_patroni(old)
+        say(f"restarted Patroni on {old.name}")
+    leader = sandbox.wait_healthy(timeout=180)
+    if scenario != "pg-crash" or leader != old:
+        wait_for(f"{old.name} to stream as a replica", lambda: _member_role(sandbox, old) == "replica", 120)
+    if scenario in ("node-loss", "split-brain"):
+        rejoined = time.monotonic() - start
+        say(f"{old.name} streams from {leader.name} again")
+    missing = writer.missing(sandbox.dsn(leader))
+    say(f"{len(writer.acks)} writes acknowledged, {len(missing)} missing on {leader.name}"
+        + (f": {missing[:10]}" if missing else ""))
+    return DrillResult(scenario, old.name, ack.member if ack else None, ack.at - start if ack else None,
+                       len(writer.acks), len(missing), rejoined, writer.sync_cancel_warnings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="failover_drill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scenario", choices=SCENARIOS)
+    parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--state-dir", type=Path, default=Path(os.environ.get("INFRA_SANDBOX_DIR", ".sandbox")))
+    parser.add_argument("--port-base", type=int, default=int(os.environ.get("INFRA_SANDBOX_PORT_BASE", 25000)))
+    args = parser.parse_args(argv)
+    sandbox = Sandbox(args.state_dir, args.port_base)
+    if not sandbox.running():
+        print(f"no sandbox running in {args.state_dir}: start one with `infra sandbox up STACK`", file=sys.stderr)
+        return 2
+    lost = 0
+    for i in range(1, args.count + 1):
+        print(f"drill {i}/{args.count}: {args.scenario}", flush=True)
+        result = run_drill(sandbox, args.scenario, progress=lambda text: print(text, flush=True))
+        print(result.line(), flush=True)
+        lost += result.lost
+    return 1 if lost else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
