@@ -237,7 +237,7 @@ class Stack:
         return "\n".join(tails)
 
 
-def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 20) -> None:
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -285,13 +285,13 @@ def start_stack(
              f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address="],
             stdout=am_log.open("w"), stderr=subprocess.STDOUT,
         ))
-        _wait_ready(stack.alertmanager_url, stack.processes[-1])
+        wait_ready(stack.alertmanager_url, stack.processes[-1])
         stack.processes.append(subprocess.Popen(
             [prometheus_bin, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{prom_port}"],
             stdout=prom_log.open("w"), stderr=subprocess.STDOUT,
         ))
-        _wait_ready(stack.prometheus_url, stack.processes[-1])
+        wait_ready(stack.prometheus_url, stack.processes[-1])
     except Exception:
         stack.stop()
         raise

@@ -1,0 +1,154 @@
+"""Monthly SLO report from Prometheus: availability, p95 per query SLO, downtime minutes, error budget
+consumed, PASS/FAIL and the error-budget policy tier, for every SLO of the catalog (infra/slo.py).
+
+    python -m scripts.slo_report --prometheus http://monitoring-1.prod.betting.internal:9090
+    python -m scripts.slo_report --prometheus URL --month 2026-10          # a calendar month
+    python -m scripts.slo_report --prometheus URL --window 1d --slo api-availability --json
+
+Every figure is one instant query over the report window (`/api/v1/query` with `time` at the
+window's end), so the report needs the raw data of the whole window (Prometheus keeps 30 days).
+"""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import requests
+
+from infra.slo import SLO, SLO_BY_ID, SLOS, policy_tier
+from infra.units import duration_seconds
+
+
+class PrometheusError(RuntimeError):
+    pass
+
+
+@dataclass
+class Row:
+    slo: str
+    title: str
+    tier: int
+    kind: str
+    objective: float
+    threshold: float | None
+    sli: float | None  # ratio: good share; latency: p95 seconds; threshold: worst value
+    error_ratio: float | None  # bad share of events (or of time)
+    downtime_minutes: float | None  # ratio and threshold SLOs: bad share x window
+    budget_consumed_pct: float | None
+    status: str  # PASS, FAIL, NO DATA
+    policy: str
+    action: str
+
+
+def instant(prometheus: str, expr: str, at: float) -> float | None:
+    """The single value of an instant query, None when it returns no sample (no data in the window)."""
+    response = requests.get(f"{prometheus}/api/v1/query", params={"query": expr, "time": f"{at:.3f}"}, timeout=60)
+    body = response.json()
+    if body.get("status") != "success":
+        raise PrometheusError(f"{expr}: {body.get('error', response.text)}")
+    result = body["data"]["result"]
+    if not result:
+        return None
+    value = float(result[0]["value"][1])
+    return None if math.isnan(value) else value
+
+
+def evaluate(prometheus: str, slo: SLO, window: str, at: float) -> Row:
+    window_minutes = duration_seconds(window) / 60
+    error_ratio = instant(prometheus, slo.error_ratio(window), at)
+    sli = instant(prometheus, slo.sli_value(window), at)
+    if error_ratio is None or sli is None:
+        return Row(slo.id, slo.title, slo.tier, slo.kind, slo.objective, slo.threshold, sli, error_ratio, None, None,
+                   "NO DATA", "-", "no samples in the window")
+    error_ratio = max(0.0, error_ratio)
+    consumed = error_ratio / slo.budget
+    tier = policy_tier(1 - consumed)
+    if slo.kind == "latency":
+        passed = slo.met(sli)
+    else:
+        passed = error_ratio <= slo.budget
+    return Row(
+        slo.id, slo.title, slo.tier, slo.kind, slo.objective, slo.threshold, sli, error_ratio,
+        None if slo.kind == "latency" else error_ratio * window_minutes,
+        consumed * 100, "PASS" if passed else "FAIL", tier.name, tier.action,
+    )
+
+
+def report(prometheus: str, window: str, at: float, slos=SLOS) -> list[Row]:
+    return [evaluate(prometheus, slo, window, at) for slo in slos]
+
+
+def _sli_text(row: Row) -> str:
+    if row.sli is None:
+        return "-"
+    if row.kind == "ratio":
+        return f"{row.sli:.3%}"
+    if row.kind == "latency":
+        return f"p95 {row.sli * 1000:.1f}ms"
+    return f"worst {row.sli:g}"
+
+
+def _target_text(row: Row) -> str:
+    if row.kind == "ratio":
+        return f">= {row.objective:.2%}"
+    if row.kind == "latency":
+        return f"p95 < {row.threshold * 1000:g}ms"
+    return f"{row.objective:.0%} of time in bounds"
+
+
+def table(rows: list[Row], window: str, at: float) -> str:
+    header = ("tier", "slo", "target", "sli", "downtime min", "budget used", "status", "policy")
+    lines = [header]
+    for row in rows:
+        lines.append((
+            str(row.tier), row.slo, _target_text(row), _sli_text(row),
+            "-" if row.downtime_minutes is None else f"{row.downtime_minutes:.2f}",
+            "-" if row.budget_consumed_pct is None else f"{row.budget_consumed_pct:.1f}%",
+            row.status, row.policy if row.policy == "-" else f"{row.policy}: {row.action}",
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    end = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    title = f"SLO report: {window} ending {end}"
+    body = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines]
+    return "\n".join([title, *body])
+
+
+def month_window(month: str) -> tuple[str, float]:
+    """A calendar month 'YYYY-MM' as (window, end timestamp)."""
+    year, number = (int(part) for part in month.split("-"))
+    days = calendar.monthrange(year, number)[1]
+    end = datetime(year + (number == 12), number % 12 + 1, 1, tzinfo=UTC)
+    return f"{days}d", end.timestamp()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Monthly SLO report from Prometheus")
+    parser.add_argument("--prometheus", default="http://127.0.0.1:9090", help="Prometheus base URL")
+    parser.add_argument("--window", default="30d", help="report window (Prometheus duration), ending now or at --at")
+    parser.add_argument("--at", type=float, default=None, help="end of the window, Unix seconds (default: now)")
+    parser.add_argument("--month", help="a calendar month YYYY-MM (overrides --window and --at)")
+    parser.add_argument("--slo", action="append", choices=sorted(SLO_BY_ID), help="only these SLOs (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+
+    window, at = args.window, args.at if args.at is not None else datetime.now(UTC).timestamp()
+    if args.month:
+        window, at = month_window(args.month)
+    duration_seconds(window)  # fail early on a bad window
+    slos = [SLO_BY_ID[name] for name in args.slo] if args.slo else list(SLOS)
+    rows = report(args.prometheus.rstrip("/"), window, at, slos)
+    if args.json:
+        print(json.dumps({"window": window, "end": at, "slos": [asdict(row) for row in rows]}, indent=2))
+    else:
+        print(table(rows, window, at))
+    return 1 if any(row.status == "FAIL" for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
