@@ -72,10 +72,13 @@ class Webhook:
                     webhook.received.append(Notification(time.monotonic(), self.path, body))
                     webhook._lock.notify_all()
                 # PagerDuty's Events API answers 202; Slack and webhooks 200.
-                self.send_response(202 if self.path.startswith("/pagerduty") else 200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(b'{"status": "success"}')
+                try:
+                    self.send_response(202 if self.path.startswith("/pagerduty") else 200)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(b'{"status": "success"}')
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # Alertmanager stopped while we answered: the notification is recorded already
 
             def log_message(self, *args):
                 pass
