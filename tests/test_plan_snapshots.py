@@ -123,7 +123,7 @@ def test_the_committed_snapshot_is_fresh(fresh, stack):
         diff = diff_plans(committed, fresh[stack])
         shown = "\n".join(diff.splitlines()[:80])
         pytest.fail(f"plans/{stack}.json is stale; review the change below, then refresh it with:\n\n"
-                    f"    {refresh_command(stack)}\n\n{shown}", pytrace=False)
+                    f"    {refresh_command(stack)}\n\n(`make snapshots` refreshes every stack)\n\n{shown}", pytrace=False)
 
 
 @pytest.mark.parametrize("stack", STACKS)
