@@ -153,3 +153,22 @@ def test_the_pack_reports_a_stack_violation_and_accepts_the_compliant_stack(anal
     response = analyzer.AnalyzeStack(analyzer_pb2.AnalyzeStackRequest(resources=[_analyzer_resource(r) for r in resources]))
     assert [(d.policyName, d.urn.rsplit("::", 1)[-1]) for d in response.diagnostics] == [
         ("audit-log-retention", "backups-audit-object-lock")]
+
+
+def test_the_pack_stays_quiet_on_values_unknown_during_preview(analyzer):
+    """The engine sends unknowns as sentinel strings; the pack must neither fail nor report."""
+    from guardrail_cases import UNKNOWN_BOOLEAN, UNKNOWN_NUMBER, UNKNOWN_STRING
+
+    volume = {"type": "aws:ebs/volume:Volume", "name": "monitoring-monitoring-1-prometheus-tsdb",
+              "props": {"size": UNKNOWN_NUMBER, "type": UNKNOWN_STRING, "encrypted": UNKNOWN_BOOLEAN,
+                        "tags": {"Role": "prometheus-tsdb", "Host": "monitoring-1"}}}
+    response = analyzer.Analyze(analyzer_pb2.AnalyzeRequest(type=volume["type"], name=volume["name"], urn=urn(volume),
+                                                            properties=_struct(volume["props"])))
+    assert list(response.diagnostics) == []
+    stack = [r for r in compliant_stack() if r["name"] != "backups-backups-lifecycle"]
+    rule = {"id": "x", "status": "Enabled", "filter": {"prefix": "verification/"}, "expiration": {"days": UNKNOWN_NUMBER}}
+    lifecycle = {"type": "aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration", "name": "backups-backups-lifecycle",
+                 "props": {"bucket": UNKNOWN_STRING, "rules": [rule]}}
+    response = analyzer.AnalyzeStack(analyzer_pb2.AnalyzeStackRequest(
+        resources=[_analyzer_resource(r) for r in [*stack, lifecycle]]))
+    assert list(response.diagnostics) == []
