@@ -57,26 +57,30 @@ class Layout:
         return self.port_base + 51
 
     @property
-    def redis_exporter(self) -> int:
-        return self.port_base + 52
-
-    @property
     def node_exporter(self) -> int:
         return self.port_base + 53
 
-    @property
-    def prometheus(self) -> int:
-        return self.port_base + 54
+    # Each monitoring host runs Prometheus, Alertmanager (clustered) and a redis_exporter.
+    def prometheus(self, host: Host) -> int:
+        return self.port_base + 60 + host.index
 
-    @property
-    def alertmanager(self) -> int:
-        return self.port_base + 55
+    def alertmanager(self, host: Host) -> int:
+        return self.port_base + 65 + host.index
+
+    def alertmanager_cluster(self, host: Host) -> int:
+        return self.port_base + 70 + host.index
+
+    def redis_exporter(self, host: Host) -> int:
+        return self.port_base + 75 + host.index
 
     def ports(self, topology: Topology) -> list[int]:
-        fixed = [self.redis, self.redis_exporter, self.node_exporter, self.prometheus, self.alertmanager]
         etcd = [p for m in topology.etcd for p in (self.etcd_client(m), self.etcd_peer(m))]
         pg = [p for n in topology.postgres for p in (self.postgres(n), self.patroni(n), self.postgres_exporter(n))]
-        return etcd + pg + fixed
+        monitoring = [
+            p for h in topology.monitoring
+            for p in (self.prometheus(h), self.alertmanager(h), self.alertmanager_cluster(h), self.redis_exporter(h))
+        ]
+        return etcd + pg + monitoring + [self.redis, self.node_exporter]
 
     # Paths under the state dir.
     @property
@@ -160,6 +164,38 @@ def redis_mapping(layout: Layout) -> dict[bytes, bytes]:
         f"port {Ports.REDIS}": f"port {layout.redis}",
         f"dir {REDIS_DATA_DIR}": f"dir {layout.state_dir / 'redis'}",
     }
+    return {k.encode(): v.encode() for k, v in pairs.items()}
+
+
+def monitoring_mapping(layout: Layout, topology: Topology, host: Host | None = None) -> dict[bytes, bytes]:
+    """prometheus.yml, its rules, alertmanager.yml and their flags.
+
+    Every host's node_exporter is the sandbox's one node_exporter (they all are this machine).
+    Services the sandbox does not run (Grafana, ClickHouse, the application) keep their names.
+    """
+    pairs = {
+        **{f"{h.fqdn}:{Ports.NODE_EXPORTER}": f"{LOOPBACK}:{layout.node_exporter}" for h in topology.hosts},
+        **{f"{n.fqdn}:{Ports.POSTGRES_EXPORTER}": f"{LOOPBACK}:{layout.postgres_exporter(n)}" for n in topology.postgres},
+        **{f"{n.fqdn}:{Ports.PATRONI_API}": f"{LOOPBACK}:{layout.patroni(n)}" for n in topology.postgres},
+        **_etcd_clients(layout, topology),
+        **{f"{h.fqdn}:{Ports.PROMETHEUS}": f"{LOOPBACK}:{layout.prometheus(h)}" for h in topology.monitoring},
+        **{f"{h.fqdn}:{Ports.ALERTMANAGER}": f"{LOOPBACK}:{layout.alertmanager(h)}" for h in topology.monitoring},
+        **{f"{h.fqdn}:{Ports.ALERTMANAGER_CLUSTER}": f"{LOOPBACK}:{layout.alertmanager_cluster(h)}" for h in topology.monitoring},
+        **{f"{h.fqdn}:{Ports.REDIS_EXPORTER}": f"{LOOPBACK}:{layout.redis_exporter(h)}" for h in topology.monitoring},
+        Paths.PROMETHEUS_CONFIG: str(layout.config_dir / "prometheus" / "prometheus.yml"),
+        Paths.PROMETHEUS_RULES_DIR: str(layout.config_dir / "prometheus" / "rules"),
+        Paths.ALERTMANAGER_CONFIG: str(layout.config_dir / "alertmanager" / "alertmanager.yml"),
+        Paths.SECRETS_DIR: str(layout.secrets_dir),
+    }
+    if host is not None:
+        # Flags of one monitoring host: its own listen addresses and data folders.
+        pairs.update({
+            f"0.0.0.0:{Ports.PROMETHEUS}": f"{LOOPBACK}:{layout.prometheus(host)}",
+            f"0.0.0.0:{Ports.ALERTMANAGER}": f"{LOOPBACK}:{layout.alertmanager(host)}",
+            f"0.0.0.0:{Ports.ALERTMANAGER_CLUSTER}": f"{LOOPBACK}:{layout.alertmanager_cluster(host)}",
+            Paths.ALERTMANAGER_DATA: str(layout.state_dir / host.name / "alertmanager"),
+            Paths.PROMETHEUS_DATA: str(layout.state_dir / host.name / "prometheus"),
+        })
     return {k.encode(): v.encode() for k, v in pairs.items()}
 
 

@@ -122,6 +122,11 @@ class Sandbox:
     def running(self) -> dict[str, Proc]:
         return {p.name: p for p in self.processes() if _alive(p.pid, p.exe)}
 
+    @property
+    def services(self) -> set[str]:
+        """The service groups this sandbox was asked to run (what it deploys)."""
+        return set(self._read_state().get("services", []))
+
     def secret(self, name: str) -> str:
         return (self.layout.secrets_dir / name).read_text().strip()
 
@@ -174,11 +179,13 @@ class Sandbox:
                 points[f"postgres_exporter {node.name}"] = f"http://{m.LOOPBACK}:{layout.postgres_exporter(node)}/metrics"
         optional = {
             "redis": ("redis", f"redis://{m.LOOPBACK}:{layout.redis}"),
-            "redis-exporter": ("redis_exporter", f"http://{m.LOOPBACK}:{layout.redis_exporter}/metrics"),
             "node-exporter": ("node_exporter", f"http://{m.LOOPBACK}:{layout.node_exporter}/metrics"),
-            "prometheus": ("prometheus", f"http://{m.LOOPBACK}:{layout.prometheus}"),
-            "alertmanager": ("alertmanager", f"http://{m.LOOPBACK}:{layout.alertmanager}"),
         }
+        for host in topology.monitoring:
+            optional[f"redis-exporter-{host.name}"] = (f"redis_exporter {host.name}",
+                                                       f"http://{m.LOOPBACK}:{layout.redis_exporter(host)}/metrics")
+            optional[f"prometheus-{host.name}"] = (f"prometheus {host.name}", f"http://{m.LOOPBACK}:{layout.prometheus(host)}")
+            optional[f"alertmanager-{host.name}"] = (f"alertmanager {host.name}", f"http://{m.LOOPBACK}:{layout.alertmanager(host)}")
         for proc, (label, url) in optional.items():
             if proc in running:
                 points[label] = url
@@ -216,7 +223,10 @@ class Sandbox:
 
     # ---- up / down ---------------------------------------------------------------------
     def up(self, settings: StackSettings, services: Iterable[str] = ALL_SERVICES, timeout: float = 90) -> dict[str, str]:
-        services = tuple(services)
+        from infra.sandbox import monitoring
+
+        # Prometheus/Alertmanager join once their renderers are in the tree.
+        services = tuple(s for s in services if s != "monitoring" or monitoring.available())
         running = self.running()
         state = self._read_state()
         if running and state.get("settings") != settings.model_dump_json():
@@ -227,8 +237,10 @@ class Sandbox:
         self._settings, self._topology = settings, build_topology(settings)
         if not running:
             self._fresh_state_dir()
-            self.state_file.write_text(json.dumps({"stack": settings.stack, "settings": settings.model_dump_json()}))
             self._write_files()
+        deployed = sorted(set(state.get("services", []) if running else []) | set(services))
+        self.state_file.write_text(json.dumps({"stack": settings.stack, "settings": settings.model_dump_json(),
+                                               "services": deployed}))
         busy = [p for p in self.layout.ports(self.topology) if port_open(p)] if not running else []
         if busy:
             raise SandboxError(f"ports already in use on {m.LOOPBACK}: {busy}; pick another --port-base")
@@ -258,8 +270,13 @@ class Sandbox:
         want = len(self.topology.postgres) - 1
 
         def healthy():
+            members = self.cluster().get("members", [])
             leader = self.leader()
-            if leader is None:
+            if leader is None or len(members) < len(self.topology.postgres):
+                return None
+            # Patroni lets only the standby named in its /sync key take over: until that key names
+            # one, a leader failure leaves the cluster without a primary (safe, not available).
+            if self.settings.patroni.synchronous_mode and want and not any(m["role"] == "sync_standby" for m in members):
                 return None
             with psycopg.connect(self.dsn(leader), connect_timeout=2, autocommit=True) as conn:
                 if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
@@ -313,6 +330,9 @@ class Sandbox:
             files[f"pgbackrest/{node.name}.conf"] = (conf, m.pgbackrest_mapping(layout, node))
         for path, content in render_redis(settings, topology).items():
             files[path] = (content, m.redis_mapping(layout))
+        from infra.sandbox import monitoring
+
+        files.update(monitoring.rendered_files(self))
         return files
 
     def _write_files(self) -> None:
@@ -347,11 +367,12 @@ class Sandbox:
                 argv.append(f"--extend.query-path={queries}")
             dsn = f"postgresql://{EXPORTER_USER}:{password}@{m.LOOPBACK}:{layout.postgres(node)}/postgres?sslmode=disable"
             self._spawn(name, argv, env={"DATA_SOURCE_NAME": dsn})
-        if "redis-exporter" not in running and "redis" in self.running():
-            self._spawn("redis-exporter", [
-                "/usr/bin/prometheus-redis-exporter", f"-redis.addr=redis://{m.LOOPBACK}:{layout.redis}",
-                f"-web.listen-address={m.LOOPBACK}:{layout.redis_exporter}",
-            ])
+        for host in self.topology.monitoring if "redis" in self.running() else ():
+            if f"redis-exporter-{host.name}" not in running:
+                self._spawn(f"redis-exporter-{host.name}", [
+                    "/usr/bin/prometheus-redis-exporter", f"-redis.addr=redis://{m.LOOPBACK}:{layout.redis}",
+                    f"-web.listen-address={m.LOOPBACK}:{layout.redis_exporter(host)}",
+                ])
         if "node-exporter" not in running:
             textfile = layout.state_dir / "node-exporter"
             textfile.mkdir(exist_ok=True)
