@@ -84,7 +84,11 @@ def check_prometheus_retention(resources: Sequence[Resource], config: Mapping[st
                     instance, "a monitoring host whose user data writes no /etc/default/prometheus, so Prometheus "
                     "runs with its default retention of 15d and no size limit", rule, requirement))
             continue
-        if retention.time_seconds is not None and retention.time_seconds < min_days * 86400:
+        if retention.time_seconds is None:
+            yield Finding(instance, message(
+                instance, f"no time retention in {retention.source} (size {retention.size} only): no window of "
+                f"{min_days}d is kept for sure", rule, requirement))
+        elif retention.time_seconds < min_days * 86400:
             yield Finding(instance, message(
                 instance, f"retention time {retention.time} (from {retention.source})", rule, requirement))
         volumes = _tsdb_volumes(instance, resources)
