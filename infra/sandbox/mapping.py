@@ -149,8 +149,8 @@ def pgbackrest_mapping(layout: Layout, node: Host) -> dict[bytes, bytes]:
 
 def etcd_mapping(layout: Layout, topology: Topology, member: Host) -> dict[bytes, bytes]:
     pairs = {
-        f"http://0.0.0.0:{Ports.ETCD_PEER}": f"http://{LOOPBACK}:{layout.etcd_peer(member)}",
-        f"http://0.0.0.0:{Ports.ETCD_CLIENT}": f"http://{LOOPBACK}:{layout.etcd_client(member)}",
+        f"0.0.0.0:{Ports.ETCD_PEER}": f"{LOOPBACK}:{layout.etcd_peer(member)}",
+        f"0.0.0.0:{Ports.ETCD_CLIENT}": f"{LOOPBACK}:{layout.etcd_client(member)}",
         **{f"{m.fqdn}:{Ports.ETCD_PEER}": f"{LOOPBACK}:{layout.etcd_peer(m)}" for m in topology.etcd},
         **_etcd_clients(layout, topology),
         Paths.ETCD_DATA: str(layout.state_dir / "etcd"),

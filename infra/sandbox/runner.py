@@ -81,10 +81,11 @@ def wait_for(what: str, check, timeout: float, interval: float = 0.2):
 
 
 class Sandbox:
-    def __init__(self, state_dir: Path | str, port_base: int = m.DEFAULT_PORT_BASE):
+    def __init__(self, state_dir: Path | str, port_base: int = m.DEFAULT_PORT_BASE, settings: StackSettings | None = None):
+        """`settings` only to inspect files before `up`; a running sandbox remembers its own."""
         self.layout = m.Layout(Path(state_dir).resolve(), port_base)
-        self._settings: StackSettings | None = None
-        self._topology: Topology | None = None
+        self._settings: StackSettings | None = settings
+        self._topology: Topology | None = build_topology(settings) if settings else None
 
     # ---- state -------------------------------------------------------------------------
     @property

@@ -1,0 +1,143 @@
+"""The Patroni, etcd, pgBackRest and redis.conf renderers: content that the deployment relies on."""
+
+from __future__ import annotations
+
+import configparser
+
+import yaml
+
+from infra.render.etcd import render_etcd
+from infra.render.patroni import PASSWORD_ENV, render_patroni
+from infra.render.pgbackrest import render_pgbackrest
+from infra.render.redis import render_redis
+from infra.topology import Paths, Ports, secret_path
+
+SECRET_WORDS = ("password", "secret", "token")
+
+
+def _patroni(settings, topology, node):
+    (content,) = render_patroni(settings, topology, node).values()
+    return yaml.safe_load(content), content
+
+
+def test_one_patroni_file_per_node_named_after_it(settings, topology):
+    for node in topology.postgres:
+        files = render_patroni(settings, topology, node)
+        assert list(files) == [f"patroni/{node.name}.yml"]
+        config, _ = _patroni(settings, topology, node)
+        assert config["name"] == node.name
+        assert config["scope"] == topology.patroni_scope
+        assert config["restapi"]["connect_address"] == f"{node.fqdn}:{Ports.PATRONI_API}"
+        assert config["postgresql"]["connect_address"] == f"{node.fqdn}:{Ports.POSTGRES}"
+        assert config["postgresql"]["data_dir"] == Paths.POSTGRES_DATA
+
+
+def test_patroni_addresses_etcd_by_dns_name(settings, topology):
+    config, _ = _patroni(settings, topology, topology.postgres[0])
+    assert config["etcd3"]["hosts"] == [f"{m.fqdn}:{Ports.ETCD_CLIENT}" for m in topology.etcd]
+
+
+def test_timing_sync_and_watchdog_follow_the_settings(settings, topology):
+    config, _ = _patroni(settings, topology, topology.postgres[0])
+    dcs = config["bootstrap"]["dcs"]
+    p = settings.patroni
+    assert (dcs["ttl"], dcs["loop_wait"], dcs["retry_timeout"]) == (p.ttl, p.loop_wait, p.retry_timeout)
+    assert dcs["primary_start_timeout"] == p.primary_start_timeout
+    assert dcs["maximum_lag_on_failover"] == p.maximum_lag_on_failover
+    assert dcs["synchronous_mode"] is p.synchronous_mode
+    assert dcs["loop_wait"] + 2 * dcs["retry_timeout"] <= dcs["ttl"]
+    assert config["watchdog"]["mode"] == p.watchdog
+    assert dcs["postgresql"]["parameters"]["max_connections"] == p.max_connections
+    if settings.environment == "prod":
+        assert dcs["synchronous_mode"] is True
+        assert config["watchdog"]["mode"] == "required"
+
+
+def test_postgres_loads_pg_stat_statements_and_can_rewind(settings, topology):
+    config, _ = _patroni(settings, topology, topology.postgres[0])
+    parameters = config["postgresql"]["parameters"]
+    assert "pg_stat_statements" in parameters["shared_preload_libraries"].split(",")
+    assert config["bootstrap"]["dcs"]["postgresql"]["use_pg_rewind"] is True
+    assert config["bootstrap"]["dcs"]["postgresql"]["parameters"]["wal_log_hints"] == "on"
+    assert "data-checksums" in config["bootstrap"]["initdb"]
+
+
+def test_wal_archiving_restore_and_replica_creation_use_pgbackrest(settings, topology):
+    config, _ = _patroni(settings, topology, topology.postgres[0])
+    backrest = f"--config={Paths.PGBACKREST_CONFIG} --stanza={topology.patroni_scope}"
+    parameters = config["postgresql"]["parameters"]
+    assert parameters["archive_mode"] == "on"
+    assert backrest in parameters["archive_command"] and parameters["archive_command"].endswith("archive-push %p")
+    assert config["postgresql"]["recovery_conf"]["restore_command"].endswith(f"{backrest} archive-get %f %p")
+    assert config["postgresql"]["create_replica_methods"][0] == "pgbackrest"
+    assert "basebackup" in config["postgresql"]["create_replica_methods"]
+    assert config["postgresql"]["pgbackrest"]["command"].endswith("--delta restore")
+
+
+def test_no_password_in_patroni_yml_they_come_from_patronis_env_vars(settings, topology):
+    for node in topology.postgres:
+        config, content = _patroni(settings, topology, node)
+        for user in config["postgresql"]["authentication"].values():
+            assert set(user) == {"username"}
+        assert b"password" not in content.lower()
+    assert set(PASSWORD_ENV) == {"PATRONI_SUPERUSER_PASSWORD", "PATRONI_REPLICATION_PASSWORD", "PATRONI_REWIND_PASSWORD"}
+    # Each variable is filled from a secret file the platform writes.
+    assert all(secret_path(name).startswith(Paths.SECRETS_DIR + "/") for name in PASSWORD_ENV.values())
+
+
+def test_pg_hba_allows_only_the_vpc_and_loopback(settings, topology):
+    config, _ = _patroni(settings, topology, topology.postgres[0])
+    for line in config["postgresql"]["pg_hba"]:
+        fields = line.split()
+        if fields[0] == "host":
+            assert fields[3] in (settings.vpc_cidr, "127.0.0.1/32")
+            assert fields[4] == "scram-sha-256"
+
+
+def test_pgbackrest_writes_to_the_backup_bucket_with_the_instance_role(settings, topology):
+    (content,) = render_pgbackrest(settings, topology).values()
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(content.decode())
+    repo = parser["global"]
+    assert repo["repo1-type"] == "s3"
+    assert repo["repo1-s3-bucket"] == topology.backup_bucket
+    assert repo["repo1-s3-region"] == settings.region
+    assert repo["repo1-s3-key-type"] == "auto"
+    assert "repo1-s3-key" not in repo and "repo1-s3-key-secret" not in repo
+    assert int(repo["repo1-retention-full"]) == settings.backups.full_backup_retention
+    assert parser[topology.patroni_scope]["pg1-path"] == Paths.POSTGRES_DATA
+
+
+def test_etcd_members_form_one_cluster(settings, topology):
+    peers = None
+    for member in topology.etcd:
+        (content,) = render_etcd(settings, topology, member).values()
+        env = dict(line.split("=", 1) for line in content.decode().splitlines())
+        assert env["ETCD_NAME"] == member.name
+        assert env["ETCD_ADVERTISE_CLIENT_URLS"] == f"http://{member.fqdn}:{Ports.ETCD_CLIENT}"
+        assert env["ETCD_INITIAL_ADVERTISE_PEER_URLS"] == f"http://{member.fqdn}:{Ports.ETCD_PEER}"
+        cluster = dict(entry.split("=", 1) for entry in env["ETCD_INITIAL_CLUSTER"].split(","))
+        assert cluster[member.name] == env["ETCD_INITIAL_ADVERTISE_PEER_URLS"]
+        assert len(cluster) == settings.etcd.members
+        peers = peers or cluster
+        assert cluster == peers
+
+
+def test_redis_conf_follows_the_settings(settings, topology):
+    (content,) = render_redis(settings, topology).values()
+    directives = dict(line.split(" ", 1) for line in content.decode().splitlines())
+    assert directives["maxmemory-policy"] == settings.redis.maxmemory_policy
+    assert directives["port"] == str(Ports.REDIS)
+    assert directives["maxmemory"].endswith("mb") and int(directives["maxmemory"][:-2]) > 0
+    assert not any(word in content.decode().lower() for word in ("requirepass", "masterauth"))
+
+
+def test_renderers_are_deterministic(settings, topology):
+    node, member = topology.postgres[0], topology.etcd[0]
+    for render in (
+        lambda: render_patroni(settings, topology, node),
+        lambda: render_etcd(settings, topology, member),
+        lambda: render_pgbackrest(settings, topology),
+        lambda: render_redis(settings, topology),
+    ):
+        assert render() == render()
