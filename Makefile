@@ -55,7 +55,7 @@ sandbox-down: setup
 
 # With the Pulumi CLI and AWS credentials.
 preview: setup
-	pulumi preview --stack $(STACK) --diff --policy-pack policies
+	pulumi preview --stack $(STACK) --diff --policy-pack policies --policy-pack-config policies/config/$(STACK).json
 
 up: setup
-	pulumi up --stack $(STACK) --policy-pack policies
+	pulumi up --stack $(STACK) --policy-pack policies --policy-pack-config policies/config/$(STACK).json
