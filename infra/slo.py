@@ -219,8 +219,8 @@ SLOS: tuple[SLO, ...] = (
     SLO("api-availability", "API availability 99.9 %", 1, "availability", "ratio", 0.999, "30d", "backend",
         "SLA breach", bad='http_requests_total{status=~"5.."}', total="http_requests_total", burn_rate_alerts=True),
     SLO("transaction-success", "Transaction success > 99.99 %", 1, "transaction_success", "ratio", 0.9999, "1d", "dbre",
-        "Financial loss", bad="pg_stat_database_xact_rollback", total="pg_stat_database_xact_commit + pg_stat_database_xact_rollback",
-        burn_rate_alerts=True),
+        "Financial loss", bad="pg_stat_database_xact_rollback",
+        total="pg_stat_database_xact_commit + pg_stat_database_xact_rollback", burn_rate_alerts=True),
     # Tier 2: important, operational.
     SLO("query2-4-latency", "Queries 2-4 p95 < 10 ms", 2, "query_latency", "latency", 0.95, "1h", "dbre",
         "Slow reports", threshold=0.01, total=_QUERY, selector='query_name=~"query2|query3|query4"'),
