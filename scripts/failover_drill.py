@@ -176,6 +176,10 @@ class DrillResult:
     lost: int
     rejoined_s: float | None
     sync_cancel_warnings: int = 0
+    acks_before_fault: int = 0
+    acks_after_fault: int = 0
+    acks_on_old_leader_after_fault: int = 0  # split brain: the orphan primary still acknowledging
+    old_postmaster_alive_at_new_primary: bool = False
 
     def line(self) -> str:
         rto = f"{self.rto_s:.1f}s" if self.rto_s is not None else "none"
@@ -234,6 +238,9 @@ def run_drill(sandbox: Sandbox, scenario: str, progress: Callable[[str], None] =
         say(f"{ack.member} acknowledged a write: RTO {ack.at - start:.1f}s")
     except SandboxError as error:
         say(f"no write acknowledged: {error}")
+    orphan_alive = scenario == "split-brain" and sandbox.postmaster_pid(old) == postmaster_pid
+    if scenario == "split-brain":
+        say(f"{old.name}'s postmaster is {'still running' if orphan_alive else 'gone'} while {ack and ack.member} is primary")
     time.sleep(settle_s)
     writer.stop()
 
@@ -250,8 +257,14 @@ def run_drill(sandbox: Sandbox, scenario: str, progress: Callable[[str], None] =
     missing = writer.missing(sandbox.dsn(leader))
     say(f"{len(writer.acks)} writes acknowledged, {len(missing)} missing on {leader.name}"
         + (f": {missing[:10]}" if missing else ""))
-    return DrillResult(scenario, old.name, ack.member if ack else None, ack.at - start if ack else None,
-                       len(writer.acks), len(missing), rejoined, writer.sync_cancel_warnings)
+    return DrillResult(
+        scenario, old.name, ack.member if ack else None, ack.at - start if ack else None, len(writer.acks), len(missing),
+        rejoined, writer.sync_cancel_warnings,
+        acks_before_fault=sum(a.at < start for a in writer.acks),
+        acks_after_fault=sum(a.at >= start for a in writer.acks),
+        acks_on_old_leader_after_fault=sum(a.at >= start and a.member == old.name for a in writer.acks),
+        old_postmaster_alive_at_new_primary=orphan_alive,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
