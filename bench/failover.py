@@ -119,9 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         label, timing = parse_timing(text, base)
         rows += run_config(label, with_timing(base, timing), args.scenarios, args.drills, state_dir, args.port_base)
     if not args.no_curve:
+        p = base.patroni
         for ttl in CURVE_TTLS:
             timing = curve_timing(base, ttl)
             label = f"curve ttl {ttl} ({ttl}/{timing['loop_wait']}/{timing['retry_timeout']})"
+            same_as_stack = (ttl, timing["loop_wait"], timing["retry_timeout"]) == (p.ttl, p.loop_wait, p.retry_timeout)
+            measured = [r for r in rows if same_as_stack and r["timing"].startswith(base.stack) and r["scenario"] == "node-loss"]
+            if measured:
+                rows.append({**measured[0], "timing": label + ", as above"})
+                continue
             rows += run_config(label, with_timing(base, timing), ["node-loss"], args.drills, state_dir, args.port_base)
     print_table(rows)
     if args.json:

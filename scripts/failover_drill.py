@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import signal
 import socket
 import sys
@@ -205,7 +206,9 @@ def run_drill(sandbox: Sandbox, scenario: str, progress: Callable[[str], None] =
                     sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD))
     writer.ensure_table()
     writer.start()
-    time.sleep(settle_s)
+    # The fault lands at a random point of Patroni's loop, as a real one would: right after the
+    # cluster turns healthy the leader has just refreshed its key, which would bias every RTO.
+    time.sleep(settle_s + random.uniform(0, sandbox.settings.patroni.loop_wait))
     start = time.monotonic()
 
     def say(text: str) -> None:
