@@ -25,11 +25,18 @@ import yaml
 from infra.topology import Paths
 
 PORT_RANGE = (29000, 29999)  # this part's share of loopback ports
+# Ports handed out but maybe not bound yet by their daemon: never hand them out twice in a process.
+_issued: set[int] = set()
+_issued_lock = threading.Lock()
 
 
 def free_port() -> int:
-    for _ in range(200):
+    for _ in range(500):
         port = random.randint(*PORT_RANGE)
+        with _issued_lock:
+            if port in _issued:
+                continue
+            _issued.add(port)
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
