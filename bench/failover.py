@@ -23,8 +23,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from infra.sandbox.cli import stack_settings
-from infra.sandbox.runner import Sandbox
-from scripts.failover_drill import SCENARIOS, run_drill
+from infra.sandbox.runner import Sandbox, SandboxError
+from scripts.failover_drill import SCENARIOS, DrillResult, run_drill
 
 PATRONI_DEFAULTS = {"ttl": 30, "loop_wait": 10, "retry_timeout": 10, "primary_start_timeout": 300}
 CURVE_TTLS = (10, 20, 30)
@@ -72,8 +72,15 @@ def run_config(label: str, settings, scenarios, drills: int, state_dir: Path, po
         for scenario in scenarios:
             results = []
             for i in range(1, drills + 1):
-                result = run_drill(sandbox, scenario, progress=lambda text: None)
-                print(f"  {scenario} {i}/{drills}: {result.line()}", flush=True)
+                try:
+                    result = run_drill(sandbox, scenario, progress=lambda text: None)
+                except SandboxError as error:
+                    # Counted as a drill without a new primary; the next drill waits for a healthy cluster.
+                    print(f"  {scenario} {i}/{drills}: FAILED: {error}", flush=True)
+                    result = DrillResult(scenario, "?", None, None, 0, 0, None)
+                    sandbox.start_patroni_everywhere()
+                else:
+                    print(f"  {scenario} {i}/{drills}: {result.line()}", flush=True)
                 results.append(result)
             rtos = [r.rto_s for r in results if r.rto_s is not None]
             rows.append({

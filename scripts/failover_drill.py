@@ -253,7 +253,7 @@ def run_drill(sandbox: Sandbox, scenario: str, progress: Callable[[str], None] =
         say(f"restarted Patroni on {old.name}")
     leader = sandbox.wait_healthy(timeout=180)
     if scenario != "pg-crash" or leader != old:
-        wait_for(f"{old.name} to stream as a replica", lambda: _member_role(sandbox, old) == "replica", 120)
+        wait_for(f"{old.name} to stream as a replica", lambda: _member_role(sandbox, old) in ("replica", "sync_standby"), 120)
     if scenario in ("node-loss", "split-brain"):
         rejoined = time.monotonic() - start
         say(f"{old.name} streams from {leader.name} again")

@@ -2,7 +2,8 @@
 
 Passwords are not in the file: Patroni reads them from the environment variables in
 `PASSWORD_ENV` (filled by the platform from the secret files named there), which its config
-loader merges over `postgresql.authentication`.
+loader merges over `postgresql.authentication`; `EXPORTER_PASSWORD_ENV` in the same
+environment sets the postgres_exporter role's password at bootstrap.
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ PASSWORD_ENV = {
     "PATRONI_REPLICATION_PASSWORD": SecretNames.POSTGRES_REPLICATION_PASSWORD,
     "PATRONI_REWIND_PASSWORD": SecretNames.POSTGRES_REWIND_PASSWORD,
 }
+
+# postgres_exporter's login (pg_monitor). Patroni runs post_bootstrap once, on the node that
+# initialises the cluster, with the connection string as the last argument ($0 of the shell);
+# the password comes from the environment Patroni runs in, never from this file.
+EXPORTER_ROLE = "postgres_exporter"
+EXPORTER_PASSWORD_ENV = "POSTGRES_EXPORTER_PASSWORD"
+# psql interpolates :'password' (quoted as a literal) in what it reads from stdin.
+POST_BOOTSTRAP = (
+    f"/bin/sh -c \"echo \\\"CREATE ROLE {EXPORTER_ROLE} LOGIN IN ROLE pg_monitor PASSWORD :'password';\\\" | "
+    f"/usr/bin/psql -X -q -v ON_ERROR_STOP=1 -v password=\\\"${EXPORTER_PASSWORD_ENV}\\\" -d \\\"$0\\\"\""
+)
 
 WATCHDOG_DEVICE = "/dev/watchdog"
 UNIX_SOCKET_DIR = "/var/run/postgresql"
@@ -106,6 +118,7 @@ def patroni_config(settings: StackSettings, topology: Topology, node: Host) -> d
                 },
             },
             "initdb": [{"encoding": "UTF8"}, {"locale": "C.UTF-8"}, "data-checksums"],
+            "post_bootstrap": POST_BOOTSTRAP,
         },
         "postgresql": {
             "listen": f"0.0.0.0:{Ports.POSTGRES}",

@@ -24,7 +24,7 @@ import psycopg
 import requests
 
 from infra.render.etcd import render_etcd
-from infra.render.patroni import PASSWORD_ENV, SUPERUSER, render_patroni
+from infra.render.patroni import EXPORTER_PASSWORD_ENV, EXPORTER_ROLE, PASSWORD_ENV, SUPERUSER, render_patroni
 from infra.render.pgbackrest import render_pgbackrest
 from infra.render.redis import render_redis
 from infra.sandbox import mapping as m
@@ -32,7 +32,7 @@ from infra.settings import StackSettings
 from infra.topology import Host, SecretNames, Topology, build_topology
 
 ALL_SERVICES = ("postgres", "redis", "exporters", "monitoring")
-EXPORTER_USER = "postgres_exporter"
+EXPORTER_USER = EXPORTER_ROLE
 STATE_FILE = "sandbox.json"
 POSTGRES_USER = "postgres"
 PATRONI_BIN = "/usr/bin/patroni"
@@ -219,8 +219,13 @@ class Sandbox:
         if node.name in self.running():
             return
         env = {var: self.secret(secret) for var, secret in PASSWORD_ENV.items()}
+        env[EXPORTER_PASSWORD_ENV] = self.secret(SecretNames.POSTGRES_EXPORTER_PASSWORD)
         config = self.layout.config_dir / "patroni" / f"{node.name}.yml"
         self._spawn(node.name, [PATRONI_BIN, str(config)], env=env, as_postgres=True)
+
+    def start_patroni_everywhere(self) -> None:
+        for node in self.topology.postgres:
+            self.start_patroni(node)
 
     # ---- up / down ---------------------------------------------------------------------
     def up(self, settings: StackSettings, services: Iterable[str] = ALL_SERVICES, timeout: float = 90) -> dict[str, str]:
@@ -350,13 +355,8 @@ class Sandbox:
 
     def _start_exporters(self, running: dict[str, Proc]) -> None:
         layout = self.layout
-        leader = self.leader() or self.wait_healthy()
+        # The exporter's role comes from Patroni's post_bootstrap, as on AWS.
         password = self.secret(SecretNames.POSTGRES_EXPORTER_PASSWORD)
-        with psycopg.connect(self.dsn(leader), autocommit=True) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (EXPORTER_USER,)).fetchone()
-            if not exists:
-                conn.execute(psycopg.sql.SQL("CREATE ROLE {} LOGIN IN ROLE pg_monitor PASSWORD {}").format(
-                    psycopg.sql.Identifier(EXPORTER_USER), psycopg.sql.Literal(password)))
         queries = self._exporter_queries()
         for node in self.topology.postgres:
             name = f"postgres-exporter-{node.name}"

@@ -71,6 +71,14 @@ def test_replicas_stream_synchronously_and_see_committed_rows(cluster):
     assert "pg_stat_statements" in _query(cluster, leader, "SHOW shared_preload_libraries")[0][0]
 
 
+def test_exporters_log_in_with_the_role_patroni_created_at_bootstrap(cluster):
+    for node in cluster.topology.postgres:
+        metrics = requests.get(f"http://127.0.0.1:{cluster.layout.postgres_exporter(node)}/metrics", timeout=5).text
+        assert "\npg_up 1\n" in metrics, node.name
+    roles = _query(cluster, cluster.leader(), "SELECT rolname FROM pg_roles WHERE pg_has_role(rolname, 'pg_monitor', 'member')")
+    assert ("postgres_exporter",) in roles
+
+
 def test_node_loss_fails_over_without_losing_an_acknowledged_write_and_the_old_leader_rejoins(cluster):
     old = cluster.leader()
     log = cluster.layout.log_dir / f"{old.name}.log"

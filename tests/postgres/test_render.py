@@ -7,7 +7,7 @@ import configparser
 import yaml
 
 from infra.render.etcd import render_etcd
-from infra.render.patroni import PASSWORD_ENV, render_patroni
+from infra.render.patroni import EXPORTER_PASSWORD_ENV, PASSWORD_ENV, render_patroni
 from infra.render.pgbackrest import render_pgbackrest
 from infra.render.redis import render_redis
 from infra.topology import Paths, Ports, secret_path
@@ -83,6 +83,13 @@ def test_no_password_in_patroni_yml_they_come_from_patronis_env_vars(settings, t
     assert set(PASSWORD_ENV) == {"PATRONI_SUPERUSER_PASSWORD", "PATRONI_REPLICATION_PASSWORD", "PATRONI_REWIND_PASSWORD"}
     # Each variable is filled from a secret file the platform writes.
     assert all(secret_path(name).startswith(Paths.SECRETS_DIR + "/") for name in PASSWORD_ENV.values())
+
+
+def test_exporter_role_is_created_at_bootstrap_with_a_password_from_the_environment(settings, topology):
+    config, _ = _patroni(settings, topology, topology.postgres[0])
+    script = config["bootstrap"]["post_bootstrap"]
+    assert "CREATE ROLE postgres_exporter LOGIN IN ROLE pg_monitor" in script
+    assert f"${EXPORTER_PASSWORD_ENV}" in script
 
 
 def test_pg_hba_allows_only_the_vpc_and_loopback(settings, topology):
