@@ -204,8 +204,8 @@ class Sandbox:
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env={**base_env, **(env or {})}, cwd=self.layout.state_dir, start_new_session=True,
             )
-        exe = Path(argv[-1] if argv[0] == "setpriv" else argv[0]).name
-        exe = Path(argv[argv.index("--") + 1]).name if argv[0] == "setpriv" else exe
+        # What /proc/PID/cmdline must name for the pid to still be ours (setpriv execs the daemon).
+        exe = Path(argv[argv.index("--") + 1] if argv[0] == "setpriv" else argv[0]).name
         (self.layout.pid_dir / f"{name}.pid").write_text(f"{process.pid}\n{exe}\n")
         return Proc(name, process.pid, exe)
 

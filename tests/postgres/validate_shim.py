@@ -4,7 +4,7 @@ The validator resolves every DCS host and opens a TCP connection to it. The stac
 only exist in the VPC's private zone, so this shim (run by /usr/bin/python3, Patroni's own
 interpreter) sends connections for `*.ZONE:2379` to a live etcd on loopback; the config text
 is validated unchanged, so the loopback string check on connect addresses still sees the
-real DNS names.
+real DNS names. Listen addresses are checked against a closed loopback port (see below).
 
     python3 validate_shim.py ZONE ETCD_PORT CONFIG
 """
@@ -24,11 +24,21 @@ def getaddrinfo(host, *args, **kwargs):
     return _getaddrinfo(_local(host), *args, **kwargs)
 
 
+# Bound, never listening: a connection to it is refused. The validator's "port already in use"
+# check of the listen addresses asks about the validating machine (a local PostgreSQL on 5432),
+# not about the config, so it is pointed here.
+_closed = socket.socket()
+_closed.bind(("127.0.0.1", 0))
+CLOSED_PORT = _closed.getsockname()[1]
+
+
 class ZoneSocket(socket.socket):
     def connect_ex(self, address):
         host, port = address[:2]
         if host.endswith("." + zone) and port == 2379:
             return super().connect_ex(("127.0.0.1", etcd_port))
+        if host == "0.0.0.0":
+            return super().connect_ex(("127.0.0.1", CLOSED_PORT))
         return super().connect_ex(address)
 
 
