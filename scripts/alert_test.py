@@ -128,7 +128,8 @@ def run(alertmanager: str, wait: float = 2.0, cases=CASES) -> tuple[str, list[Re
 
 
 def table(results: list[Result]) -> str:
-    rows = [("case", "alertname", "severity", "expected", "reached", "state", "")]
+    # An inhibited alert is still routed; "suppressed" means Alertmanager sends it nowhere.
+    rows = [("case", "alertname", "severity", "expected", "routed to", "state", "")]
     for r in results:
         expected = "inhibited" if r.case.inhibited else ",".join(r.case.expected)
         rows.append((r.case.name, r.case.labels["alertname"], r.case.labels.get("severity", ""), expected,
