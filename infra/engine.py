@@ -20,7 +20,7 @@ from pulumi.runtime.settings import get_root_resource
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
-from infra.settings import PROJECT, SECRET_KEYS
+from infra.settings import OPTIONAL_SECRET_KEYS, PROJECT, SECRET_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET_MASK = "[secret]"
@@ -172,15 +172,16 @@ def evaluate(stack: str, config: dict[str, str] | None = None, secret_values: di
         config, secure = read_stack_file(stack)
     config = dict(config)
     placeholders = []
-    for key in SECRET_KEYS:
+    for key in SECRET_KEYS + OPTIONAL_SECRET_KEYS:
         full = f"{PROJECT}:{key}"
         if secret_values and key in secret_values:
             config[full] = secret_values[key]
-        elif full not in config:
+        elif full not in config:  # unset, or encrypted in the stack file: unreadable without the CLI
             config[full] = "offline-placeholder"
-            placeholders.append(full)
+            if key in SECRET_KEYS:  # an optional one is only read when its setting asks for it
+                placeholders.append(full)
     monitor = RecordingMonitor(OfflineMocks())
-    pulumi.runtime.set_all_config(config, [f"{PROJECT}:{k}" for k in SECRET_KEYS] + secure)
+    pulumi.runtime.set_all_config(config, [f"{PROJECT}:{k}" for k in SECRET_KEYS + OPTIONAL_SECRET_KEYS] + secure)
     pulumi_mocks.set_mocks(OfflineMocks(), project=PROJECT, stack=stack, preview=False, monitor=monitor)
     evaluation = Evaluation(stack, monitor.registered, placeholders)
     try:

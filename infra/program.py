@@ -18,7 +18,7 @@ from infra.components.patroni import PatroniCluster, PatroniClusterArgs
 from infra.components.redis import RedisCache, RedisCacheArgs
 from infra.platforms.aws import AwsContext
 from infra.services import host_specs
-from infra.settings import SECRET_KEYS, load_settings
+from infra.settings import PROJECT, SECRET_KEYS, SettingsError, load_settings
 from infra.topology import build_topology
 
 DEBIAN_ACCOUNT = "136693071363"  # publishes the official Debian AMIs
@@ -32,9 +32,16 @@ def stack_config() -> dict[str, Any]:
 
 def run() -> None:
     stack = pulumi.get_stack()
-    settings = load_settings(stack_config(), stack)  # raises before any resource exists
+    raw_config = stack_config()
+    settings = load_settings(raw_config, stack)  # raises before any resource exists
     config = pulumi.Config()
     secrets = {key: config.require_secret(key) for key in SECRET_KEYS}
+    smtp_password = None
+    if settings.alerting.smtp_auth_username:
+        if not raw_config.get(f"{PROJECT}:smtpAuthPassword"):  # presence only; the value stays a secret Output
+            raise SettingsError(stack, [f"{PROJECT}:smtpAuthPassword: missing; alerting.smtpAuthUsername is set, so set "
+                                        "it with: pulumi config set --secret smtpAuthPassword <password>"])
+        smtp_password = config.require_secret("smtpAuthPassword")
     topology = build_topology(settings)
     specs = host_specs(settings, topology)  # every config file is rendered here, before any resource
     by_role = {role: tuple(s for s in specs if s.host.role == role)
@@ -84,6 +91,8 @@ def run() -> None:
         pagerduty_routing_key=secrets["pagerdutyRoutingKey"],
         slack_critical_webhook=secrets["slackCriticalWebhook"],
         slack_warnings_webhook=secrets["slackWarningsWebhook"],
+        deadman_heartbeat_key=secrets["deadmanHeartbeatKey"],
+        smtp_auth_password=smtp_password,
     ), opts=pulumi.ResourceOptions(depends_on=[redis]))  # redis_exporter reads Redis' token at boot
 
     pulumi.export("environment", settings.environment)

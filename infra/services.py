@@ -267,6 +267,7 @@ MONITORING_SECRETS = (
     SecretNames.PAGERDUTY_ROUTING_KEY,
     SecretNames.SLACK_CRITICAL_WEBHOOK,
     SecretNames.SLACK_WARNINGS_WEBHOOK,
+    SecretNames.DEADMAN_HEARTBEAT_KEY,
 )
 
 
@@ -296,7 +297,8 @@ def _monitoring(settings: StackSettings, topology: Topology, host: Host) -> Host
         files=tuple(files),
         services=("prometheus", "prometheus-alertmanager", "prometheus-redis-exporter", "prometheus-node-exporter"),
         volume=DataVolume("prometheus-tsdb", Paths.PROMETHEUS_DATA, "prometheus:prometheus", prometheus_settings.volume),
-        secret_files=tuple(SecretFile(name, "prometheus:prometheus") for name in MONITORING_SECRETS),
+        secret_files=tuple(SecretFile(name, "prometheus:prometheus") for name in MONITORING_SECRETS + (
+            (SecretNames.SMTP_AUTH_PASSWORD,) if settings.alerting.smtp_auth_username else ())),
         secret_environments=(
             SecretEnvironment("prometheus-redis-exporter", (("REDIS_PASSWORD", SecretNames.REDIS_AUTH_TOKEN),),
                               "prometheus:prometheus"),

@@ -31,7 +31,9 @@ from infra.units import GIB, duration_seconds, size_bytes
 PROJECT = "betting-platform"
 ENVIRONMENTS = ("dev", "staging", "prod")
 # Pulumi config secrets (`pulumi config set --secret KEY ...`); never part of the settings object.
-SECRET_KEYS = ("pagerdutyRoutingKey", "slackCriticalWebhook", "slackWarningsWebhook")
+SECRET_KEYS = ("pagerdutyRoutingKey", "slackCriticalWebhook", "slackWarningsWebhook", "deadmanHeartbeatKey")
+# Secrets needed only with a setting: smtpAuthPassword goes with alerting.smtpAuthUsername.
+OPTIONAL_SECRET_KEYS = ("smtpAuthPassword",)
 
 # Requirements document: Prometheus keeps 30 days on at least 50 GB of SSD.
 MIN_PROMETHEUS_RETENTION = "30d"
@@ -198,6 +200,8 @@ class AlertingSettings(_Model):
     email_to: Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
     email_from: Annotated[str, Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
     smtp_smarthost: Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]+:\d+$")]
+    # With a username, Alertmanager logs in (SES needs it); the password is the smtpAuthPassword secret.
+    smtp_auth_username: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     slack_critical_channel: Annotated[str, Field(pattern=r"^#[a-z0-9_-]+$")] = "#alerts-critical"
     slack_warnings_channel: Annotated[str, Field(pattern=r"^#[a-z0-9_-]+$")] = "#alerts-warnings"
 
@@ -312,10 +316,11 @@ def load_settings(config: Mapping[str, Any], stack: str) -> StackSettings:
         if not full_key.startswith(prefix):
             continue
         key = full_key[len(prefix):]
-        if key in SECRET_KEYS:
+        if key in SECRET_KEYS or key in OPTIONAL_SECRET_KEYS:
             continue
         if key not in _SETTING_KEYS:
-            problems.append(f"{full_key}: unknown setting; allowed: {', '.join(sorted(_SETTING_KEYS | set(SECRET_KEYS)))}")
+            allowed = sorted(_SETTING_KEYS | set(SECRET_KEYS) | set(OPTIONAL_SECRET_KEYS))
+            problems.append(f"{full_key}: unknown setting; allowed: {', '.join(allowed)}")
             continue
         values[key] = _decode(raw) if key not in ("environment", "dnsZone", "vpcCidr") else raw
     environment = values.get("environment")

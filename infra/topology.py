@@ -135,6 +135,7 @@ class SecretNames:
     POSTGRES_EXPORTER_PASSWORD = "postgres_exporter_password"
     REDIS_AUTH_TOKEN = "redis_auth_token"
     DEADMAN_HEARTBEAT_KEY = "deadman_heartbeat_key"  # Alertmanager Watchdog -> dead-man heartbeat API key
+    SMTP_AUTH_PASSWORD = "smtp_auth_password"
 
 
 def secret_path(name: str) -> str:

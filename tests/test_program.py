@@ -19,6 +19,7 @@ SENTINELS = {
     "pagerdutyRoutingKey": "SENTINEL-pagerduty-key",
     "slackCriticalWebhook": "https://example.invalid/SENTINEL-critical",
     "slackWarningsWebhook": "https://example.invalid/SENTINEL-warnings",
+    "deadmanHeartbeatKey": "SENTINEL-heartbeat-key",
 }
 SSD = {"gp3", "gp2", "io1", "io2"}
 
@@ -186,7 +187,8 @@ def test_postgres_role_reads_only_its_secrets_and_writes_only_its_prefix():
 def test_monitoring_role_reads_alerting_secrets_and_nothing_of_postgres():
     resources = _policy("prod", "monitoring-monitoring-1-access")["Statement"][0]["Resource"]
     names = {r.rsplit("/", 1)[1] for r in resources}
-    assert names == {"pagerduty_routing_key", "slack_critical_webhook", "slack_warnings_webhook", "redis_auth_token"}
+    assert names == {"pagerduty_routing_key", "slack_critical_webhook", "slack_warnings_webhook", "deadman_heartbeat_key",
+                     "redis_auth_token"}
     # etcd members read no secret and no bucket: their roles carry only the Session Manager policy.
     assert not [p.name for p in of_type("prod", "iam/rolePolicy:RolePolicy") if p.name.startswith("postgres-etcd")]
     attachments = of_type("prod", "rolePolicyAttachment:RolePolicyAttachment")
@@ -201,7 +203,8 @@ def test_secrets_stay_secret(stack):
         assert value not in text
     parameters = of_type(stack, "ssm/parameter:Parameter")
     assert {p.props["name"].rsplit("/", 1)[1] for p in parameters} == {
-        "pagerduty_routing_key", "slack_critical_webhook", "slack_warnings_webhook", "grafana_admin_password",
+        "pagerduty_routing_key", "slack_critical_webhook", "slack_warnings_webhook", "deadman_heartbeat_key",
+        "grafana_admin_password",
         "postgres_superuser_password", "postgres_replication_password", "postgres_rewind_password",
         "postgres_exporter_password", "redis_auth_token"}
     for parameter in parameters:
@@ -314,3 +317,39 @@ def test_dev_patroni_is_asynchronous():
     (instance, *_) = [i for i in of_type("dev", "ec2/instance:Instance") if i.props["tags"]["Role"] == "postgres"]
     patroni = yaml.safe_load(write_files(instance)["/etc/patroni/config.yml"])
     assert patroni["bootstrap"]["dcs"].get("synchronous_mode", False) is False
+
+
+def _with_smtp_login(stack: str) -> dict[str, str]:
+    config = stack_config(stack)
+    alerting = json.loads(config["betting-platform:alerting"])
+    config["betting-platform:alerting"] = json.dumps({**alerting, "smtpAuthUsername": "ses-smtp-user"})
+    return config
+
+
+def test_smtp_login_is_wired_when_a_username_is_set():
+    evaluation = evaluate("dev", _with_smtp_login("dev"), secret_values={**SENTINELS, "smtpAuthPassword": "SENTINEL-smtp"})
+    assert evaluation.error is None, evaluation.error
+    parameters = {r.props["name"]: r.props["value"] for r in evaluation.resources if r.type.endswith("ssm/parameter:Parameter")}
+    assert parameters["/betting/dev/smtp_auth_password"] == SECRET_MASK
+    (host,) = [r for r in evaluation.resources if r.name == "monitoring-monitoring-1"]
+    alertmanager = yaml.safe_load(write_files(host)["/etc/prometheus/alertmanager.yml"])
+    assert alertmanager["global"]["smtp_auth_username"] == "ses-smtp-user"
+    assert alertmanager["global"]["smtp_auth_password_file"] == "/etc/betting/secrets/smtp_auth_password"
+    manifest = json.loads(write_files(host)["/etc/betting/bootstrap.json"])
+    assert "/betting/dev/smtp_auth_password" in {s["parameter"] for s in manifest["secret_files"]}
+    assert "SENTINEL-smtp" not in json.dumps([r.props for r in evaluation.resources])
+
+
+def test_smtp_username_without_its_password_is_a_clear_error():
+    config = _with_smtp_login("dev")
+    config["betting-platform:smtpAuthPassword"] = ""  # the CLI's default when the secret was never set
+    evaluation = evaluate("dev", config, secret_values=SENTINELS)
+    assert "betting-platform:smtpAuthPassword: missing; alerting.smtpAuthUsername is set" in str(evaluation.error)
+    assert evaluation.resources == []
+
+
+def test_without_smtp_login_no_password_is_provisioned():
+    parameters = {r.props["name"] for r in of_type("dev", "ssm/parameter:Parameter")}
+    assert "/betting/dev/smtp_auth_password" not in parameters
+    (host,) = [i for i in of_type("dev", "ec2/instance:Instance") if i.name == "monitoring-monitoring-1"]
+    assert "smtp_auth_username" not in yaml.safe_load(write_files(host)["/etc/prometheus/alertmanager.yml"])["global"]

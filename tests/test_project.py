@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from infra.settings import PROJECT, SECRET_KEYS, StackSettings, load_settings
+from infra.settings import OPTIONAL_SECRET_KEYS, PROJECT, SECRET_KEYS, StackSettings, load_settings
 from tests.conftest import ROOT, STACKS, stack_config
 
 PROJECT_FILE = yaml.safe_load((ROOT / "Pulumi.yaml").read_text())
@@ -40,14 +40,18 @@ def test_every_declaration_is_typed_and_described():
 
 def test_declarations_are_exactly_the_settings_and_the_secrets():
     settings_keys = {f.alias or name for name, f in StackSettings.model_fields.items()} - {"stack", "region"}
-    assert set(DECLARED) == settings_keys | set(SECRET_KEYS)
+    assert set(DECLARED) == settings_keys | set(SECRET_KEYS) | set(OPTIONAL_SECRET_KEYS)
     for key in SECRET_KEYS:
         assert DECLARED[key].get("secret") is True and "default" not in DECLARED[key]
+    for key in OPTIONAL_SECRET_KEYS:  # empty unless set: the program demands it only with its setting
+        assert DECLARED[key].get("secret") is True and DECLARED[key]["default"] == ""
 
 
 def test_declared_defaults_agree_with_the_settings_defaults():
     for key, declaration in DECLARED.items():
         if "default" in declaration:
+            if key in OPTIONAL_SECRET_KEYS:
+                continue
             field = next(f for name, f in StackSettings.model_fields.items() if (f.alias or name) == key)
             assert field.default == declaration["default"], key
 
@@ -58,7 +62,7 @@ def test_stack_passes_the_cli_validation(stack):
     undeclared = set(values) - set(DECLARED)
     assert not undeclared, f"Stack '{stack}' uses configuration values {undeclared} which are not defined by the project"
     for key, declaration in DECLARED.items():
-        if key in SECRET_KEYS:
+        if key in SECRET_KEYS + OPTIONAL_SECRET_KEYS:
             assert key not in values or set(values[key]) == {"secure"}, f"{key} must be set with --secret"
             continue
         if key not in values:

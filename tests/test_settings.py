@@ -54,7 +54,7 @@ def test_prod_shape():
         (lambda r: r[P + "patroni"].update(nodes="three"), "patroni.nodes: Input should be a valid integer"),
         (lambda r: r[P + "patroni"].update(nodes=12), "patroni.nodes: Input should be less than or equal to 9 (found 12)"),
         (lambda r: r[P + "patroni"].update(ttl=10), "patroni.ttl: Input should be greater than or equal to 20 (found 10)"),
-        (lambda r: r[P + "patroni"].update(loopWait=12),
+        (lambda r: r[P + "patroni"].update(ttl=20, loopWait=12, retryTimeout=7),
          "patroni: loopWait + 2 * retryTimeout must be <= ttl (Patroni's rule); found 12 + 2 * 7 = 26 > ttl 20"),
         (lambda r: r[P + "patroni"].update(watchdog="on"), "patroni.watchdog: Input should be 'off', 'automatic' or 'required'"),
         (lambda r: r[P + "patroni"].update(synchronousMode=False), "prod needs patroni.synchronousMode: true"),

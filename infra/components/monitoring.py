@@ -23,6 +23,8 @@ class MonitoringArgs:
     pagerduty_routing_key: pulumi.Input[str]
     slack_critical_webhook: pulumi.Input[str]
     slack_warnings_webhook: pulumi.Input[str]
+    deadman_heartbeat_key: pulumi.Input[str]
+    smtp_auth_password: pulumi.Input[str] | None = None  # only with alerting.smtpAuthUsername
 
 
 class Monitoring(pulumi.ComponentResource):
@@ -39,6 +41,8 @@ class Monitoring(pulumi.ComponentResource):
             (SecretNames.PAGERDUTY_ROUTING_KEY, args.pagerduty_routing_key),
             (SecretNames.SLACK_CRITICAL_WEBHOOK, args.slack_critical_webhook),
             (SecretNames.SLACK_WARNINGS_WEBHOOK, args.slack_warnings_webhook),
+            (SecretNames.DEADMAN_HEARTBEAT_KEY, args.deadman_heartbeat_key),
+            *([(SecretNames.SMTP_AUTH_PASSWORD, args.smtp_auth_password)] if args.smtp_auth_password is not None else []),
         ):
             parameters.append(create_secret_parameter(f"{name}-{secret.replace('_', '-')}", ctx.environment, secret, value,
                                                       ctx.data_key_arn, self))

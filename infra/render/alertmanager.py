@@ -38,6 +38,9 @@ def alertmanager_config(settings: StackSettings, topology: Topology) -> dict:
             "smtp_smarthost": alerting.smtp_smarthost,
             "smtp_from": alerting.email_from,
             "smtp_require_tls": True,
+            **({"smtp_auth_username": alerting.smtp_auth_username,
+                "smtp_auth_password_file": secret_path(SecretNames.SMTP_AUTH_PASSWORD)}
+               if alerting.smtp_auth_username else {}),
         },
         "route": {
             "receiver": RECEIVER_DEFAULT,
