@@ -59,9 +59,7 @@ def curve_timing(settings, ttl: int) -> dict:
     return {"ttl": ttl, "loop_wait": loop_wait, "retry_timeout": retry_timeout}
 
 
-def run_config(label: str, settings, scenarios, drills: int, state_dir: Path, port_base: int) -> list[dict]:
-    sandbox = Sandbox(state_dir, port_base)
-    sandbox.down()
+def run_config(label: str, settings, scenarios, drills: int, sandbox: Sandbox) -> list[dict]:
     print(f"\n== {label}: ttl {settings.patroni.ttl}, loop_wait {settings.patroni.loop_wait}, "
           f"retry_timeout {settings.patroni.retry_timeout}, synchronous_mode {settings.patroni.synchronous_mode}", flush=True)
     started = time.monotonic()
@@ -120,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     base = stack_settings(args.stack)
-    state_dir = Path(tempfile.mkdtemp(prefix="bench-failover-"))
+    # One sandbox object for every timing: it remembers the settings it runs, including the
+    # curve's ttl 10 that StackSettings would refuse to load back from the state file.
+    sandbox = Sandbox(Path(tempfile.mkdtemp(prefix="bench-failover-")), args.port_base)
     rows: list[dict] = []
     for text in args.timings:
         label, timing = parse_timing(text, base)
-        rows += run_config(label, with_timing(base, timing), args.scenarios, args.drills, state_dir, args.port_base)
+        rows += run_config(label, with_timing(base, timing), args.scenarios, args.drills, sandbox)
     if not args.no_curve:
         p = base.patroni
         for ttl in CURVE_TTLS:
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             if measured:
                 rows.append({**measured[0], "timing": label + ", as above"})
                 continue
-            rows += run_config(label, with_timing(base, timing), ["node-loss"], args.drills, state_dir, args.port_base)
+            rows += run_config(label, with_timing(base, timing), ["node-loss"], args.drills, sandbox)
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
