@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import subprocess
 
 import yaml
 
@@ -10,6 +11,7 @@ from infra.render.etcd import render_etcd
 from infra.render.patroni import EXPORTER_PASSWORD_ENV, PASSWORD_ENV, render_patroni
 from infra.render.pgbackrest import render_pgbackrest
 from infra.render.redis import render_redis
+from infra.sandbox.mapping import Layout, map_bytes, pgbackrest_mapping
 from infra.topology import Paths, Ports, secret_path
 
 SECRET_WORDS = ("password", "secret", "token")
@@ -150,3 +152,23 @@ def test_renderers_are_deterministic(settings, topology):
         lambda: render_redis(settings, topology),
     ):
         assert render() == render()
+
+
+def test_pgbackrest_accepts_every_option_of_the_rendered_conf(settings, topology, tmp_path):
+    """pgBackRest itself parses the file: an unknown or misspelt option is a WARN line."""
+    (content,) = render_pgbackrest(settings, topology).values()
+    # Only the log/lock/spool folders move into tmp_path, so the check writes nothing under /var.
+    layout = Layout(tmp_path)
+    node = topology.postgres[0]
+    layout.node_dir(node).mkdir(parents=True)
+    layout.log_dir.mkdir()
+    mapping = {k: v for k, v in pgbackrest_mapping(layout, node).items() if b"pgbackrest" in k}
+    conf = tmp_path / "pgbackrest.conf"
+    for extra, expect_warning in ((b"", False), (b"repo1-s3-bogus=1\n", True)):
+        conf.write_bytes(map_bytes(content, mapping).replace(b"[global]\n", b"[global]\n" + extra))
+        # --io-timeout keeps the S3/instance-role round trip short where there is no AWS.
+        run = subprocess.run(["pgbackrest", f"--config={conf}", f"--stanza={topology.patroni_scope}", "--io-timeout=1", "info"],
+                             capture_output=True, text=True, timeout=60)
+        output = run.stdout + run.stderr
+        assert f"stanza: {topology.patroni_scope}" in output
+        assert ("invalid option" in output) is expect_warning, output
