@@ -192,6 +192,8 @@ def check_prometheus(targets: Targets, timeout: float) -> Result:
     down = sorted(f"{t['labels'].get('job')}/{t['labels'].get('instance')}" for t in present if t.get("health") != "up")
     data = {"targets": len(present), "down": down, "not_deployed": len(absent)}
     note = f", {len(absent)} not deployed ({', '.join(sorted({t['labels']['job'] for t in absent}))})" if absent else ""
+    if not present:
+        return Result("prometheus", DEGRADED, f"ready, but no target discovered yet{note}", data=data)
     if down:
         return Result("prometheus", DEGRADED, f"ready, {len(down)}/{len(present)} targets not up: {', '.join(down)}{note}",
                       data=data)
