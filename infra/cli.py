@@ -143,7 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse's REMAINDER cannot start with an option, so `infra sandbox --help` arrives as extras.
+    args, extras = parser.parse_known_args(argv)
+    if args.command == "sandbox":
+        args.rest = [*args.rest, *extras]
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         return args.func(args)
     except (SettingsError, StackFileError) as error:

@@ -145,3 +145,18 @@ def test_diff_shows_property_changes_against_the_snapshot(capsys, tmp_path):
     assert "redis-auth-token" in out and "postgres-pg-1-postgres-data" in out
     assert "20" in out and "50" in out
     assert "1 to add, 0 to remove, 1 to change" in out
+
+
+def test_sandbox_options_reach_the_sandbox_command(capsys):
+    with pytest.raises(SystemExit) as leaving:
+        main(["sandbox", "--help"])
+    assert leaving.value.code == 0
+    out = capsys.readouterr().out
+    assert "up" in out and "down" in out and "status" in out
+
+
+def test_unknown_options_of_other_commands_are_refused(capsys):
+    with pytest.raises(SystemExit) as leaving:
+        main(["plan", "dev", "--bogus"])
+    assert leaving.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
