@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -137,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows += run_config(label, with_timing(base, timing), ["node-loss"], args.drills, sandbox)
     print_table(rows)
+    lost = any(row["lost"] or row["failed"] for row in rows)
+    if lost:
+        print(f"\nlogs of the drills: {sandbox.layout.log_dir}")
+    else:
+        shutil.rmtree(sandbox.layout.state_dir, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 1 if any(row["lost"] for row in rows) else 0
