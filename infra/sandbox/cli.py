@@ -1,4 +1,4 @@
-"""`infra sandbox up STACK | down | status` (the lead's CLI calls `main` with argv after "sandbox")."""
+"""`infra sandbox up STACK | down | status`: run a stack's rendered configs as processes on 127.0.0.1."""
 
 from __future__ import annotations
 
