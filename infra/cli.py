@@ -15,22 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from infra.engine import ROOT, Evaluation, StackFileError, evaluate, read_stack_file
+from infra.engine import evaluate_stack, plan_document
 from infra.plan_diff import PLANS_DIR, diff_plans, dumps_plan, load_plan, refresh_command
-from infra.settings import SettingsError, load_settings
+from infra.settings import SettingsError
+from infra.stackfile import ROOT, StackFileError, load_stack
 from infra.topology import build_topology
 from policies.engine import evaluate as policy_evaluate
 
 # Large documents that the inventory table summarises by size; the JSON plan keeps them whole.
 _BULKY = {"userData", "policy", "assumeRolePolicy"}
-
-
-def plan_document(evaluation: Evaluation, environment: str) -> dict[str, Any]:
-    resources = sorted(
-        ({"type": r.type, "name": r.name, "parent": r.parent, "props": r.props} for r in evaluation.resources),
-        key=lambda r: (r["type"], r["name"]),
-    )
-    return {"stack": evaluation.stack, "environment": environment, "resources": resources}
 
 
 def _summary(props: dict[str, Any], width: int = 110) -> str:
@@ -59,17 +52,8 @@ def print_inventory(document: dict[str, Any], out=None) -> None:
     print(f"\n{len(resources)} resources in stack {document['stack']} ({document['environment']})", file=out)
 
 
-def _load(stack: str, stacks_dir: Path) -> tuple[Any, Evaluation]:
-    config, secure = read_stack_file(stack, stacks_dir)
-    settings = load_settings(config, stack)
-    evaluation = evaluate(stack, config, secure_keys=secure)
-    if evaluation.error is not None:
-        raise evaluation.error
-    return settings, evaluation
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
-    settings, evaluation = _load(args.stack, Path(args.stacks_dir))
+    settings, evaluation = evaluate_stack(args.stack, Path(args.stacks_dir))
     document = plan_document(evaluation, settings.environment)
     print_inventory(document)
     if evaluation.placeholder_secrets:
@@ -88,7 +72,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    settings, evaluation = _load(args.stack, Path(args.stacks_dir))
+    settings, evaluation = evaluate_stack(args.stack, Path(args.stacks_dir))
     current = json.loads(dumps_plan(plan_document(evaluation, settings.environment)))
     snapshot = load_plan(args.stack, Path(args.plans_dir))
     if snapshot is None:
@@ -100,8 +84,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from infra.render.bundle import render_all
 
-    config, _ = read_stack_file(args.stack, Path(args.stacks_dir))
-    settings = load_settings(config, args.stack)
+    settings, _, _ = load_stack(args.stack, Path(args.stacks_dir))
     files = render_all(settings, build_topology(settings))
     out = Path(args.out)
     for rel, content in files.items():

@@ -7,22 +7,20 @@ Computed attributes (ids, ARNs, addresses) get stable fake values; secrets are m
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pulumi
-import yaml
 from google.protobuf import json_format
 from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime.settings import get_root_resource
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
-from infra.settings import OPTIONAL_SECRET_KEYS, PROJECT, SECRET_KEYS
+from infra.settings import OPTIONAL_SECRET_KEYS, PROJECT, SECRET_KEYS, StackSettings
+from infra.stackfile import ROOT, load_stack, read_stack_file
 
-ROOT = Path(__file__).resolve().parents[1]
 SECRET_MASK = "[secret]"
 OFFLINE_ACCOUNT = "123456789012"
 OFFLINE_AMI = "ami-0debian12offline0"
@@ -32,27 +30,6 @@ _SIG = "4dabf18193072939515e22adb298388d"
 _SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
 _RESOURCE_SIG = "5cf8f73096256a8f31e491e813e4eb8e"
 _UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
-
-
-class StackFileError(ValueError):
-    pass
-
-
-def read_stack_file(stack: str, stacks_dir: Path = ROOT / "stacks") -> tuple[dict[str, str], list[str]]:
-    """The stack's config as the engine passes it (strings; structured values as JSON), and which keys are secure."""
-    path = stacks_dir / f"Pulumi.{stack}.yaml"
-    if not path.exists():
-        known = sorted(p.name.removeprefix("Pulumi.").removesuffix(".yaml") for p in stacks_dir.glob("Pulumi.*.yaml"))
-        raise StackFileError(f"unknown stack {stack!r}: no {path.relative_to(ROOT)}; stacks: {', '.join(known)}")
-    document = yaml.safe_load(path.read_text()) or {}
-    config: dict[str, str] = {}
-    secure: list[str] = []
-    for key, value in (document.get("config") or {}).items():
-        if isinstance(value, dict) and set(value) == {"secure"}:
-            secure.append(key)  # ciphertext of the stack's secrets provider: only the CLI can open it
-            continue
-        config[key] = value if isinstance(value, str) else json.dumps(value)
-    return config, secure
 
 
 def _plain(value: Any) -> Any:
@@ -190,3 +167,21 @@ def evaluate(stack: str, config: dict[str, str] | None = None, secret_values: di
     except Exception as error:  # noqa: BLE001 - reported to the caller, who decides how to fail
         evaluation.error = error
     return evaluation
+
+
+def evaluate_stack(stack: str, stacks_dir: Path = ROOT / "stacks") -> tuple[StackSettings, Evaluation]:
+    """Settings and the program's evaluation of a stack file; raises what the program raised."""
+    settings, config, secure = load_stack(stack, stacks_dir)
+    evaluation = evaluate(stack, config, secure_keys=secure)
+    if evaluation.error is not None:
+        raise evaluation.error
+    return settings, evaluation
+
+
+def plan_document(evaluation: Evaluation, environment: str) -> dict[str, Any]:
+    """The plan as `infra plan --json` writes it and plans/<stack>.json keeps it."""
+    resources = sorted(
+        ({"type": r.type, "name": r.name, "parent": r.parent, "props": r.props} for r in evaluation.resources),
+        key=lambda r: (r["type"], r["name"]),
+    )
+    return {"stack": evaluation.stack, "environment": environment, "resources": resources}

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from infra.stackfile import ROOT
+
 PLANS_DIR = ROOT / "plans"
 SECRET_MASK = "[secret]"
 # Multi-line values (user data, policy documents) show at most this many diff lines each.
@@ -187,15 +188,9 @@ def diff_plans(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> str:
 
 def current_plan(stack: str) -> dict[str, Any]:
     """The plan of the program as it is now, computed offline (what `infra plan STACK --json` writes)."""
-    from infra.cli import plan_document
-    from infra.engine import evaluate, read_stack_file
-    from infra.settings import load_settings
+    from infra.engine import evaluate_stack, plan_document
 
-    config, _ = read_stack_file(stack)
-    settings = load_settings(config, stack)
-    evaluation = evaluate(stack, config)
-    if evaluation.error is not None:
-        raise evaluation.error
+    settings, evaluation = evaluate_stack(stack)
     return json.loads(dumps_plan(plan_document(evaluation, settings.environment)))
 
 

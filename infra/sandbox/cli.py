@@ -3,29 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-import yaml
-
 from infra.sandbox.mapping import DEFAULT_PORT_BASE
 from infra.sandbox.runner import ALL_SERVICES, Sandbox, SandboxError
-from infra.settings import SettingsError, load_settings
+from infra.settings import SettingsError
+from infra.stackfile import StackFileError, load_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STATE_DIR = ROOT / ".sandbox"
 
 
 def stack_settings(stack: str, stacks_dir: Path = ROOT / "stacks"):
-    """Load a stack file the way the Pulumi engine hands its config over (strings, JSON inside)."""
-    path = stacks_dir / f"Pulumi.{stack}.yaml"
-    if not path.exists():
-        raise SandboxError(f"no stack file {path}")
-    raw = yaml.safe_load(path.read_text())["config"]
-    config = {key: value if isinstance(value, str) else json.dumps(value) for key, value in raw.items()}
-    return load_settings(config, stack)
+    """A stack file's settings, loaded exactly as `infra plan` and the Pulumi program load them."""
+    try:
+        return load_stack(stack, stacks_dir)[0]
+    except StackFileError as error:
+        raise SandboxError(str(error)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
