@@ -14,6 +14,7 @@ from typing import Any
 import pulumi
 from google.protobuf import json_format
 from pulumi.runtime import mocks as pulumi_mocks
+from pulumi.runtime import rpc
 from pulumi.runtime.settings import get_root_resource
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
@@ -25,11 +26,11 @@ SECRET_MASK = "[secret]"
 OFFLINE_ACCOUNT = "123456789012"
 OFFLINE_AMI = "ami-0debian12offline0"
 
-# Markers of the Pulumi wire format (sdk/python/lib/pulumi/runtime/rpc.py).
-_SIG = "4dabf18193072939515e22adb298388d"
-_SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
-_RESOURCE_SIG = "5cf8f73096256a8f31e491e813e4eb8e"
-_UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
+# Markers of the Pulumi wire format, as the SDK's serializer writes them.
+_SIG = rpc._special_sig_key
+_SECRET_SIG = rpc._special_secret_sig
+_RESOURCE_SIG = rpc._special_resource_sig
+_UNKNOWN = rpc.UNKNOWN
 
 
 def _plain(value: Any) -> Any:

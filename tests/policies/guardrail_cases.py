@@ -18,17 +18,18 @@ from pulumi_policy import (
     PolicyResourceOptions,
     ResourceValidationArgs,
     StackValidationArgs,
+    proxy,
 )
 from pulumi_policy.proxy import unknown_checking_proxy
 
 from policies.rules import RULES_BY_NAME
 from policies.rules.pack import build_policy
 
-UNKNOWN_STRING = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
-UNKNOWN_NUMBER = "3eeb2bf0-c639-47a8-9e75-3b44932eb421"
-UNKNOWN_BOOLEAN = "1c4a061d-8072-4f0a-a4cb-0ff528b18fe7"
-UNKNOWN_OBJECT = "dd056dcd-154b-4c76-9bd3-c8f88648b5ff"
-UNKNOWN_ARRAY = "6a19a0b0-7e62-4c92-b797-7f8e31da9cc2"
+UNKNOWN_STRING = proxy.UNKNOWN_STRING_VALUE
+UNKNOWN_NUMBER = proxy.UNKNOWN_NUMBER_VALUE
+UNKNOWN_BOOLEAN = proxy.UNKNOWN_BOOLEAN_VALUE
+UNKNOWN_OBJECT = proxy.UNKNOWN_OBJECT_VALUE
+UNKNOWN_ARRAY = proxy.UNKNOWN_ARRAY_VALUE
 
 
 def prometheus_defaults(args: str) -> str:

@@ -20,10 +20,8 @@ from guardrail_cases import (
     run_policy,
     urn,
 )
-from pulumi_policy import proxy
 
 from policies.rules import RULES, RULES_BY_NAME
-from policies.rules import model as rules_model
 
 MONITORING = "monitoring-monitoring-1"
 TSDB = "monitoring-monitoring-1-prometheus-tsdb"
@@ -253,7 +251,3 @@ def test_gzip_base64_user_data_is_read():
     resources = changed(MONITORING, lambda p: (p.pop("userData"), p.update(userDataBase64=encoded)))
     assert [m for _, m in run_policy("prometheus-retention", resources) if "retention time 7d" in m]
 
-
-def test_the_unknown_sentinels_are_the_sdks():
-    sdk = {getattr(proxy, name) for name in dir(proxy) if name.startswith("UNKNOWN_") and name.endswith("_VALUE")}
-    assert sdk == set(rules_model.UNKNOWN_SENTINELS)
