@@ -129,7 +129,6 @@ SLIS: tuple[SLI, ...] = (
     ),
 )
 
-SLI_BY_NAME = {sli.name: sli for sli in SLIS}
 
 
 @dataclass(frozen=True)
