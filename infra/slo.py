@@ -130,7 +130,6 @@ SLIS: tuple[SLI, ...] = (
 )
 
 
-
 @dataclass(frozen=True)
 class SLO:
     """One objective. `kind` says how its error budget is counted:

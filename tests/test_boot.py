@@ -121,3 +121,25 @@ def test_agent_script_runs_on_a_bare_python(tmp_path, settings, topology):
                              str(tmp_path / "manifest.json"), "--dry-run"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "RUN systemctl restart etcd" in result.stdout
+
+
+def test_agent_waits_for_a_parameter_that_is_not_readable_yet(monkeypatch):
+    """Right after `pulumi up`, the role's policy or the parameter can lag: the agent retries, then gives up."""
+    monkeypatch.setattr(bootstrap.time, "sleep", lambda seconds: None)
+
+    class FlakyRunner(bootstrap.Runner):
+        def __init__(self, failures):
+            super().__init__(dry_run=False)
+            self.failures, self.calls = failures, 0
+
+        def run(self, *command, stdin=None):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise subprocess.CalledProcessError(254, command)
+            return "s3cret\n"
+
+    runner = FlakyRunner(failures=2)
+    assert bootstrap.ssm_value(runner, "eu-west-1", "/betting/dev/x", attempts=5) == "s3cret"
+    assert runner.calls == 3
+    with pytest.raises(subprocess.CalledProcessError):
+        bootstrap.ssm_value(FlakyRunner(failures=5), "eu-west-1", "/betting/dev/x", attempts=5)
