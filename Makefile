@@ -3,8 +3,8 @@ STACK ?= dev
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The real daemons the tests run: every rendered config is checked by the binary that will read it.
-SYSTEM_PACKAGES := prometheus prometheus-alertmanager patroni python3-etcd etcd-server etcd-client postgresql \
-	redis-server prometheus-postgres-exporter prometheus-redis-exporter prometheus-node-exporter pgbackrest curl
+SYSTEM_PACKAGES := cloud-init prometheus prometheus-alertmanager patroni python3-etcd etcd-server etcd-client postgresql \
+	redis-server prometheus-postgres-exporter prometheus-redis-exporter prometheus-node-exporter pgbackrest curl shellcheck
 
 .PHONY: setup system-deps test lint plan render diff snapshots preview up sandbox-up sandbox-down
 
@@ -18,8 +18,8 @@ setup: $(BIN)/infra
 
 # Debian/Ubuntu packages of the daemons; installs only when one is missing.
 system-deps:
-	@missing=0; for b in promtool amtool prometheus prometheus-alertmanager patroni etcd redis-server pgbackrest \
-		prometheus-postgres-exporter prometheus-redis-exporter prometheus-node-exporter; do \
+	@missing=0; for b in cloud-init promtool amtool prometheus prometheus-alertmanager patroni etcd redis-server pgbackrest \
+		prometheus-postgres-exporter prometheus-redis-exporter prometheus-node-exporter shellcheck; do \
 		command -v $$b >/dev/null || missing=1; done; \
 	[ -x /usr/lib/postgresql/15/bin/postgres ] || missing=1; \
 	if [ $$missing = 1 ]; then \

@@ -100,6 +100,8 @@ class Registered:
     parent: str | None
     custom: bool
     props: dict[str, Any]
+    # The resource options that decide what `pulumi up` may do to it on a change.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 class RecordingMonitor(pulumi_mocks.MockMonitor):
@@ -114,7 +116,11 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
             parent = None
             if request.parent and request.parent.split("::")[2].split("$")[-1] != "pulumi:pulumi:Stack":
                 parent = request.parent.split("::")[-1]
-            self.registered.append(Registered(request.type, request.name, response.urn, parent, request.custom, props))
+            options = {"protect": request.protect, "ignoreChanges": sorted(request.ignoreChanges),
+                       "deleteBeforeReplace": request.deleteBeforeReplace,
+                       "dependsOn": sorted(d.split("::")[-1] for d in request.dependencies)}
+            self.registered.append(Registered(request.type, request.name, response.urn, parent, request.custom, props,
+                                              options))
         return response
 
 

@@ -11,18 +11,19 @@ import pulumi_aws as aws
 from pulumi.runtime.config import CONFIG, get_config_env
 
 from infra.components.backups import BackupStorage, BackupStorageArgs
+from infra.components.bundles import HostBundles, HostBundlesArgs
 from infra.components.clickhouse import ClickHouse, ClickHouseArgs
 from infra.components.monitoring import Monitoring, MonitoringArgs
 from infra.components.network import Network, NetworkArgs
 from infra.components.patroni import PatroniCluster, PatroniClusterArgs
 from infra.components.redis import RedisCache, RedisCacheArgs
+from infra.components.rollout import Rollout, RolloutArgs
+from infra.hosts import host_specs
 from infra.platforms.aws import AwsContext
-from infra.services import host_specs
 from infra.settings import PROJECT, SECRET_KEYS, SettingsError, load_settings
 from infra.topology import build_topology
 
 DEBIAN_ACCOUNT = "136693071363"  # publishes the official Debian AMIs
-DEBIAN_IMAGE = "debian-12-amd64-*"
 
 
 def stack_config() -> dict[str, Any]:
@@ -43,6 +44,9 @@ def run() -> None:
                                         "it with: pulumi config set --secret smtpAuthPassword <password>"])
         smtp_password = config.require_secret("smtpAuthPassword")
     topology = build_topology(settings)
+    if settings.roll_host and settings.roll_host not in {h.name for h in topology.hosts}:
+        raise SettingsError(stack, [f"{PROJECT}:rollHost: no host {settings.roll_host!r} in this stack; allowed: "
+                                    f"{', '.join(h.name for h in topology.hosts)} (set only by `infra roll`)"])
     specs = host_specs(settings, topology)  # every config file is rendered here, before any resource
     by_role = {role: tuple(s for s in specs if s.host.role == role)
                for role in ("etcd", "postgres", "clickhouse", "monitoring", "grafana")}
@@ -60,10 +64,13 @@ def run() -> None:
         opts=pulumi.ResourceOptions(protect=protect),
     )
     backups = BackupStorage("backups", BackupStorageArgs(settings=settings, topology=topology, tags=tags))
+    bundles = HostBundles("bundles", HostBundlesArgs(settings=settings, topology=topology, specs=specs,
+                                                   key_arn=data_key.arn, tags=tags))
+    # The pinned image, looked up by id only to prove it is Debian's and the one named: no lookup picks one.
     image = aws.ec2.get_ami_output(
-        most_recent=True,
         owners=[DEBIAN_ACCOUNT],
-        filters=[aws.ec2.GetAmiFilterArgs(name="name", values=[DEBIAN_IMAGE]),
+        filters=[aws.ec2.GetAmiFilterArgs(name="image-id", values=[settings.image.ami_id]),
+                 aws.ec2.GetAmiFilterArgs(name="name", values=[settings.image.name]),
                  aws.ec2.GetAmiFilterArgs(name="architecture", values=["x86_64"])],
     )
     context = AwsContext(
@@ -76,6 +83,9 @@ def run() -> None:
         security_group_ids=network.security_group_ids,
         zone_id=network.zone.zone_id,
         data_key_arn=data_key.arn,
+        bundle_bucket=topology.bundle_bucket,
+        boot_dependencies=bundles.published,
+        roll_host=settings.roll_host,
         bucket_key_arns={topology.backup_bucket: backups.key.arn},
         protect_data=protect,
         tags=tags,
@@ -95,6 +105,18 @@ def run() -> None:
         smtp_auth_password=smtp_password,
     ), opts=pulumi.ResourceOptions(depends_on=[redis]))  # redis_exporter reads Redis' token at boot
 
+    instances = {
+        "etcd": postgres.etcd, "postgres": postgres.nodes, "clickhouse": clickhouse.hosts,
+        "monitoring": monitoring.prometheus, "grafana": monitoring.grafana,
+    }
+    Rollout("rollout", RolloutArgs(
+        environment=settings.environment,
+        hosts={role: [(spec.host.name, host.instance.id, bundles.digests[spec.host.name])
+                      for spec, host in zip(by_role[role], instances[role], strict=True)] for role in instances},
+        published=[r for resources in bundles.published.values() for r in resources],
+        tags=tags,
+    ))
+
     pulumi.export("environment", settings.environment)
     pulumi.export("vpc_id", network.vpc.id)
     pulumi.export("clients_security_group_id", network.security_group_ids["clients"])
@@ -111,3 +133,5 @@ def run() -> None:
     pulumi.export("audit_bucket", backups.audit_bucket.bucket)
     pulumi.export("postgres_load_balancer", postgres.load_balancer.dns_name)
     pulumi.export("clickhouse_instance_ids", [h.instance.id for h in clickhouse.hosts])
+    pulumi.export("bundle_bucket", topology.bundle_bucket)
+    pulumi.export("bundle_digests", bundles.digests)

@@ -214,6 +214,14 @@ class BackupSettings(_Model):
     full_backup_retention: int = Field(default=7, ge=1, le=365)
 
 
+class ImageSettings(_Model):
+    """The pinned image every host of the stack boots from; a change is rolled host by host (`infra roll`)."""
+
+    ami_id: Annotated[str, Field(pattern=r"^ami-([0-9a-f]{8}|[0-9a-f]{17})$")]
+    # The image's name as Debian publishes it (debian-12-amd64-YYYYMMDD-NNNN): checked at deploy time.
+    name: Annotated[str, Field(pattern=r"^debian-12-amd64-\d{8}-\d+$")]
+
+
 class ApplicationSettings(_Model):
     metrics_targets: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]+:\d{1,5}$")], ...] = ()
 
@@ -231,6 +239,9 @@ class StackSettings(_Model):
     clickhouse: ClickHouseSettings
     monitoring: MonitoringSettings
     alerting: AlertingSettings
+    image: ImageSettings
+    # Set only by `infra roll` for one targeted `pulumi up`: the host whose image may change now.
+    roll_host: str = ""
     backups: BackupSettings = BackupSettings()
     application: ApplicationSettings = ApplicationSettings()
     tags: dict[str, str] = {}

@@ -56,6 +56,7 @@ class Topology:
     postgres_replica_endpoint: str  # internal NLB, healthy targets = Patroni /replica
     backup_bucket: str
     audit_bucket: str
+    bundle_bucket: str  # every host's bundles (infra/bundle.py)
     patroni_scope: str  # Patroni cluster name (the DCS namespace key)
     application_targets: tuple[str, ...]
 
@@ -94,6 +95,7 @@ def build_topology(settings: StackSettings) -> Topology:
         # Bucket names are global: environment and region keep them apart and predictable.
         backup_bucket=f"betting-{settings.environment}-pg-backups-{settings.region}",
         audit_bucket=f"betting-{settings.environment}-audit-logs-{settings.region}",
+        bundle_bucket=f"betting-{settings.environment}-host-bundles-{settings.region}",
         patroni_scope=f"betting-{settings.environment}",
         application_targets=settings.application.metrics_targets,
     )

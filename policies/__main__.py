@@ -17,5 +17,5 @@ PolicyPack(
     name=PACK_NAME,
     policies=build_policies(),
     enforcement_level=EnforcementLevel.MANDATORY,
-    description="Retention, storage and security guardrails of the betting platform (see README, Guardrails).",
+    description="Retention, storage, security and compute guardrails of the betting platform (see README, Guardrails).",
 )

@@ -1,145 +1,131 @@
-"""Boot configuration: cloud-init carries every rendered file byte for byte, and the boot agent
-does its steps in the order that keeps data and services safe."""
+"""Boot: the user data is the stub and where to find the bundle, valid to the real cloud-init,
+identical whatever the config; the agent runs on the image's own python3; the EBS step formats
+only a blank volume; SSM reads are retried while a new parameter or policy is not visible yet."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
-import sys
 
 import pytest
 import yaml
 
-from infra.hostagent import bootstrap
-from infra.render.cloudinit import AGENT_PATH, MANIFEST_PATH, render_cloud_init
-from infra.services import host_specs
+from infra.bundle import AGENT_COMMAND, AGENT_ROOT, digest_parameter_name, render_bundle
+from infra.hostagent import agent
+from infra.hosts import host_specs
+from infra.render.cloudinit import HOST_CONFIG_PATH, STUB_PATH, render_cloud_init
+from tests.test_delivery import EC2_USER_DATA_LIMIT
+
+STUB = open(os.path.join(os.path.dirname(agent.__file__), "stub.py"), "rb").read()
 
 
-def _specs(settings, topology):
-    return {spec.host.name: spec for spec in host_specs(settings, topology)}
+def _user_data(host, settings, topology) -> bytes:
+    return render_cloud_init(host, settings.environment, settings.region, topology.bundle_bucket)
 
 
-def test_cloud_init_carries_every_file_exactly(settings, topology):
-    for spec in host_specs(settings, topology):
-        document = yaml.safe_load(render_cloud_init(spec, settings.environment, settings.region))
-        written = {entry["path"]: entry["content"].encode() for entry in document["write_files"]}
-        for file in spec.files:
-            assert written[file.path] == file.content, (spec.host.name, file.path)
-        assert document["runcmd"] == [[AGENT_PATH]]
-        assert document["hostname"] == spec.host.name
+def test_user_data_carries_the_stub_byte_for_byte_and_where_the_bundle_is(settings, topology):
+    for host in topology.hosts:
+        document = yaml.safe_load(_user_data(host, settings, topology))
+        files = {entry["path"]: entry for entry in document["write_files"]}
+        assert sorted(files) == sorted([HOST_CONFIG_PATH, STUB_PATH])
+        assert files[STUB_PATH]["content"].encode() == STUB and files[STUB_PATH]["permissions"] == "0755"
+        assert json.loads(files[HOST_CONFIG_PATH]["content"]) == {
+            "host": host.name, "environment": settings.environment, "region": settings.region,
+            "bucket": topology.bundle_bucket, "digest_parameter": digest_parameter_name(settings.environment, host.name)}
+        assert document["runcmd"] == [[STUB_PATH]]
+        assert (document["hostname"], document["fqdn"]) == (host.name, host.fqdn)
+        assert len(_user_data(host, settings, topology)) < EC2_USER_DATA_LIMIT
 
 
-def test_cloud_init_is_deterministic(settings, topology):
-    for spec in host_specs(settings, topology):
-        assert render_cloud_init(spec, settings.environment, settings.region) == render_cloud_init(
-            spec, settings.environment, settings.region)
+def test_the_real_cloud_init_accepts_every_user_data(tmp_path, settings, topology):
+    """cloud-init's own schema check (Debian 12's 22.4), as a host's first boot reads it."""
+    assert shutil.which("cloud-init"), "cloud-init is not installed: run `make system-deps`"
+    for host in topology.hosts:
+        path = tmp_path / f"{host.name}.yaml"
+        path.write_bytes(_user_data(host, settings, topology))
+        result = subprocess.run(["cloud-init", "schema", "-c", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, (host.name, result.stdout, result.stderr)
 
 
-def test_files_owned_by_a_service_user_are_written_root_only_until_the_agent_hands_them_over(settings, topology):
-    spec = _specs(settings, topology)["pg-1"]
-    document = yaml.safe_load(render_cloud_init(spec, settings.environment, settings.region))
-    modes = {entry["path"]: entry["permissions"] for entry in document["write_files"]}
-    assert modes["/etc/patroni/config.yml"] == "0400"
-    manifest = json.loads(next(e["content"] for e in document["write_files"] if e["path"] == MANIFEST_PATH))
-    assert {"path": "/etc/patroni/config.yml", "owner": "postgres:postgres", "mode": "0600"} in manifest["ownership"]
+def test_the_agent_from_a_bundle_runs_on_the_images_python_with_nothing_installed(tmp_path, settings, topology):
+    """/usr/bin/python3 in isolated mode (no site-packages, no venv): the standard library is all it has."""
+    spec = next(s for s in host_specs(settings, topology) if s.host.role == "postgres")
+    bundle = json.loads(render_bundle(spec, settings, topology))
+    for file in bundle["files"]:
+        if file["path"].startswith(AGENT_ROOT) or file["path"] == AGENT_COMMAND:
+            target = tmp_path / file["path"].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(file["content"])
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / AGENT_ROOT.lstrip("/"))}
+    result = subprocess.run(["/usr/bin/python3", "-S", "-m", "infra.hostagent.agent", "--help"], env=env,
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "fetch-apply" in result.stdout
+    launcher = (tmp_path / AGENT_COMMAND.lstrip("/")).read_text()
+    assert f"PYTHONPATH={AGENT_ROOT}" in launcher and "exec /usr/bin/python3 -m infra.hostagent.agent" in launcher
+    stub = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c", STUB.decode().split("\ndef main")[0]],
+                          capture_output=True, text=True)
+    assert stub.returncode == 0, stub.stderr  # the stub, too, imports nothing outside the standard library
 
 
-def _dry_run(tmp_path, spec, settings, capsys) -> list[str]:
-    document = yaml.safe_load(render_cloud_init(spec, settings.environment, settings.region))
-    manifest = next(e["content"] for e in document["write_files"] if e["path"] == MANIFEST_PATH)
-    path = tmp_path / "bootstrap.json"
-    path.write_text(manifest)
-    assert bootstrap.main(["--manifest", str(path), "--dry-run"]) == 0
-    return capsys.readouterr().out.splitlines()
+class RecordingHost(agent.DebianHost):
+    """Runs nothing: records commands and answers the file-system probes as told."""
 
-
-def _index(lines: list[str], prefix: str) -> int:
-    return next(i for i, line in enumerate(lines) if line.startswith(prefix))
-
-
-def test_agent_mounts_installs_fetches_secrets_then_starts(tmp_path, settings, topology, capsys):
-    spec = _specs(settings, topology)["pg-1"]
-    lines = _dry_run(tmp_path, spec, settings, capsys)
-    mount = _index(lines, "RUN mount /var/lib/postgresql")
-    no_autostart = _index(lines, "WRITE /usr/sbin/policy-rc.d")
-    install = _index(lines, "RUN env DEBIAN_FRONTEND=noninteractive apt-get install")
-    secrets = _index(lines, f"SSM /betting/{settings.environment}/postgres_")
-    start = _index(lines, "RUN systemctl restart patroni")
-    assert mount < no_autostart < install < secrets < start
-    assert lines.index("RUN chown postgres:postgres /var/lib/postgresql") > install  # the user exists only after install
-    assert "WRITE /etc/betting/secrets/patroni.env owner=postgres:postgres mode=0400" in lines
-    assert lines[-2:] == ["RUN systemctl enable cron", "RUN systemctl restart cron"]
-
-
-class RecordingRunner(bootstrap.Runner):
-    """Runs nothing: records commands and answers the filesystem probe as told."""
-
-    def __init__(self, has_filesystem: bool):
-        super().__init__(dry_run=False)
-        self.has_filesystem = has_filesystem
+    def __init__(self, has_filesystem: bool, mounted: bool = False):
+        super().__init__("eu-west-1")
+        self.has_filesystem, self.mounted = has_filesystem, mounted
         self.commands: list[tuple[str, ...]] = []
 
-    def run(self, *command, stdin=None):
+    def run(self, *command):
         self.commands.append(command)
-        return "1234-uuid\n" if command[0] == "blkid" else ""
+        return "1234-uuid\n" if command[0] == "blkid" else "/dev/nvme0n1p1\n"
 
-    def probe(self, *command):
+    def succeeds(self, *command):
         self.commands.append(command)
+        if command[0] == "findmnt":
+            return self.mounted
         return self.has_filesystem
+
+    def _data_device(self):
+        return "/dev/nvme1n1"
 
 
 @pytest.mark.parametrize(("has_filesystem", "formats"), [(True, False), (False, True)])
-def test_agent_formats_only_a_blank_volume_and_mounts_it_once(tmp_path, monkeypatch, has_filesystem, formats):
-    monkeypatch.setattr(bootstrap, "data_device", lambda dry_run: "/dev/nvme1n1")
+def test_the_volume_step_formats_only_a_blank_volume_and_mounts_it_once(tmp_path, monkeypatch, has_filesystem, formats):
     fstab = tmp_path / "fstab"
     fstab.write_text("UUID=root / ext4 defaults 0 1\n")
-    for _ in range(2):  # a reboot runs the agent's mount step again
-        runner = RecordingRunner(has_filesystem)
-        bootstrap.mount_volume(runner, {"mount": "/var/lib/postgresql", "owner": "postgres:postgres"}, str(fstab))
-        assert (("mkfs.xfs", "/dev/nvme1n1") in runner.commands) is formats
-        assert runner.commands[-1] == ("mount", "/var/lib/postgresql")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(fstab if path == "/etc/fstab" else path, *a, **k))
+    volume = {"mount": str(tmp_path / "data"), "owner": "postgres:postgres"}
+    for _ in range(2):  # a second apply, or an apply after a reboot, finds the fstab line already there
+        host = RecordingHost(has_filesystem)
+        assert host.mount(volume) is True
+        assert (("mkfs.xfs", "/dev/nvme1n1") in host.commands) is formats
+        assert host.commands[-1] == ("mount", volume["mount"])
     assert fstab.read_text().splitlines() == [
-        "UUID=root / ext4 defaults 0 1", "UUID=1234-uuid /var/lib/postgresql xfs defaults,nofail,noatime 0 2"]
+        "UUID=root / ext4 defaults 0 1", f"UUID=1234-uuid {volume['mount']} xfs defaults,nofail,noatime 0 2"]
+    mounted = RecordingHost(has_filesystem=True, mounted=True)
+    assert mounted.mount(volume) is False and not any(c[0] in ("mkfs.xfs", "mount") for c in mounted.commands)
 
 
-@pytest.mark.parametrize("host", ["monitoring-1", "grafana-1", "etcd-1", "clickhouse-1"])
-def test_agent_runs_for_every_role(tmp_path, settings, topology, capsys, host):
-    spec = _specs(settings, topology)[host]
-    lines = _dry_run(tmp_path, spec, settings, capsys)
-    started = [line.removeprefix("RUN systemctl restart ") for line in lines if line.startswith("RUN systemctl restart ")]
-    assert started == list(spec.services)
+def test_a_secret_that_is_not_readable_yet_is_retried_then_given_up(monkeypatch):
+    """Right after `pulumi up` the role's policy or the parameter can lag."""
+    monkeypatch.setattr(agent.time, "sleep", lambda seconds: None)
 
-
-def test_agent_script_runs_on_a_bare_python(tmp_path, settings, topology):
-    """It runs on the image's python3 before anything is installed: standard library only."""
-    spec = _specs(settings, topology)["etcd-1"]
-    document = yaml.safe_load(render_cloud_init(spec, settings.environment, settings.region))
-    files = {e["path"]: e["content"] for e in document["write_files"]}
-    (tmp_path / "agent.py").write_text(files[AGENT_PATH])
-    (tmp_path / "manifest.json").write_text(files[MANIFEST_PATH])
-    result = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "agent.py"), "--manifest",
-                             str(tmp_path / "manifest.json"), "--dry-run"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "RUN systemctl restart etcd" in result.stdout
-
-
-def test_agent_waits_for_a_parameter_that_is_not_readable_yet(monkeypatch):
-    """Right after `pulumi up`, the role's policy or the parameter can lag: the agent retries, then gives up."""
-    monkeypatch.setattr(bootstrap.time, "sleep", lambda seconds: None)
-
-    class FlakyRunner(bootstrap.Runner):
+    class Flaky(agent.DebianHost):
         def __init__(self, failures):
-            super().__init__(dry_run=False)
+            super().__init__("eu-west-1")
             self.failures, self.calls = failures, 0
 
-        def run(self, *command, stdin=None):
+        def run(self, *command):
             self.calls += 1
             if self.calls <= self.failures:
                 raise subprocess.CalledProcessError(254, command)
             return "s3cret\n"
 
-    runner = FlakyRunner(failures=2)
-    assert bootstrap.ssm_value(runner, "eu-west-1", "/betting/dev/x", attempts=5) == "s3cret"
-    assert runner.calls == 3
+    host = Flaky(failures=2)
+    assert host.secret("/betting/dev/x", attempts=5) == "s3cret" and host.calls == 3
     with pytest.raises(subprocess.CalledProcessError):
-        bootstrap.ssm_value(FlakyRunner(failures=5), "eu-west-1", "/betting/dev/x", attempts=5)
+        Flaky(failures=5).secret("/betting/dev/x", attempts=5)

@@ -107,8 +107,8 @@ def test_clickhouse_config_is_well_formed_and_opens_the_prometheus_endpoint(rend
 
 
 def test_render_matches_what_the_hosts_receive(rendered_prod):
-    cloud_init = yaml.safe_load((rendered_prod / "cloud-init/monitoring-1.yaml").read_text())
-    written = {e["path"]: e["content"] for e in cloud_init["write_files"]}
+    bundle = json.loads((rendered_prod / "bundles/monitoring-1.json").read_text())
+    written = {e["path"]: e["content"] for e in bundle["files"]}
     assert written["/etc/prometheus/prometheus.yml"] == (rendered_prod / "prometheus/prometheus.yml").read_text()
     assert written["/etc/prometheus/alertmanager.yml"] == (rendered_prod / "alertmanager/alertmanager.yml").read_text()
 

@@ -40,9 +40,17 @@ def named(stack: str, name: str):
     return resource
 
 
-def write_files(instance) -> dict[str, str]:
-    document = yaml.safe_load(instance.props["userData"])
-    return {entry["path"]: entry["content"] for entry in document["write_files"]}
+def bundle_of(instance, resources=None) -> dict:
+    """The bundle published for the host (its user data is only the stub), from `resources` or the stack's plan."""
+    host = instance.props["tags"]["Host"]
+    resources = resources if resources is not None else plan(instance.props["tags"]["Stack"]).resources
+    (obj,) = [r for r in resources if r.type.endswith("s3/bucketObjectv2:BucketObjectv2") and r.props["tags"]["Host"] == host]
+    return json.loads(obj.props["content"])
+
+
+def write_files(instance, resources=None) -> dict[str, str]:
+    """Every file the host runs, from its bundle."""
+    return {entry["path"]: entry["content"] for entry in bundle_of(instance, resources)["files"]}
 
 
 def settings_of(stack: str):
@@ -185,12 +193,14 @@ def test_postgres_role_reads_only_its_secrets_and_writes_only_its_prefix():
 
 
 def test_monitoring_role_reads_alerting_secrets_and_nothing_of_postgres():
-    resources = _policy("prod", "monitoring-monitoring-1-access")["Statement"][0]["Resource"]
-    names = {r.rsplit("/", 1)[1] for r in resources}
+    statements = {s.get("Sid"): s for s in _policy("prod", "monitoring-monitoring-1-access")["Statement"]}
+    names = {r.rsplit("/", 1)[1] for r in statements["ReadOwnSecrets"]["Resource"]}
     assert names == {"pagerduty_routing_key", "slack_critical_webhook", "slack_warnings_webhook", "deadman_heartbeat_key",
                      "redis_auth_token"}
-    # etcd members read no secret and no bucket: their roles carry only the Session Manager policy.
-    assert not [p.name for p in of_type("prod", "iam/rolePolicy:RolePolicy") if p.name.startswith("postgres-etcd")]
+    # etcd members read no secret and no backup bucket: only their own bundles.
+    for policy in (p for p in of_type("prod", "iam/rolePolicy:RolePolicy") if p.name.startswith("postgres-etcd")):
+        sids = {s.get("Sid") for s in json.loads(policy.props["policy"])["Statement"]}
+        assert sids == {"ReadOwnBundleDigest", "ReadOwnBundles", "DecryptOwnBundles"}, policy.name
     attachments = of_type("prod", "rolePolicyAttachment:RolePolicyAttachment")
     assert len([a for a in attachments if a.name.startswith("postgres-etcd")]) == 3
 
@@ -201,7 +211,7 @@ def test_secrets_stay_secret(stack):
     text = json.dumps([r.props for r in evaluation.resources])
     for value in SENTINELS.values():
         assert value not in text
-    parameters = of_type(stack, "ssm/parameter:Parameter")
+    parameters = [p for p in of_type(stack, "ssm/parameter:Parameter") if "/bundles/" not in p.props["name"]]
     assert {p.props["name"].rsplit("/", 1)[1] for p in parameters} == {
         "pagerduty_routing_key", "slack_critical_webhook", "slack_warnings_webhook", "deadman_heartbeat_key",
         "grafana_admin_password",
@@ -293,7 +303,8 @@ def test_components_name_and_parent_their_children(stack):
     components = {r.name: r.type for r in resources if not r.custom}
     assert set(components.values()) == {
         "betting:network:Network", "betting:backups:BackupStorage", "betting:postgres:PatroniCluster",
-        "betting:cache:RedisCache", "betting:analytics:ClickHouse", "betting:monitoring:Monitoring"}
+        "betting:cache:RedisCache", "betting:analytics:ClickHouse", "betting:monitoring:Monitoring",
+        "betting:delivery:HostBundles", "betting:delivery:Rollout"}
     for resource in resources:
         if resource.parent is not None:
             assert resource.name.startswith(resource.parent + "-"), resource.name
@@ -332,11 +343,11 @@ def test_smtp_login_is_wired_when_a_username_is_set():
     parameters = {r.props["name"]: r.props["value"] for r in evaluation.resources if r.type.endswith("ssm/parameter:Parameter")}
     assert parameters["/betting/dev/smtp_auth_password"] == SECRET_MASK
     (host,) = [r for r in evaluation.resources if r.name == "monitoring-monitoring-1"]
-    alertmanager = yaml.safe_load(write_files(host)["/etc/prometheus/alertmanager.yml"])
+    alertmanager = yaml.safe_load(write_files(host, evaluation.resources)["/etc/prometheus/alertmanager.yml"])
     assert alertmanager["global"]["smtp_auth_username"] == "ses-smtp-user"
     assert alertmanager["global"]["smtp_auth_password_file"] == "/etc/betting/secrets/smtp_auth_password"
-    manifest = json.loads(write_files(host)["/etc/betting/bootstrap.json"])
-    assert "/betting/dev/smtp_auth_password" in {s["parameter"] for s in manifest["secret_files"]}
+    bundle = bundle_of(host, evaluation.resources)
+    assert "/betting/dev/smtp_auth_password" in {s["parameter"] for s in bundle["secret_files"]}
     assert "SENTINEL-smtp" not in json.dumps([r.props for r in evaluation.resources])
 
 

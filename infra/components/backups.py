@@ -6,12 +6,12 @@ Object Lock in compliance mode.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import pulumi
 import pulumi_aws as aws
 
+from infra.platforms.aws import create_private_bucket
 from infra.settings import StackSettings
 from infra.topology import Topology
 
@@ -65,57 +65,9 @@ class BackupStorage(pulumi.ComponentResource):
         })
 
     def _create_bucket(self, purpose: str, bucket_name: str, object_lock: bool, protect: bool) -> aws.s3.Bucket:
-        name = f"{self._name}-{purpose}"
-        bucket = aws.s3.Bucket(
-            name,
-            bucket=bucket_name,
-            object_lock_enabled=object_lock,
-            tags={**self._args.tags, "Purpose": "audit-logs" if object_lock else "backups"},
-            opts=pulumi.ResourceOptions(parent=self, protect=protect),
-        )
-        aws.s3.BucketVersioning(
-            f"{name}-versioning",
-            bucket=bucket.id,
-            versioning_configuration=aws.s3.BucketVersioningVersioningConfigurationArgs(status="Enabled"),
-            opts=self._child,
-        )
-        aws.s3.BucketServerSideEncryptionConfiguration(
-            f"{name}-encryption",
-            bucket=bucket.id,
-            rules=[aws.s3.BucketServerSideEncryptionConfigurationRuleArgs(
-                apply_server_side_encryption_by_default=aws.s3.BucketServerSideEncryptionConfigurationRuleApplyServerSideEncryptionByDefaultArgs(
-                    sse_algorithm="aws:kms", kms_master_key_id=self.key.arn),
-                bucket_key_enabled=True,
-            )],
-            opts=self._child,
-        )
-        public_access = aws.s3.BucketPublicAccessBlock(
-            f"{name}-public-access",
-            bucket=bucket.id,
-            block_public_acls=True,
-            block_public_policy=True,
-            ignore_public_acls=True,
-            restrict_public_buckets=True,
-            opts=self._child,
-        )
-        aws.s3.BucketPolicy(
-            f"{name}-tls-only",
-            bucket=bucket.id,
-            policy=bucket.arn.apply(lambda arn: json.dumps({
-                "Version": "2012-10-17",
-                "Statement": [{
-                    "Sid": "DenyInsecureTransport",
-                    "Effect": "Deny",
-                    "Principal": "*",
-                    "Action": "s3:*",
-                    "Resource": [arn, f"{arn}/*"],
-                    "Condition": {"Bool": {"aws:SecureTransport": "false"}},
-                }],
-            }, sort_keys=True)),
-            # S3 rejects a bucket policy while the public-access block is being written.
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[public_access]),
-        )
-        return bucket
+        return create_private_bucket(f"{self._name}-{purpose}", bucket_name, self.key.arn, self._args.tags, self,
+                                     purpose="audit-logs" if object_lock else "backups", object_lock=object_lock,
+                                     protect=protect)
 
     def _create_backup_lifecycle(self) -> None:
         backups = self._args.settings.backups

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pulumi
 
+from infra.hosts import HostSpec
 from infra.platforms.aws import AwsContext, AwsHost, create_host
-from infra.services import HostSpec
 from infra.topology import Ports
 
 

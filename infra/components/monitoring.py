@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_random as random
 
+from infra.hosts import HostSpec
 from infra.platforms.aws import AwsContext, AwsHost, create_host, create_secret_parameter
-from infra.services import HostSpec
 from infra.topology import Ports, SecretNames
 
 

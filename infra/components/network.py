@@ -1,5 +1,5 @@
 """Network: a VPC with one private subnet per AZ, egress through NAT, S3 and SSM endpoints,
-a private DNS zone, and one security group per role with only the rules in services.ingress_rules.
+a private DNS zone, and one security group per role with only the rules in infra.hosts.ingress_rules.
 No data or monitoring host gets a public address; operators use SSM Session Manager.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from infra.services import SecurityRole, ingress_rules
+from infra.hosts import SecurityRole, ingress_rules
 from infra.settings import StackSettings
 
 SECURITY_ROLES: tuple[SecurityRole, ...] = (

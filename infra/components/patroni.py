@@ -10,8 +10,8 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_random as random
 
+from infra.hosts import HostSpec
 from infra.platforms.aws import AwsContext, AwsHost, create_host, create_secret_parameter
-from infra.services import HostSpec
 from infra.settings import StackSettings
 from infra.topology import Ports, SecretNames, Topology
 

@@ -12,13 +12,17 @@ from dataclasses import dataclass, field
 import pulumi
 import pulumi_aws as aws
 
+from infra.bundle import bundle_prefix, digest_parameter_name
+from infra.hosts import HostSpec
 from infra.render.cloudinit import render_cloud_init
-from infra.services import HostSpec
 from infra.topology import ssm_parameter_name
 
 DATA_DEVICE = "/dev/sdf"
 ROOT_VOLUME_GIB = 20
-SSM_CORE_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"  # Session Manager instead of SSH
+SSM_CORE_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"  # Session Manager and Run Command
+# Config reaches a running host as a bundle, never through user data; an image only by a deliberate roll.
+IGNORED_INSTANCE_CHANGES = ["user_data", "ami"]
+STATEFUL_ROLES = ("postgres", "etcd", "monitoring", "clickhouse")
 
 
 @dataclass
@@ -34,8 +38,11 @@ class AwsContext:
     security_group_ids: dict[str, pulumi.Input[str]]  # by SecurityRole
     zone_id: pulumi.Input[str]
     data_key_arn: pulumi.Input[str]  # encrypts volumes and SSM SecureStrings
+    bundle_bucket: str = ""  # the hosts' bundles: bundles/<host>/<sha256>.json, SSE-KMS with data_key_arn
+    boot_dependencies: dict[str, list[pulumi.Resource]] = field(default_factory=dict)  # host -> its published bundle
+    roll_host: str = ""  # `infra roll`: this host's image and stub may change in this update
     bucket_key_arns: dict[str, pulumi.Input[str]] = field(default_factory=dict)  # bucket name -> its KMS key
-    protect_data: bool = False
+    protect_data: bool = False  # prod: data volumes and stateful instances are protected
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -46,17 +53,24 @@ class AwsHost:
     role: aws.iam.Role
 
 
-def _access_policy(spec: HostSpec, ctx: AwsContext) -> pulumi.Output[str] | None:
+def _access_policy(spec: HostSpec, ctx: AwsContext) -> pulumi.Output[str]:
     """Exactly the SSM parameters, KMS keys and bucket prefixes this host uses; nothing wider."""
     parameter_names = [ssm_parameter_name(ctx.environment, name) for name in spec.secret_names]
     grants = spec.bucket_grants
-    if not parameter_names and not grants:
-        return None
     bucket_keys = [ctx.bucket_key_arns[g.bucket] for g in grants if g.bucket in ctx.bucket_key_arns]
 
     def document(args: list) -> str:
         account, data_key, *keys = args
-        statements = []
+        # Its own bundles and the parameter naming the current one: what the stub and the agent fetch.
+        digest_parameter = digest_parameter_name(ctx.environment, spec.host.name)
+        statements = [
+            {"Sid": "ReadOwnBundleDigest", "Effect": "Allow", "Action": ["ssm:GetParameter"],
+             "Resource": [f"arn:aws:ssm:{ctx.region}:{account}:parameter{digest_parameter}"]},
+            {"Sid": "ReadOwnBundles", "Effect": "Allow", "Action": ["s3:GetObject"],
+             "Resource": [f"arn:aws:s3:::{ctx.bundle_bucket}/{bundle_prefix(spec.host.name)}*"]},
+            {"Sid": "DecryptOwnBundles", "Effect": "Allow", "Action": ["kms:Decrypt"], "Resource": [data_key],
+             "Condition": {"StringEquals": {"kms:ViaService": f"s3.{ctx.region}.amazonaws.com"}}},
+        ]
         if parameter_names:
             statements.append({
                 "Sid": "ReadOwnSecrets",
@@ -90,9 +104,17 @@ def _access_policy(spec: HostSpec, ctx: AwsContext) -> pulumi.Output[str] | None
 
 def create_host(prefix: str, spec: HostSpec, ctx: AwsContext, parent: pulumi.Resource,
                 boots_after: list[pulumi.Resource] | None = None) -> AwsHost:
-    """`boots_after`: what must exist before first boot (the SSM parameters the host reads)."""
+    """`boots_after`: what must exist before first boot (its bundle, the SSM parameters it reads).
+
+    The instance boots from the stub (infra/render/cloudinit.py), which never changes with
+    config; changes arrive as bundles rolled by SSM. `pulumi up` therefore ignores changes to
+    `userData` and `ami`: a new stub or image reaches a host only when it is replaced on purpose,
+    one host at a time (`infra roll`). A replacement deletes the old instance first, so its data
+    volume is detached before the new instance attaches it.
+    """
     host = spec.host
     name = f"{prefix}-{host.name}"
+    stateful = host.role in STATEFUL_ROLES
     opts = pulumi.ResourceOptions(parent=parent)
     tags = {**ctx.tags, "Name": host.fqdn, "Role": host.role, "Host": host.name}
 
@@ -106,9 +128,7 @@ def create_host(prefix: str, spec: HostSpec, ctx: AwsContext, parent: pulumi.Res
         opts=opts,
     )
     aws.iam.RolePolicyAttachment(f"{name}-ssm-core", role=role.name, policy_arn=SSM_CORE_POLICY, opts=opts)
-    policy = _access_policy(spec, ctx)
-    if policy is not None:
-        aws.iam.RolePolicy(f"{name}-access", role=role.id, policy=policy, opts=opts)
+    aws.iam.RolePolicy(f"{name}-access", role=role.id, policy=_access_policy(spec, ctx), opts=opts)
     profile = aws.iam.InstanceProfile(f"{name}-profile", role=role.name, opts=opts)
 
     instance = aws.ec2.Instance(
@@ -123,9 +143,14 @@ def create_host(prefix: str, spec: HostSpec, ctx: AwsContext, parent: pulumi.Res
                                                              http_put_response_hop_limit=1),
         root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(volume_size=ROOT_VOLUME_GIB, volume_type="gp3",
                                                               encrypted=True, kms_key_id=ctx.data_key_arn),
-        user_data=render_cloud_init(spec, ctx.environment, ctx.region).decode(),
+        user_data=render_cloud_init(host, ctx.environment, ctx.region, ctx.bundle_bucket).decode(),
+        # Termination protection: the console or the API cannot terminate a stateful prod host by mistake.
+        disable_api_termination=stateful and ctx.protect_data,
         tags=tags,
-        opts=pulumi.ResourceOptions(parent=parent, depends_on=boots_after or []),
+        opts=pulumi.ResourceOptions(
+            parent=parent, depends_on=[*(boots_after or []), *ctx.boot_dependencies.get(host.name, [])],
+            ignore_changes=[] if host.name == ctx.roll_host else IGNORED_INSTANCE_CHANGES,
+            protect=stateful and ctx.protect_data, delete_before_replace=spec.volume is not None),
     )
 
     volume = None
@@ -176,3 +201,60 @@ def create_secret_parameter(resource_name: str, environment: str, secret_name: s
         value=pulumi.Output.secret(value),
         opts=pulumi.ResourceOptions(parent=parent),
     )
+
+
+def create_private_bucket(name: str, bucket_name: str, key_arn: pulumi.Input[str], tags: dict[str, str],
+                          parent: pulumi.Resource, purpose: str, object_lock: bool = False,
+                          protect: bool = False) -> aws.s3.Bucket:
+    """A bucket as the guardrails want every bucket: versioned, SSE-KMS with `key_arn`, private, TLS only."""
+    child = pulumi.ResourceOptions(parent=parent)
+    bucket = aws.s3.Bucket(
+        name,
+        bucket=bucket_name,
+        object_lock_enabled=object_lock,
+        tags={**tags, "Purpose": purpose},
+        opts=pulumi.ResourceOptions(parent=parent, protect=protect),
+    )
+    aws.s3.BucketVersioning(
+        f"{name}-versioning",
+        bucket=bucket.id,
+        versioning_configuration=aws.s3.BucketVersioningVersioningConfigurationArgs(status="Enabled"),
+        opts=child,
+    )
+    aws.s3.BucketServerSideEncryptionConfiguration(
+        f"{name}-encryption",
+        bucket=bucket.id,
+        rules=[aws.s3.BucketServerSideEncryptionConfigurationRuleArgs(
+            apply_server_side_encryption_by_default=aws.s3.BucketServerSideEncryptionConfigurationRuleApplyServerSideEncryptionByDefaultArgs(
+                sse_algorithm="aws:kms", kms_master_key_id=key_arn),
+            bucket_key_enabled=True,
+        )],
+        opts=child,
+    )
+    public_access = aws.s3.BucketPublicAccessBlock(
+        f"{name}-public-access",
+        bucket=bucket.id,
+        block_public_acls=True,
+        block_public_policy=True,
+        ignore_public_acls=True,
+        restrict_public_buckets=True,
+        opts=child,
+    )
+    aws.s3.BucketPolicy(
+        f"{name}-tls-only",
+        bucket=bucket.id,
+        policy=bucket.arn.apply(lambda arn: json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{
+                "Sid": "DenyInsecureTransport",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "s3:*",
+                "Resource": [arn, f"{arn}/*"],
+                "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+            }],
+        }, sort_keys=True)),
+        # S3 rejects a bucket policy while the public-access block is being written.
+        opts=pulumi.ResourceOptions(parent=parent, depends_on=[public_access]),
+    )
+    return bucket

@@ -1,7 +1,10 @@
-"""Every file rendered for a stack, one folder per service: what `infra render` writes."""
+"""Every file rendered for a stack, one folder per service, plus each host's user data (the stub) and
+bundle: what `infra render` writes."""
 
 from __future__ import annotations
 
+from infra.bundle import render_bundle
+from infra.hosts import host_specs
 from infra.render.alertmanager import render_alertmanager
 from infra.render.clickhouse import render_clickhouse
 from infra.render.cloudinit import render_cloud_init
@@ -12,7 +15,6 @@ from infra.render.patroni import render_patroni
 from infra.render.pgbackrest import render_pgbackrest
 from infra.render.prometheus import render_prometheus
 from infra.render.redis import render_redis
-from infra.services import host_specs
 from infra.settings import StackSettings
 from infra.topology import Topology
 
@@ -29,8 +31,10 @@ def render_all(settings: StackSettings, topology: Topology) -> dict[str, bytes]:
         render_redis(settings, topology),
         *(render_patroni(settings, topology, node) for node in topology.postgres),
         *(render_etcd(settings, topology, member) for member in topology.etcd),
-        {f"cloud-init/{spec.host.name}.yaml": render_cloud_init(spec, settings.environment, settings.region)
+        {f"cloud-init/{spec.host.name}.yaml": render_cloud_init(spec.host, settings.environment, settings.region,
+                                                                 topology.bundle_bucket)
          for spec in host_specs(settings, topology)},
+        {f"bundles/{spec.host.name}.json": render_bundle(spec, settings, topology) for spec in host_specs(settings, topology)},
     ]
     for part in parts:
         for path, content in part.items():

@@ -1,57 +1,52 @@
-"""A host's boot configuration (#cloud-config user data): its files, the boot agent and its manifest.
+"""A host's user data: the boot stub and where to find its bundle; nothing that a change touches.
 
-Every file is written verbatim by cloud-init; the agent (infra/hostagent/bootstrap.py) then
-mounts the data volume, installs packages, fetches secrets and starts the services.
+EC2 keeps user data to 16 KB and never re-runs it when it changes, so it carries only what is
+fixed for the life of the instance: its names, its region, the bundle bucket and the SSM
+parameter that holds the digest of its current bundle. Everything else arrives as the bundle
+(infra/bundle.py), applied by the agent the stub installs.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
 
-from infra.services import HostSpec, bootstrap_manifest
+from infra.bundle import digest_parameter_name
+from infra.topology import Host
 
-AGENT_PATH = "/usr/local/sbin/betting-bootstrap"
-MANIFEST_PATH = "/etc/betting/bootstrap.json"
-_AGENT = (Path(__file__).resolve().parents[1] / "hostagent" / "bootstrap.py").read_bytes()
+STUB_PATH = "/usr/local/sbin/betting-stub"
+HOST_CONFIG_PATH = "/etc/betting/host.json"
+_STUB = (Path(__file__).resolve().parents[1] / "hostagent" / "stub.py").read_text()
 
 
 class _Literal(str):
     pass
 
 
-def _literal(dumper: yaml.SafeDumper, value: _Literal) -> yaml.Node:
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
-
-
 class _Dumper(yaml.SafeDumper):
     pass
 
 
-_Dumper.add_representer(_Literal, _literal)
+_Dumper.add_representer(_Literal, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|"))
 
 
-def _entry(path: str, content: bytes, mode: str) -> dict:
-    text = content.decode()
-    # A literal block keeps the bytes exact when the text ends in one newline and has no tabs or trailing spaces.
-    exact = text.endswith("\n") and not text.endswith("\n\n") and all(
-        line == line.rstrip() and "\t" not in line for line in text.splitlines()
-    )
-    return {"path": path, "permissions": mode, "owner": "root:root", "content": _Literal(text) if exact else text}
+def host_config(host: Host, environment: str, region: str, bundle_bucket: str) -> bytes:
+    config = {"host": host.name, "environment": environment, "region": region, "bucket": bundle_bucket,
+              "digest_parameter": digest_parameter_name(environment, host.name)}
+    return (json.dumps(config, indent=1, sort_keys=True) + "\n").encode()
 
 
-def render_cloud_init(spec: HostSpec, environment: str, region: str) -> bytes:
-    files = [_entry(f.path, f.content, "0400" if f.owner != "root:root" else f.mode) for f in spec.files]
-    for env in spec.secret_environments:
-        drop_in = f"[Service]\nEnvironmentFile={env.path}\n".encode()
-        files.append(_entry(f"/etc/systemd/system/{env.unit}.service.d/betting-secrets.conf", drop_in, "0644"))
-    files.append(_entry(MANIFEST_PATH, bootstrap_manifest(spec, environment, region), "0644"))
-    files.append(_entry(AGENT_PATH, _AGENT, "0755"))
+def render_cloud_init(host: Host, environment: str, region: str, bundle_bucket: str) -> bytes:
     document = {
-        "hostname": spec.host.name,
-        "fqdn": spec.host.fqdn,
-        "write_files": files,
-        "runcmd": [[AGENT_PATH]],
+        "hostname": host.name,
+        "fqdn": host.fqdn,
+        "write_files": [
+            {"path": HOST_CONFIG_PATH, "permissions": "0644", "owner": "root:root",
+             "content": _Literal(host_config(host, environment, region, bundle_bucket).decode())},
+            {"path": STUB_PATH, "permissions": "0755", "owner": "root:root", "content": _Literal(_STUB)},
+        ],
+        "runcmd": [[STUB_PATH]],
     }
     return b"#cloud-config\n" + yaml.dump(document, Dumper=_Dumper, sort_keys=False, width=1000).encode()

@@ -111,6 +111,8 @@ def patroni_config(settings: StackSettings, topology: Topology, node: Host) -> d
                 "maximum_lag_on_failover": patroni.maximum_lag_on_failover,
                 "synchronous_mode": patroni.synchronous_mode,
                 "synchronous_mode_strict": patroni.synchronous_mode_strict,
+                # An etcd outage must not demote a leader that every other member can still reach.
+                "failsafe_mode": True,
                 "postgresql": {
                     "use_pg_rewind": True,
                     "use_slots": True,

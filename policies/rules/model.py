@@ -179,7 +179,7 @@ class Rule:
     """
 
     name: str
-    category: str  # retention | storage | security
+    category: str  # retention | storage | security | compute
     description: str
     kind: str
     check: Any

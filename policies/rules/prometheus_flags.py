@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import json
 import shlex
 from dataclasses import dataclass
 from typing import Any
@@ -121,11 +122,27 @@ def retention_from_args(tokens: list[str], source: str) -> Retention:
     return Retention(time=time, time_seconds=time_seconds, size=size, size_bytes=size_value, source=source)
 
 
-def prometheus_retention(user_data: Any) -> Retention | None | Any:
-    """The retention of the Prometheus this user data starts; None if it writes no defaults file; UNKNOWN if unknown."""
-    files = write_files(user_data)
-    if files is UNKNOWN:
+def bundle_files(content: Any) -> dict[str, str] | Any:
+    """path -> content of a host bundle (infra/bundle.py: JSON with a `files` list); {} if it is not one."""
+    if content is UNKNOWN:
         return UNKNOWN
+    try:
+        document = json.loads(content) if isinstance(content, str) else None
+    except ValueError:
+        raise FlagError("the host bundle is not valid JSON") from None
+    if not isinstance(document, dict) or not isinstance(document.get("files"), list):
+        return {}
+    return {f["path"]: str(f.get("content", "")) for f in document["files"] if isinstance(f, dict) and "path" in f}
+
+
+def prometheus_retention(user_data: Any, bundle: Any = None) -> Retention | None | Any:
+    """The retention of the Prometheus this host runs, from the files its user data and its bundle write
+    (the bundle's win: the agent applies it after boot); None if neither writes the defaults file; UNKNOWN if unknown."""
+    files = write_files(user_data)
+    delivered = bundle_files(bundle) if bundle is not None else {}
+    if files is UNKNOWN or delivered is UNKNOWN:
+        return UNKNOWN
+    files = {**files, **delivered}
     if DEFAULTS_FILE not in files:
         return None
     return retention_from_args(args_from_defaults(files[DEFAULTS_FILE]), f"{DEFAULTS_FILE} ARGS")

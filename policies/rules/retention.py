@@ -16,6 +16,7 @@ ATTACHMENT = "aws:ec2/volumeAttachment:VolumeAttachment"
 BUCKET = "aws:s3/bucket:Bucket"
 LIFECYCLE = "aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration"
 OBJECT_LOCK = "aws:s3/bucketObjectLockConfiguration:BucketObjectLockConfiguration"
+BUCKET_OBJECT = "aws:s3/bucketObjectv2:BucketObjectv2"
 
 TSDB_VOLUME_ROLE = "prometheus-tsdb"
 BACKUPS_PURPOSE = "backups"
@@ -34,6 +35,15 @@ def _user_data(instance: Resource) -> Any:
         return encoded
     raw = base64.b64decode(encoded)
     return (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode()
+
+
+def _bundle(instance: Resource, resources: Sequence[Resource]) -> Any:
+    """The content of the host bundle published for this host (tagged with its Host), if any."""
+    host = instance.tags.get("Host")
+    for obj in by_type(resources, BUCKET_OBJECT):
+        if isinstance(host, str) and obj.tags.get("Host") == host and str(obj.get("key") or "").startswith("bundles/"):
+            return obj.get("content")
+    return None
 
 
 def _tsdb_volumes(instance: Resource, resources: Sequence[Resource]) -> list[Resource] | Any:
@@ -72,7 +82,7 @@ def check_prometheus_retention(resources: Sequence[Resource], config: Mapping[st
     for instance in by_type(resources, INSTANCE):
         user_data = _user_data(instance)
         try:
-            retention = prometheus_retention(user_data)
+            retention = prometheus_retention(user_data, _bundle(instance, resources))
         except FlagError as error:
             yield Finding(instance, message(instance, str(error), rule, requirement))
             continue
@@ -81,7 +91,7 @@ def check_prometheus_retention(resources: Sequence[Resource], config: Mapping[st
         if retention is None:
             if instance.tags.get("Role") == "monitoring":
                 yield Finding(instance, message(
-                    instance, "a monitoring host whose user data writes no /etc/default/prometheus, so Prometheus "
+                    instance, "a monitoring host whose user data and bundle write no /etc/default/prometheus, so Prometheus "
                     "runs with its default retention of 15d and no size limit", rule, requirement))
             continue
         if retention.time_seconds is None:

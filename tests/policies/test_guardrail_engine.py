@@ -145,6 +145,24 @@ def test_the_pack_reports_a_resource_violation(analyzer):
     assert "size is 20 GiB" in diagnostics[0][2]
 
 
+def test_the_pack_reports_oversized_user_data_and_skips_it_unknown(analyzer):
+    from guardrail_cases import UNKNOWN_STRING
+
+    def analyze(user_data):
+        resources = changed("monitoring-monitoring-1", lambda p: p.update(userData=user_data))
+        (instance,) = [r for r in resources if r["name"] == "monitoring-monitoring-1"]
+        response = analyzer.Analyze(analyzer_pb2.AnalyzeRequest(type=instance["type"], name=instance["name"],
+                                                                urn=urn(instance), properties=_struct(instance["props"])))
+        return [(d.policyName, d.enforcementLevel, d.message) for d in response.diagnostics]
+
+    diagnostics = analyze("#" * 16_385)
+    assert [(name, level) for name, level, _ in diagnostics] == [("user-data-size", analyzer_pb2.MANDATORY)]
+    assert "'monitoring-monitoring-1': user data is 16,385 bytes raw" in diagnostics[0][2]
+    assert [name for name, _, _ in analyze("#" * 16_384)] == []
+    # Unknown during preview: prometheus-retention and user-data-size both skip it.
+    assert analyze(UNKNOWN_STRING) == []
+
+
 def test_the_pack_reports_a_stack_violation_and_accepts_the_compliant_stack(analyzer):
     compliant = analyzer.AnalyzeStack(analyzer_pb2.AnalyzeStackRequest(
         resources=[_analyzer_resource(r) for r in compliant_stack()]))

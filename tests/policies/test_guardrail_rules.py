@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 
 import pytest
@@ -21,7 +23,9 @@ from guardrail_cases import (
     urn,
 )
 
+from policies.engine import evaluate
 from policies.rules import RULES, RULES_BY_NAME
+from policies.rules.compute import MAX_USER_DATA_BYTES as USER_DATA_LIMIT
 
 MONITORING = "monitoring-monitoring-1"
 TSDB = "monitoring-monitoring-1-prometheus-tsdb"
@@ -53,6 +57,13 @@ def _policy_statement(statement: dict):
     return change
 
 
+def _user_data_base64(raw: bytes):
+    def change(props):
+        props.pop("userData")
+        props["userDataBase64"] = base64.b64encode(raw).decode()
+    return change
+
+
 # (rule, resource changed, change, text every message must contain: the value found)
 VIOLATIONS = [
     ("prometheus-retention", MONITORING, _prometheus_args(PROMETHEUS_ARGS.replace("retention.time=30d", "retention.time=15d")),
@@ -72,7 +83,7 @@ VIOLATIONS = [
     ("prometheus-retention", MONITORING, _prometheus_args(PROMETHEUS_ARGS.replace("retention.time=30d", "retention.time=thirty")),
      "'thirty' is not a duration"),
     ("prometheus-retention", MONITORING, lambda p: p.update(userData=cloud_config({"/etc/hosts": "127.0.0.1 localhost\n"})),
-     "writes no /etc/default/prometheus"),
+     "write no /etc/default/prometheus"),
     ("prometheus-retention", TSDB, lambda p: p["tags"].update(Role="scratch"), "no prometheus-tsdb volume"),
     ("prometheus-retention", MONITORING, lambda p: p.update(userData="#cloud-config\nwrite_files: [\n"),
      "not valid #cloud-config YAML"),
@@ -135,6 +146,14 @@ VIOLATIONS = [
      "NotAction 'iam:*'"),
     ("elasticache-encryption", "redis", lambda p: p.update(transitEncryptionEnabled=False), "transitEncryptionEnabled is False"),
     ("elasticache-encryption", "redis", lambda p: p.pop("atRestEncryptionEnabled"), "atRestEncryptionEnabled is None"),
+    ("user-data-size", MONITORING, lambda p: p.update(userData="#" * (USER_DATA_LIMIT + 1)), "user data is 16,385 bytes raw"),
+    # 8,193 characters, but each "é" is two bytes in UTF-8: 16,385 bytes.
+    ("user-data-size", MONITORING, lambda p: p.update(userData="#" + "é" * (USER_DATA_LIMIT // 2)),
+     "user data is 16,385 bytes raw (8,193 characters in UTF-8)"),
+    ("user-data-size", MONITORING, _user_data_base64(b"#" * (USER_DATA_LIMIT + 1)),
+     "user data is 16,385 bytes raw (decoded from base64 userDataBase64)"),
+    ("user-data-size", MONITORING, lambda p: (p.pop("userData"), p.update(userDataBase64="#cloud-config\n")),
+     "userDataBase64 is not valid base64"),
 ]
 
 
@@ -197,6 +216,8 @@ UNKNOWNS = [
     ("imdsv2-required", "patroni-pg-1", _set(["metadataOptions", "httpTokens"], UNKNOWN_STRING)),
     ("iam-least-privilege", "monitoring-monitoring-1-access", _set(["policy"], UNKNOWN_STRING)),
     ("elasticache-encryption", "redis", _set(["transitEncryptionEnabled"], UNKNOWN_BOOLEAN)),
+    ("user-data-size", MONITORING, _set(["userData"], UNKNOWN_STRING)),
+    ("user-data-size", MONITORING, lambda p: (p.pop("userData"), p.update(userDataBase64=UNKNOWN_STRING))),
 ]
 
 
@@ -225,6 +246,20 @@ def test_the_tsdb_volume_is_found_through_its_attachment_when_tags_say_nothing()
     assert [m for _, m in reported if "retention size 45GB" in m and TSDB in m], reported
 
 
+def test_the_bundle_a_host_applies_is_what_counts_for_its_retention():
+    """Hosts boot from a stub; their files arrive as a bundle object tagged with the host, which the agent
+    applies over whatever the user data wrote."""
+    resources = compliant_stack()
+    host = find(resources, MONITORING)["props"]["tags"]["Host"]
+    bundle = {"files": [{"path": "/etc/default/prometheus", "content": prometheus_defaults(
+        PROMETHEUS_ARGS.replace("retention.time=30d", "retention.time=15d"))}]}
+    resources.append({"type": "aws:s3/bucketObjectv2:BucketObjectv2", "name": f"bundles-{host}", "parent": None,
+                      "props": {"key": f"bundles/{host}/abc.json", "content": json.dumps(bundle), "tags": {"Host": host}}})
+    assert [m for _, m in run_policy("prometheus-retention", resources) if "retention time 15d" in m]
+    find(resources, f"bundles-{host}")["props"]["content"] = UNKNOWN_STRING
+    assert not run_policy("prometheus-retention", resources)  # unknown during a preview: no verdict
+
+
 def test_policy_config_thresholds_apply():
     """A stack's policy config can tighten a rule: 30d is too short once minRetentionDays is 60."""
     assert run_policy("prometheus-retention", compliant_stack(), config={"minRetentionDays": 60.0})
@@ -243,11 +278,95 @@ def test_actions_aws_grants_only_on_star_may_use_it():
 
 
 def test_gzip_base64_user_data_is_read():
-    import base64
-    import gzip
-
     text = cloud_config({"/etc/default/prometheus": prometheus_defaults(PROMETHEUS_ARGS.replace("30d", "7d"))})
     encoded = base64.b64encode(gzip.compress(text.encode())).decode()
     resources = changed(MONITORING, lambda p: (p.pop("userData"), p.update(userDataBase64=encoded)))
     assert [m for _, m in run_policy("prometheus-retention", resources) if "retention time 7d" in m]
 
+
+
+# --- user-data-size: EC2 takes at most 16 KB of user data in raw form, before base64 ----------------------------
+
+LAUNCH_TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
+
+
+def _with_launch_template(user_data) -> list[dict]:
+    """The compliant stack plus a launch template, whose userData the provider takes as base64 already."""
+    template = {"type": LAUNCH_TEMPLATE, "name": "workers-template", "parent": None, "props": {
+        "imageId": "ami-0debian12offline0", "instanceType": "t3.medium",
+        "metadataOptions": {"httpTokens": "required", "httpEndpoint": "enabled"}, "userData": user_data,
+    }}
+    return [*compliant_stack(), template]
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def test_the_user_data_limit_is_ec2s_16_kib():
+    assert USER_DATA_LIMIT == 16_384
+    assert RULES_BY_NAME["user-data-size"].config_schema == {}  # a fixed API limit: nothing to configure
+
+
+def test_a_user_data_violation_reads_as_every_other():
+    reported = run_policy("user-data-size", changed(MONITORING, lambda p: p.update(userData="#" * 48_692)))
+    assert reported == [(urn(find(compliant_stack(), MONITORING)),
+                         "Instance 'monitoring-monitoring-1': user data is 48,692 bytes raw "
+                         "[rule user-data-size: EC2 accepts at most 16,384 bytes of user data before base64]")]
+
+
+@pytest.mark.parametrize("change", [
+    lambda p: p.update(userData="#" * USER_DATA_LIMIT),
+    lambda p: p.update(userData="é" * (USER_DATA_LIMIT // 2)),  # 16,384 bytes of two-byte characters
+    lambda p: p.update(userData=""),
+    lambda p: p.pop("userData"),
+    _user_data_base64(b"#" * USER_DATA_LIMIT),
+    # What EC2 counts is the raw (here gzip-compressed) bytes, not what cloud-init unpacks them into.
+    _user_data_base64(gzip.compress(b"#cloud-config\n" + b"# padding\n" * 10_000)),
+], ids=["userData-16384-ascii", "userData-16384-utf8", "userData-empty", "no-user-data", "userDataBase64-16384",
+        "userDataBase64-gzip"])
+def test_instance_user_data_up_to_the_limit_passes(change):
+    assert run_policy("user-data-size", changed(MONITORING, change)) == []
+
+
+@pytest.mark.parametrize("user_data", [
+    _b64(b"#" * USER_DATA_LIMIT),
+    base64.encodebytes(b"#" * USER_DATA_LIMIT).decode(),  # MIME line breaks, skipped as the provider's decoder does
+    None,
+    UNKNOWN_STRING,
+])
+def test_a_launch_template_up_to_the_limit_or_unknown_passes(user_data):
+    assert run_policy("user-data-size", _with_launch_template(user_data)) == []
+
+
+@pytest.mark.parametrize(("user_data", "found"), [
+    (_b64(b"#" * (USER_DATA_LIMIT + 1)), "user data is 16,385 bytes raw (decoded from base64 userData)"),
+    (_b64("é".encode() * (USER_DATA_LIMIT // 2) + b"#"), "user data is 16,385 bytes raw (decoded from base64 userData)"),
+    # A launch template's userData is base64 already: raw #cloud-config text there is refused, not counted.
+    ("#cloud-config\nhostname: worker\n", "userData is not valid base64"),
+    (_b64(b"#" * 30)[:-1], "userData is not valid base64"),  # truncated: padding missing
+])
+def test_a_launch_template_over_the_limit_or_not_base64_is_a_violation(user_data, found):
+    reported = run_policy("user-data-size", _with_launch_template(user_data))
+    assert [urn_.rsplit("::", 1)[-1] for urn_, _ in reported] == ["workers-template"], reported
+    (message,) = [m for _, m in reported]
+    assert message.startswith("LaunchTemplate 'workers-template': ") and found in message, message
+    assert message.endswith("[rule user-data-size: EC2 accepts at most 16,384 bytes of user data before base64]")
+
+
+def test_no_policy_config_raises_the_user_data_limit():
+    oversized = changed(MONITORING, lambda p: p.update(userData="#" * (USER_DATA_LIMIT + 1)))
+    assert run_policy("user-data-size", oversized, config={"maxBytes": 65_536, "limit": 65_536})
+
+
+def test_the_offline_plan_skips_user_data_it_cannot_see():
+    """The plan writes unknown values as "[unknown]" and secrets as "[secret]": neither is the user data."""
+    def size_violations(resources):
+        return [v for v in evaluate(resources, "dev", "dev") if v.policy == "user-data-size"]
+
+    for masked in ("[unknown]", "[secret]"):
+        assert size_violations(_with_launch_template(masked)) == [], masked
+        assert size_violations(changed(MONITORING, lambda p, masked=masked: p.update(userData=masked))) == [], masked
+    violations = evaluate(_with_launch_template(_b64(b"#" * (USER_DATA_LIMIT + 1))), "prod", "prod")
+    assert [(v.policy, v.enforcement, v.resource) for v in violations] == [
+        ("user-data-size", "mandatory", f"{LAUNCH_TEMPLATE}::workers-template")]

@@ -11,7 +11,7 @@ from infra.plan_diff import current_plan
 from policies import engine
 from policies.rules import RULES
 from policies.rules.pack import build_policy
-from policies.rules.prometheus_flags import DEFAULTS_FILE, write_files
+from policies.rules.prometheus_flags import DEFAULTS_FILE, bundle_files
 
 STACKS = ("dev", "staging", "prod")
 
@@ -37,7 +37,10 @@ def test_the_rules_see_what_they_guard_in_the_real_program(plans, stack):
             assert types & set(rule.resource_types), f"{rule.name} matches no resource of stack {stack}"
     instances = [r for r in resources if r["type"] == "aws:ec2/instance:Instance"]
     monitoring = [r for r in instances if r["props"]["tags"].get("Role") == "monitoring"]
-    assert monitoring and all(DEFAULTS_FILE in write_files(r["props"]["userData"]) for r in monitoring)
+    bundles = {r["props"]["tags"]["Host"]: r["props"]["content"] for r in resources
+               if r["type"] == "aws:s3/bucketObjectv2:BucketObjectv2"}
+    # The flags reach a host in its bundle; the rule reads them there (the user data is only the stub).
+    assert monitoring and all(DEFAULTS_FILE in bundle_files(bundles[r["props"]["tags"]["Host"]]) for r in monitoring)
     purposes = {r["props"].get("tags", {}).get("Purpose") for r in resources if r["type"] == "aws:s3/bucket:Bucket"}
     assert {"backups", "audit-logs"} <= purposes
 
@@ -52,14 +55,14 @@ def _mutate(plan, name, change):
 def _retention_changed(days: str):
     def change(props):
         flag = "--storage.tsdb.retention.time="
-        props["userData"] = props["userData"].replace(f"{flag}30d", f"{flag}{days}")
+        props["content"] = props["content"].replace(f"{flag}30d", f"{flag}{days}")
     return change
 
 
-def test_a_drifted_prometheus_flag_in_the_real_user_data_is_caught(plans):
+def test_a_drifted_prometheus_flag_in_the_real_bundle_is_caught(plans):
     plan = plans["prod"]
     assert "--storage.tsdb.retention.time=30d" in json.dumps(plan)
-    violations = engine.evaluate(_mutate(plan, "monitoring-monitoring-1", _retention_changed("7d")), "prod", "prod")
+    violations = engine.evaluate(_mutate(plan, "bundles-monitoring-1", _retention_changed("7d")), "prod", "prod")
     assert [(v.policy, v.enforcement, v.resource) for v in violations] == [
         ("prometheus-retention", "mandatory", "aws:ec2/instance:Instance::monitoring-monitoring-1")]
     assert "retention time 7d" in violations[0].message

@@ -1,0 +1,178 @@
+"""A host's bundle: every file it runs, its packages, secrets, services and health gates, as one
+content-addressed document that the host agent (infra/hostagent/agent.py) applies.
+
+Pure data, no Pulumi. The same bytes are published to S3 for a host on AWS (key
+`bundles/<host>/<sha256>.json`) and applied by the sandbox (with only its mapping applied), so
+the code a host runs is the code the tests run. A bundle changes when any rendered file, setting
+or rule of its host changes; the instance's user data (the stub) never does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from infra.hosts.spec import File, HostSpec
+from infra.render.patroni import patroni_config
+from infra.settings import StackSettings
+from infra.topology import Paths, Ports, Topology, secret_path, ssm_parameter_name
+
+FORMAT = 1
+AGENT_ROOT = "/usr/local/lib/betting-agent"  # the agent's package lives here on a host (PYTHONPATH)
+AGENT_COMMAND = "/usr/local/sbin/betting-agent"
+HOSTAGENT_DIR = Path(__file__).resolve().parent / "hostagent"
+# The agent's own modules travel in every bundle: a new agent rolls like any other file.
+AGENT_MODULES = ("__init__.py", "agent.py", "gates.py", "patroni.py")
+
+Action = Literal["none", "reload", "restart"]
+
+
+@dataclass(frozen=True)
+class ChangeRule:
+    """What a changed file at `path` (a file, or a folder ending in /) needs from its unit."""
+
+    path: str
+    unit: str | None
+    action: Action
+
+
+# The least action each file needs when its bytes change (Debian's units: ExecReload sends SIGHUP).
+CHANGE_RULES = (
+    # Patroni re-reads patroni.yml on reload; its cluster-wide part goes through PATCH /config.
+    ChangeRule(Paths.PATRONI_CONFIG, "patroni", "reload"),
+    ChangeRule(Paths.PGBACKREST_CONFIG, None, "none"),  # read by every pgbackrest invocation
+    ChangeRule(Paths.POSTGRES_EXPORTER_QUERIES, "prometheus-postgres-exporter", "restart"),
+    ChangeRule("/etc/default/prometheus-postgres-exporter", "prometheus-postgres-exporter", "restart"),
+    ChangeRule(Paths.ETCD_CONFIG, "etcd", "restart"),
+    ChangeRule(Paths.PROMETHEUS_CONFIG, "prometheus", "reload"),
+    ChangeRule(Paths.PROMETHEUS_RULES_DIR + "/", "prometheus", "reload"),
+    ChangeRule("/etc/default/prometheus", "prometheus", "restart"),
+    ChangeRule(Paths.ALERTMANAGER_CONFIG, "prometheus-alertmanager", "reload"),
+    ChangeRule("/etc/prometheus/alertmanager/", "prometheus-alertmanager", "reload"),
+    ChangeRule("/etc/default/prometheus-alertmanager", "prometheus-alertmanager", "restart"),
+    ChangeRule("/etc/default/prometheus-redis-exporter", "prometheus-redis-exporter", "restart"),
+    ChangeRule("/etc/default/prometheus-node-exporter", "prometheus-node-exporter", "restart"),
+    ChangeRule(Paths.CLICKHOUSE_CONFIG_D + "/", "clickhouse-server", "restart"),
+    # Provisioning is read at start; dashboards are re-read by Grafana itself.
+    ChangeRule(Paths.GRAFANA_PROVISIONING + "/", "grafana-server", "restart"),
+    ChangeRule(Paths.GRAFANA_DASHBOARDS + "/", None, "none"),
+    ChangeRule("/etc/cron.d/", None, "none"),  # cron notices changed files itself
+    ChangeRule("/etc/betting/", None, "none"),  # read by the jobs that use them, at each run
+    ChangeRule("/usr/local/sbin/", None, "none"),
+    ChangeRule(AGENT_ROOT + "/", None, "none"),
+    ChangeRule("/etc/postgresql-common/", None, "none"),  # only read when a package is installed
+    ChangeRule("/etc/modules-load.d/", None, "none"),  # read at boot; the boot commands load it now
+    ChangeRule("/etc/udev/rules.d/", None, "none"),
+)
+
+
+def change_rule(path: str) -> ChangeRule:
+    exact = [r for r in CHANGE_RULES if r.path == path]
+    folder = sorted((r for r in CHANGE_RULES if r.path.endswith("/") and path.startswith(r.path)),
+                    key=lambda r: len(r.path), reverse=True)
+    drop_in = path.startswith("/etc/systemd/system/") and ".service.d/" in path
+    if drop_in:  # a unit's drop-in (its secrets' EnvironmentFile): daemon-reload, then restart the unit
+        return ChangeRule(path, path.split("/")[4].removesuffix(".service.d"), "restart")
+    rules = exact or folder
+    if not rules:
+        raise ValueError(f"no change rule for {path}: say in infra/bundle.py CHANGE_RULES what a change to it needs")
+    return rules[0]
+
+
+def _gate(spec: HostSpec, topology: Topology, unit: str) -> dict | None:
+    """How the agent knows `unit` is healthy again on this host (None: running is enough)."""
+    local = "http://127.0.0.1"
+    if unit == "patroni":
+        return {"kind": "patroni", "api": f"{local}:{Ports.PATRONI_API}", "name": spec.host.name}
+    if unit == "etcd":
+        return {"kind": "etcd", "url": f"{local}:{Ports.ETCD_CLIENT}", "name": spec.host.name,
+                "members": len(topology.etcd)}
+    if unit == "prometheus":
+        rules = sorted(f.path for f in spec.files if f.path.startswith(Paths.PROMETHEUS_RULES_DIR + "/"))
+        return {"kind": "prometheus", "url": f"{local}:{Ports.PROMETHEUS}", "rule_files": rules}
+    if unit == "prometheus-alertmanager":
+        return {"kind": "alertmanager", "url": f"{local}:{Ports.ALERTMANAGER}", "peers": len(topology.monitoring)}
+    http = {
+        "prometheus-node-exporter": f"{local}:{Ports.NODE_EXPORTER}/metrics",
+        "prometheus-postgres-exporter": f"{local}:{Ports.POSTGRES_EXPORTER}/metrics",
+        "prometheus-redis-exporter": f"{local}:{Ports.REDIS_EXPORTER}/metrics",
+        "clickhouse-server": f"{local}:{Ports.CLICKHOUSE_HTTP}/ping",
+        "grafana-server": f"{local}:{Ports.GRAFANA}/api/health",
+    }
+    return {"kind": "http", "url": http[unit]} if unit in http else None
+
+
+def agent_files() -> tuple[File, ...]:
+    """The agent's package, as files under AGENT_ROOT, and its launcher."""
+    package = f"{AGENT_ROOT}/infra/hostagent"
+    files = [File(f"{AGENT_ROOT}/infra/__init__.py", b"", "0644")]
+    files += [File(f"{package}/{name}", (HOSTAGENT_DIR / name).read_bytes(), "0644") for name in AGENT_MODULES]
+    launcher = (HOSTAGENT_DIR / "betting-agent").read_bytes()
+    files.append(File(AGENT_COMMAND, launcher, "0755"))
+    return tuple(files)
+
+
+def _secret_drop_ins(spec: HostSpec) -> list[File]:
+    return [File(f"/etc/systemd/system/{env.unit}.service.d/betting-secrets.conf",
+                 f"[Service]\nEnvironmentFile={env.path}\n".encode()) for env in spec.secret_environments]
+
+
+def bundle_document(spec: HostSpec, settings: StackSettings, topology: Topology) -> dict:
+    environment = settings.environment
+    files = [*spec.files, *_secret_drop_ins(spec), *agent_files()]
+    entries = []
+    for file in sorted(files, key=lambda f: f.path):
+        rule = change_rule(file.path)
+        entries.append({"path": file.path, "mode": file.mode, "owner": file.owner, "content": file.content.decode(),
+                        "unit": rule.unit, "on_change": rule.action})
+    document: dict = {
+        "format": FORMAT,
+        "host": spec.host.name,
+        "role": spec.host.role,
+        "packages": list(spec.packages),
+        "volume": None if spec.volume is None else {"mount": spec.volume.mount, "owner": spec.volume.owner},
+        "files": entries,
+        "secret_files": [
+            {"path": secret_path(s.name), "parameter": ssm_parameter_name(environment, s.name), "owner": s.owner,
+             "mode": s.mode}
+            for s in spec.secret_files
+        ],
+        "secret_environments": [
+            {"path": e.path, "unit": e.unit, "owner": e.owner,
+             "variables": {var: ssm_parameter_name(environment, name) for var, name in e.variables}}
+            for e in spec.secret_environments
+        ],
+        "boot_commands": list(spec.boot_commands),
+        "services": [{"unit": unit, "gate": _gate(spec, topology, unit)} for unit in spec.services],
+    }
+    if spec.host.role == "postgres":
+        # Patroni keeps these in the DCS after bootstrap; the agent PATCHes /config when they differ.
+        dynamic = patroni_config(settings, topology, spec.host)["bootstrap"]["dcs"]
+        document["patroni"] = {"api": f"http://127.0.0.1:{Ports.PATRONI_API}", "dynamic": dynamic,
+                               "members": len(topology.postgres)}
+    return document
+
+
+def render_bundle(spec: HostSpec, settings: StackSettings, topology: Topology) -> bytes:
+    """The bundle's bytes: sorted keys, so equal content gives an equal digest on every run."""
+    return (json.dumps(bundle_document(spec, settings, topology), indent=1, sort_keys=True) + "\n").encode()
+
+
+def digest(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def bundle_key(host: str, content_digest: str) -> str:
+    return f"bundles/{host}/{content_digest}.json"
+
+
+def bundle_prefix(host: str) -> str:
+    return f"bundles/{host}/"
+
+
+def digest_parameter_name(environment: str, host: str) -> str:
+    """The SSM String parameter holding the digest of a host's current bundle (read by the stub at boot)."""
+    return f"/betting/{environment}/bundles/{host}"

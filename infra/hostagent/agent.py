@@ -1,0 +1,411 @@
+"""The host agent: applies a host's bundle (infra/bundle.py) idempotently, then waits until the
+host is healthy again. The same code runs on EC2 (from the boot stub and from the SSM
+association that rolls a change one host at a time) and in the local sandbox; only the
+`Platform` differs (systemd, apt, SSM and EBS here; processes under a state dir there).
+
+Standard library only: it runs on the image's python3 before anything is installed.
+
+    betting-agent apply --bundle FILE         apply a bundle that is already on disk
+    betting-agent fetch-apply --digest D      fetch bundles/<host>/D.json from S3, verify, apply
+    betting-agent fetch-apply --digests JSON  the same, taking this host's digest from a map (SSM)
+    betting-agent check                       run every gate of the last applied bundle
+    betting-agent handover                    a Patroni leader switches over (before a host is replaced)
+
+Exit 0 when the host is healthy with the bundle applied; 1 with one line naming the host and
+the failed check otherwise (the rollout stops there: max_errors 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+from infra.hostagent import gates, patroni
+
+HOST_CONFIG = "/etc/betting/host.json"  # written by the boot stub's user data: host, region, bucket
+STATE_DIR = "/var/lib/betting"
+LOCK = "/run/betting-agent.lock"
+NO_AUTOSTART = "/usr/sbin/policy-rc.d"  # exit 101: Debian packages must not start before their config is in place
+VOLUME_WAIT_SECONDS = 600
+AGENT_ROOT = "/usr/local/lib/betting-agent"
+AGENT_COMMAND = "/usr/local/sbin/betting-agent"
+GATE_TIMEOUT = {"patroni": 600.0, "etcd": 180.0}  # a replica's rejoin or an etcd catch-up takes a while
+DEFAULT_GATE_TIMEOUT = 120.0
+ACTION_ORDER = {"none": 0, "reload": 1, "restart": 2}
+
+
+class ApplyError(RuntimeError):
+    def __init__(self, host: str, check: str, reason: str):
+        self.host, self.check, self.reason = host, check, reason
+        super().__init__(f"{host}: {check} failed: {reason}")
+
+
+# ---- platforms ----------------------------------------------------------------------------
+class DebianHost:
+    """A Debian EC2 host: systemd units, apt, SSM parameters, one EBS data volume."""
+
+    def __init__(self, region: str):
+        self.region = region
+
+    def path(self, path: str) -> str:
+        return path
+
+    def run(self, *command: str) -> str:
+        return subprocess.run(command, check=True, text=True, capture_output=True).stdout
+
+    def succeeds(self, *command: str) -> bool:
+        return subprocess.run(command, capture_output=True).returncode == 0
+
+    def install(self, packages: list[str]) -> list[str]:
+        missing = [p for p in packages if not self.succeeds("dpkg-query", "-W", "-f=${Status}\n", p)
+                   or "install ok installed" not in self.run("dpkg-query", "-W", "-f=${Status}", p)]
+        if not missing:
+            return []
+        write_atomic(NO_AUTOSTART, b"#!/bin/sh\nexit 101\n", "0755")
+        try:
+            env = "DEBIAN_FRONTEND=noninteractive"
+            self.run("env", env, "apt-get", "update", "-q")
+            self.run("env", env, "apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confold", *missing)
+        finally:
+            os.unlink(NO_AUTOSTART)
+        return missing
+
+    def _data_device(self) -> str:
+        """The one attached EBS volume that is not the root disk (attachment may lag the boot)."""
+        root = self.run("findmnt", "-no", "SOURCE", "/").strip()
+        deadline = time.monotonic() + VOLUME_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            for link in sorted(glob.glob("/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_*")):
+                device = os.path.realpath(link)
+                if "-part" not in link and not root.startswith(device):
+                    return device
+            time.sleep(5)
+        raise ApplyError(self.hostname(), "data volume", f"no data volume attached after {VOLUME_WAIT_SECONDS}s")
+
+    def mount(self, volume: dict) -> bool:
+        if self.succeeds("findmnt", "--mountpoint", volume["mount"]):
+            return False
+        device = self._data_device()
+        if not self.succeeds("blkid", device):
+            self.run("mkfs.xfs", device)  # only a blank volume: a reattached one keeps its data
+        uuid = self.run("blkid", "-s", "UUID", "-o", "value", device).strip()
+        os.makedirs(volume["mount"], exist_ok=True)
+        line = f"UUID={uuid} {volume['mount']} xfs defaults,nofail,noatime 0 2"
+        with open("/etc/fstab", "a+") as fstab:
+            fstab.seek(0)
+            if line not in fstab.read().splitlines():
+                fstab.write(line + "\n")
+        self.run("mount", volume["mount"])
+        return True
+
+    def secret(self, parameter: str, attempts: int = 30) -> str:
+        for attempt in range(1, attempts + 1):
+            try:
+                return self.run("aws", "ssm", "get-parameter", "--region", self.region, "--with-decryption", "--name",
+                                parameter, "--query", "Parameter.Value", "--output", "text").rstrip("\n")
+            except subprocess.CalledProcessError:
+                # A new parameter or role policy can take a while to become visible.
+                if attempt == attempts:
+                    raise
+                time.sleep(10)
+        raise AssertionError("unreachable")
+
+    def chown(self, path: str, owner: str) -> None:
+        self.run("chown", owner, path)
+
+    def boot_command(self, command: str) -> None:
+        self.run("sh", "-c", command)
+
+    def daemon_reload(self) -> None:
+        self.run("systemctl", "daemon-reload")
+
+    def active(self, unit: str) -> bool:
+        return self.succeeds("systemctl", "is-active", "--quiet", unit)
+
+    def start(self, unit: str) -> None:
+        self.run("systemctl", "enable", unit)
+        self.run("systemctl", "start", unit)
+
+    def restart(self, unit: str) -> None:
+        self.run("systemctl", "restart", unit)
+
+    def reload(self, unit: str) -> None:
+        self.run("systemctl", "reload", unit)
+
+    def hostname(self) -> str:
+        return os.uname().nodename.split(".")[0]
+
+
+# ---- files --------------------------------------------------------------------------------
+def _owner_ids(owner: str) -> tuple[int, int]:
+    import grp
+    import pwd
+
+    user, _, group = owner.partition(":")
+    return pwd.getpwnam(user).pw_uid, grp.getgrnam(group or user).gr_gid
+
+
+def write_atomic(path: str, content: bytes, mode: str, owner: str | None = None) -> None:
+    """Write beside the target, set owner and mode, fsync, rename: a reader sees the old or the new file."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".betting-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if owner is not None:
+            os.chown(tmp, *_owner_ids(owner))
+        os.chmod(tmp, int(mode, 8))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def converge_file(path: str, content: bytes, mode: str, owner: str | None) -> bool:
+    """Make the file exactly so; True when anything (bytes, owner or mode) had to change."""
+    try:
+        with open(path, "rb") as handle:
+            current = handle.read()
+        stat = os.stat(path)
+    except FileNotFoundError:
+        write_atomic(path, content, mode, owner)
+        return True
+    same_owner = owner is None or (stat.st_uid, stat.st_gid) == _owner_ids(owner)
+    if current == content and same_owner and (stat.st_mode & 0o7777) == int(mode, 8):
+        return False
+    write_atomic(path, content, mode, owner)
+    return True
+
+
+# ---- apply --------------------------------------------------------------------------------
+class Report:
+    def __init__(self, host: str):
+        self.host = host
+        self.changed: list[str] = []
+        self.actions: list[str] = []
+
+    def log(self, line: str) -> None:
+        print(f"{self.host}: {line}", flush=True)
+
+
+def _escape_env(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _wait_gate(host: str, unit: str, gate: dict | None, timeout: float | None = None) -> None:
+    if gate is None:
+        return
+    try:
+        gates.wait(gate, timeout or GATE_TIMEOUT.get(gate["kind"], DEFAULT_GATE_TIMEOUT))
+    except gates.GateError as error:
+        raise ApplyError(host, f"{unit} health ({gate['kind']})", str(error)) from None
+
+
+def _converge_patroni(host: str, spec: dict, report: Report, timeout: float) -> None:
+    """Cluster-wide settings through PATCH /config; a pending restart one member at a time (this one)."""
+    api, name = spec["api"], host
+    try:
+        patroni.wait_healthy(api, timeout, name, allow_pending=True)
+        patch = patroni.apply_dynamic_config(api, spec["dynamic"])
+        if patch:
+            report.actions.append(f"PATCH /config {json.dumps(patch, sort_keys=True)}")
+            report.log(f"patroni dynamic configuration changed: {json.dumps(patch, sort_keys=True)}")
+        # A leader restarts the other pending members first, one at a time, then hands over once.
+        if patroni.restart_if_pending(api, timeout, name, expected_members=spec["members"]):
+            report.actions.append("restart postgresql (pending restart)")
+            report.log("postgresql restarted for settings that needed it")
+    except patroni.PatroniError as error:
+        raise ApplyError(host, "patroni", str(error)) from None
+
+
+def apply(bundle: dict, platform, gate_timeout: float | None = None) -> Report:
+    """Apply `bundle` on `platform`; return what changed. Raises ApplyError at the first failed gate."""
+    host = bundle["host"]
+    report = Report(host)
+    volume = bundle["volume"]
+    if volume and platform.mount(volume):
+        report.actions.append(f"mounted {volume['mount']}")
+    installed = platform.install(bundle["packages"])
+    if installed:
+        report.actions.append(f"installed {' '.join(installed)}")
+    if volume:
+        platform.chown(platform.path(volume["mount"]), volume["owner"])
+
+    pending: dict[str, str] = {}  # unit -> strongest action its changed files need
+
+    def need(unit: str | None, action: str) -> None:
+        if unit and ACTION_ORDER[action] > ACTION_ORDER.get(pending.get(unit, "none"), 0):
+            pending[unit] = action
+
+    for secret in bundle["secret_files"]:
+        value = platform.secret(secret["parameter"]).encode()
+        if converge_file(platform.path(secret["path"]), value, secret["mode"], secret["owner"]):
+            report.changed.append(secret["path"])
+    for environment in bundle["secret_environments"]:
+        lines = [f'{var}="{_escape_env(platform.secret(param))}"\n' for var, param in sorted(environment["variables"].items())]
+        if converge_file(platform.path(environment["path"]), "".join(lines).encode(), "0400", environment["owner"]):
+            report.changed.append(environment["path"])
+            need(environment["unit"], "restart")
+    units_changed = False
+    for file in bundle["files"]:
+        if converge_file(platform.path(file["path"]), file["content"].encode(), file["mode"], file["owner"]):
+            report.changed.append(file["path"])
+            need(file["unit"], file["on_change"])
+            units_changed |= file["path"].startswith("/etc/systemd/system/")
+    for command in bundle["boot_commands"]:
+        platform.boot_command(command)
+    if units_changed:
+        platform.daemon_reload()
+
+    for service in bundle["services"]:
+        unit, gate = service["unit"], service["gate"]
+        action = pending.get(unit, "none")
+        if not platform.active(unit):
+            platform.start(unit)
+            report.actions.append(f"start {unit}")
+        elif action == "restart":
+            if unit == "patroni" and "patroni" in bundle:
+                _handover(host, bundle, report)
+            platform.restart(unit)
+            report.actions.append(f"restart {unit}")
+        elif action == "reload":
+            platform.reload(unit)
+            report.actions.append(f"reload {unit}")
+        if unit == "patroni" and "patroni" in bundle:
+            _converge_patroni(host, bundle["patroni"], report, gate_timeout or GATE_TIMEOUT["patroni"])
+        _wait_gate(host, unit, gate, gate_timeout)
+    return report
+
+
+def _handover(host: str, bundle: dict, report: Report) -> None:
+    """A leader whose Patroni must restart hands over to a healthy (synchronous) standby first."""
+    try:
+        new_leader = patroni.handover_if_leader(bundle["patroni"]["api"], GATE_TIMEOUT["patroni"], host)
+    except patroni.PatroniError as error:
+        raise ApplyError(host, "switchover", str(error)) from None
+    if new_leader:
+        report.actions.append(f"switchover to {new_leader}")
+        report.log(f"switched over to {new_leader} before restarting patroni")
+
+
+def check_all(bundle: dict) -> list[tuple[str, bool, str]]:
+    results = []
+    for service in bundle["services"]:
+        if service["gate"] is not None:
+            ok, reason = gates.check(service["gate"])
+            results.append((service["unit"], ok, reason))
+    return results
+
+
+# ---- fetching a bundle on a host ---------------------------------------------------------
+def _host_config() -> dict:
+    with open(HOST_CONFIG) as handle:
+        return json.load(handle)
+
+
+def fetch(config: dict, content_digest: str) -> str:
+    """Download bundles/<host>/<digest>.json and check its sha256; return the local path."""
+    os.makedirs(f"{STATE_DIR}/bundles", exist_ok=True)
+    path = f"{STATE_DIR}/bundles/{content_digest}.json"
+    key = f"bundles/{config['host']}/{content_digest}.json"
+    subprocess.run(["aws", "s3api", "get-object", "--region", config["region"], "--bucket", config["bucket"], "--key", key,
+                    path], check=True, capture_output=True)
+    with open(path, "rb") as handle:
+        actual = hashlib.sha256(handle.read()).hexdigest()
+    if actual != content_digest:
+        os.unlink(path)
+        raise ApplyError(config["host"], "bundle digest", f"s3://{config['bucket']}/{key} has sha256 {actual}")
+    return path
+
+
+def install_agent(bundle: dict) -> bool:
+    """Put the bundle's agent in place; True when it differs from the running one."""
+    changed = False
+    for file in bundle["files"]:
+        if file["path"].startswith(AGENT_ROOT + "/") or file["path"] == AGENT_COMMAND:
+            changed |= converge_file(file["path"], file["content"].encode(), file["mode"], file["owner"])
+    return changed
+
+
+def _digest_for(config: dict, args: argparse.Namespace) -> str:
+    if args.digest:
+        return args.digest
+    digests = json.loads(args.digests)
+    if config["host"] not in digests:
+        raise ApplyError(config["host"], "rollout parameters", f"no bundle digest for this host in {sorted(digests)}")
+    return digests[config["host"]]
+
+
+def _apply_file(path: str, platform) -> int:
+    with open(path) as handle:
+        bundle = json.load(handle)
+    with open(LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the boot stub and an association run may overlap on a new host
+        report = apply(bundle, platform)
+    os.makedirs(STATE_DIR, exist_ok=True)
+    with open(f"{STATE_DIR}/applied.json", "w") as handle:
+        json.dump({"bundle": path, "changed": report.changed, "actions": report.actions}, handle)
+    report.log(f"healthy; {len(report.changed)} files changed; actions: {', '.join(report.actions) or 'none'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="betting-agent", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("apply", help="apply a bundle file")
+    one.add_argument("--bundle", required=True)
+    fetch_apply = sub.add_parser("fetch-apply", help="fetch this host's bundle from S3, verify it, apply it")
+    which = fetch_apply.add_mutually_exclusive_group(required=True)
+    which.add_argument("--digest")
+    which.add_argument("--digests", help="JSON map host -> digest (the rollout's SSM parameter)")
+    sub.add_parser("check", help="run every health gate of the last applied bundle")
+    sub.add_parser("handover", help="if this host is the Patroni leader, switch over to a healthy standby")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "apply":
+            return _apply_file(args.bundle, DebianHost(_host_config()["region"]))
+        config = _host_config()
+        if args.command == "fetch-apply":
+            path = fetch(config, _digest_for(config, args))
+            with open(path) as handle:
+                if install_agent(json.load(handle)):
+                    # The new agent applies its own bundle.
+                    os.execv(AGENT_COMMAND, [AGENT_COMMAND, "apply", "--bundle", path])
+            return _apply_file(path, DebianHost(config["region"]))
+        with open(f"{STATE_DIR}/applied.json") as handle:
+            with open(json.load(handle)["bundle"]) as bundle_file:
+                bundle = json.load(bundle_file)
+        if args.command == "check":
+            failed = [(unit, reason) for unit, ok, reason in check_all(bundle) if not ok]
+            for unit, reason in failed:
+                print(f"{config['host']}: {unit}: {reason}", file=sys.stderr)
+            return 1 if failed else 0
+        report = Report(config["host"])
+        _handover(config["host"], bundle, report)
+        report.log(", ".join(report.actions) or "not the leader; nothing to hand over")
+        return 0
+    except ApplyError as error:
+        print(str(error), file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as error:
+        print(f"{os.uname().nodename}: {shlex.join(error.cmd)} exited {error.returncode}: "
+              f"{(error.stderr or '').strip()[:300]}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Health gates: how the agent knows a service is healthy again before the rollout may go on.
+
+Standard library only (runs on a host's bare python3). Each gate is data from the bundle
+(`{"kind": ..., "url": ...}`); `check` answers (ok, reason) once, `wait` polls until ok or the
+timeout, then raises GateError naming the failed check.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+from infra.hostagent import patroni
+
+
+class GateError(RuntimeError):
+    pass
+
+
+def _get(url: str, timeout: float = 3, data: bytes | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def _json(url: str, data: bytes | None = None):
+    status, body = _get(url, data=data)
+    if status != 200:
+        raise GateError(f"{url} answered {status}")
+    return json.loads(body)
+
+
+def check_http(gate: dict) -> tuple[bool, str]:
+    status, _ = _get(gate["url"])
+    return status == 200, f"{gate['url']} answered {status}"
+
+
+def check_etcd(gate: dict) -> tuple[bool, str]:
+    """This member is healthy (it sees a leader and has quorum) and the cluster has every member started."""
+    health = _json(f"{gate['url']}/health")
+    if health.get("health") != "true":
+        return False, f"etcd {gate['name']}: /health says {health}"
+    # etcd 3.4's gRPC gateway; a member added but not yet started has no name.
+    members = _json(f"{gate['url']}/v3/cluster/member/list", data=b"{}").get("members", [])
+    started = sorted(m.get("name", "") for m in members if m.get("name"))
+    if gate["name"] not in started:
+        return False, f"etcd {gate['name']}: not a started member of the cluster ({started})"
+    if len(started) < gate["members"]:
+        return False, f"etcd {gate['name']}: {len(started)} of {gate['members']} members started ({started})"
+    return True, "healthy"
+
+
+def check_prometheus(gate: dict) -> tuple[bool, str]:
+    """Ready, its last config reload succeeded, and every rule file of the bundle is loaded."""
+    status, _ = _get(f"{gate['url']}/-/ready")
+    if status != 200:
+        return False, f"prometheus: /-/ready answered {status}"
+    runtime = _json(f"{gate['url']}/api/v1/status/runtimeinfo")["data"]
+    if not runtime.get("reloadConfigSuccess", False):
+        return False, "prometheus: the last configuration reload failed (see its log)"
+    groups = _json(f"{gate['url']}/api/v1/rules")["data"]["groups"]
+    loaded = {g["file"] for g in groups}
+    missing = [f for f in gate["rule_files"] if f not in loaded]
+    if missing:
+        return False, f"prometheus: rule files not loaded: {missing}"
+    return True, "ready, rules loaded"
+
+
+def check_alertmanager(gate: dict) -> tuple[bool, str]:
+    """Ready, configuration loaded, and clustered with every peer where there are peers."""
+    status, _ = _get(f"{gate['url']}/-/ready")
+    if status != 200:
+        return False, f"alertmanager: /-/ready answered {status}"
+    _, metrics = _get(f"{gate['url']}/metrics")
+    if b"alertmanager_config_last_reload_successful 1" not in metrics:
+        return False, "alertmanager: the last configuration reload failed (see its log)"
+    state = _json(f"{gate['url']}/api/v2/status")
+    if gate["peers"] > 1:
+        cluster = state.get("cluster", {})
+        peers = len(cluster.get("peers") or [])
+        if cluster.get("status") != "ready" or peers < gate["peers"]:
+            return False, f"alertmanager: cluster {cluster.get('status')} with {peers} of {gate['peers']} peers"
+    return True, "ready"
+
+
+def check_patroni(gate: dict) -> tuple[bool, str]:
+    return patroni.health(gate["api"], gate["name"])
+
+
+CHECKS = {
+    "http": check_http,
+    "etcd": check_etcd,
+    "prometheus": check_prometheus,
+    "alertmanager": check_alertmanager,
+    "patroni": check_patroni,
+}
+
+
+def check(gate: dict) -> tuple[bool, str]:
+    try:
+        return CHECKS[gate["kind"]](gate)
+    except (OSError, ValueError, KeyError, GateError, patroni.PatroniError) as error:
+        return False, f"{gate['kind']}: {error}"
+
+
+def wait(gate: dict, timeout: float, interval: float = 1.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        ok, reason = check(gate)
+        if ok:
+            return reason
+        if time.monotonic() >= deadline:
+            raise GateError(reason)
+        time.sleep(interval)

@@ -1,0 +1,26 @@
+"""The Grafana host: provisioned data sources and dashboards."""
+
+from __future__ import annotations
+
+from infra.hosts.spec import BASE_PACKAGES, HostSpec, SecretEnvironment, node_exporter_file, place
+from infra.render.grafana import render_grafana
+from infra.settings import StackSettings
+from infra.topology import Host, Paths, SecretNames, Topology
+
+
+def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
+    return HostSpec(
+        host=host,
+        instance_type=settings.monitoring.grafana.instance_type,
+        packages=BASE_PACKAGES + ("grafana",),
+        files=(*place(render_grafana(settings, topology), {
+            "grafana/provisioning/": Paths.GRAFANA_PROVISIONING + "/",
+            "grafana/dashboards/": Paths.GRAFANA_DASHBOARDS + "/",
+        }, owner="root:grafana", mode="0640"), node_exporter_file()),
+        services=("grafana-server", "prometheus-node-exporter"),
+        secret_environments=(
+            # Grafana reads any setting from a GF_<SECTION>_<KEY> environment variable.
+            SecretEnvironment("grafana-server", (("GF_SECURITY_ADMIN_PASSWORD", SecretNames.GRAFANA_ADMIN_PASSWORD),),
+                              "grafana:grafana"),
+        ),
+    )

@@ -1,0 +1,62 @@
+"""A monitoring host: Prometheus, Alertmanager and redis_exporter."""
+
+from __future__ import annotations
+
+from infra.hosts.spec import (
+    BASE_PACKAGES,
+    DataVolume,
+    File,
+    HostSpec,
+    SecretEnvironment,
+    SecretFile,
+    env_file,
+    node_exporter_file,
+    place,
+    shell_args,
+)
+from infra.render.alertmanager import alertmanager_args, render_alertmanager
+from infra.render.prometheus import prometheus_args, render_prometheus
+from infra.settings import StackSettings
+from infra.topology import Host, Paths, Ports, SecretNames, Topology
+
+MONITORING_SECRETS = (
+    SecretNames.PAGERDUTY_ROUTING_KEY,
+    SecretNames.SLACK_CRITICAL_WEBHOOK,
+    SecretNames.SLACK_WARNINGS_WEBHOOK,
+    SecretNames.DEADMAN_HEARTBEAT_KEY,
+)
+
+
+def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
+    prometheus = render_prometheus(settings, topology)
+    alertmanager = render_alertmanager(settings, topology)
+    redis_exporter_args = [
+        f"--redis.addr=rediss://{topology.redis_endpoint}:{Ports.REDIS}",
+        f"--web.listen-address=:{Ports.REDIS_EXPORTER}",
+    ]
+    files = [
+        *place(prometheus, {"prometheus/prometheus.yml": Paths.PROMETHEUS_CONFIG,
+                            "prometheus/rules/": Paths.PROMETHEUS_RULES_DIR + "/"}),
+        *place(alertmanager, {"alertmanager/alertmanager.yml": Paths.ALERTMANAGER_CONFIG,
+                              "alertmanager/": "/etc/prometheus/alertmanager/"}),
+        # The flags Prometheus really runs with (retention included); the policy pack reads them from here.
+        File("/etc/default/prometheus", env_file({"ARGS": shell_args(prometheus_args(settings))})),
+        File("/etc/default/prometheus-alertmanager", env_file({"ARGS": shell_args(alertmanager_args(settings, topology, host))})),
+        File("/etc/default/prometheus-redis-exporter", env_file({"ARGS": shell_args(redis_exporter_args)})),
+        node_exporter_file(),
+    ]
+    prometheus_settings = settings.monitoring.prometheus
+    return HostSpec(
+        host=host,
+        instance_type=prometheus_settings.instance_type,
+        packages=BASE_PACKAGES + ("prometheus", "prometheus-alertmanager", "prometheus-redis-exporter"),
+        files=tuple(files),
+        services=("prometheus", "prometheus-alertmanager", "prometheus-redis-exporter", "prometheus-node-exporter"),
+        volume=DataVolume("prometheus-tsdb", Paths.PROMETHEUS_DATA, "prometheus:prometheus", prometheus_settings.volume),
+        secret_files=tuple(SecretFile(name, "prometheus:prometheus") for name in MONITORING_SECRETS + (
+            (SecretNames.SMTP_AUTH_PASSWORD,) if settings.alerting.smtp_auth_username else ())),
+        secret_environments=(
+            SecretEnvironment("prometheus-redis-exporter", (("REDIS_PASSWORD", SecretNames.REDIS_AUTH_TOKEN),),
+                              "prometheus:prometheus"),
+        ),
+    )

@@ -1,0 +1,160 @@
+"""What runs where, as pure data: the HostSpec a platform (infra/platforms/aws.py) turns into an
+instance, its data volume, its boot configuration and its IAM scope, and the security-group rules.
+
+The role modules beside this one (etcd, postgres, clickhouse, monitoring, grafana) build one
+HostSpec each from settings, topology and the renderers. Nothing here imports Pulumi.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from typing import Literal
+
+from infra.settings import StackSettings, VolumeSettings
+from infra.topology import Host, Paths, Ports
+
+SecurityRole = Literal["etcd", "postgres", "postgres-lb", "redis", "clickhouse", "monitoring", "grafana", "clients"]
+
+
+@dataclass(frozen=True)
+class File:
+    path: str
+    content: bytes
+    mode: str = "0644"
+    owner: str = "root:root"
+
+
+@dataclass(frozen=True)
+class SecretFile:
+    """A secret written at boot from its SSM SecureString parameter to secret_path(name)."""
+
+    name: str
+    owner: str
+    mode: str = "0400"
+
+
+@dataclass(frozen=True)
+class SecretEnvironment:
+    """An EnvironmentFile for a systemd unit, assembled at boot from SSM parameters."""
+
+    unit: str
+    variables: tuple[tuple[str, str], ...]  # (environment variable, secret name)
+    owner: str = "root:root"
+
+    @property
+    def path(self) -> str:
+        return f"{Paths.SECRETS_DIR}/{self.unit}.env"
+
+
+@dataclass(frozen=True)
+class DataVolume:
+    purpose: str  # tag Role on the volume: postgres-data, etcd-data, clickhouse-data, prometheus-tsdb
+    mount: str
+    owner: str
+    settings: VolumeSettings
+
+
+@dataclass(frozen=True)
+class BucketGrant:
+    bucket: str
+    prefix: str
+    write: bool
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    host: Host
+    instance_type: str
+    packages: tuple[str, ...]
+    files: tuple[File, ...]
+    services: tuple[str, ...]  # systemd units enabled and started once everything is in place, in order
+    volume: DataVolume | None = None
+    secret_files: tuple[SecretFile, ...] = ()
+    secret_environments: tuple[SecretEnvironment, ...] = ()
+    bucket_grants: tuple[BucketGrant, ...] = ()
+    boot_commands: tuple[str, ...] = ()  # run after packages and secrets, before the services start
+
+    @property
+    def secret_names(self) -> tuple[str, ...]:
+        names = {s.name for s in self.secret_files}
+        names.update(name for env in self.secret_environments for _, name in env.variables)
+        return tuple(sorted(names))
+
+
+@dataclass(frozen=True)
+class Ingress:
+    role: SecurityRole  # the security group the rule belongs to
+    port: int
+    sources: tuple[SecurityRole, ...]
+    description: str
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+
+def ingress_rules(settings: StackSettings) -> tuple[Ingress, ...]:
+    """Every open port and who may reach it; nothing is open to a CIDR."""
+    scrape = ("monitoring",)
+    rules = [
+        Ingress("etcd", Ports.ETCD_CLIENT, ("postgres", "monitoring"), "etcd clients: Patroni, and Prometheus scraping /metrics"),
+        Ingress("etcd", Ports.ETCD_PEER, ("etcd",), "etcd peers"),
+        Ingress("postgres", Ports.POSTGRES, ("postgres", "postgres-lb", "clients"),
+                "PostgreSQL: replication, load balancer, clients"),
+        Ingress("postgres", Ports.PATRONI_API, ("postgres", "postgres-lb", "monitoring"),
+                "Patroni REST API: members, load-balancer health checks (/primary, /replica), /metrics"),
+        Ingress("postgres", Ports.POSTGRES_EXPORTER, scrape, "postgres_exporter"),
+        Ingress("postgres-lb", Ports.POSTGRES, ("clients",), "writes, routed to the leader"),
+        Ingress("postgres-lb", Ports.POSTGRES + 1, ("clients",), "reads, routed to the replicas"),
+        Ingress("redis", Ports.REDIS, ("clients", "monitoring"), "Redis: clients and redis_exporter"),
+        Ingress("clickhouse", Ports.CLICKHOUSE_HTTP, ("clients", "grafana"), "ClickHouse HTTP"),
+        Ingress("clickhouse", Ports.CLICKHOUSE_NATIVE, ("clients",), "ClickHouse native protocol"),
+        Ingress("clickhouse", Ports.CLICKHOUSE_METRICS, scrape, "ClickHouse Prometheus endpoint"),
+        Ingress("monitoring", Ports.PROMETHEUS, ("monitoring", "grafana"), "Prometheus: self-scrape and Grafana"),
+        Ingress("monitoring", Ports.ALERTMANAGER, ("monitoring", "grafana"), "Alertmanager: Prometheus, peers, Grafana"),
+        Ingress("monitoring", Ports.ALERTMANAGER_CLUSTER, ("monitoring",), "Alertmanager gossip", "tcp"),
+        Ingress("monitoring", Ports.ALERTMANAGER_CLUSTER, ("monitoring",), "Alertmanager gossip", "udp"),
+        Ingress("monitoring", Ports.REDIS_EXPORTER, scrape, "redis_exporter"),
+        Ingress("grafana", Ports.GRAFANA, ("clients", "monitoring"), "Grafana UI and its /metrics"),
+    ]
+    rules += [
+        Ingress(role, Ports.NODE_EXPORTER, scrape, "node_exporter")
+        for role in ("etcd", "postgres", "clickhouse", "monitoring", "grafana")
+    ]
+    return tuple(rules)
+
+
+def env_file(variables: dict[str, str]) -> bytes:
+    """A systemd EnvironmentFile; values double-quoted with systemd's escapes."""
+    lines = []
+    for key, value in variables.items():
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        lines.append(f'{key}="{escaped}"')
+    return ("\n".join(lines) + "\n").encode()
+
+
+def shell_args(args: tuple[str, ...] | list[str]) -> str:
+    """Command-line arguments as one shell-quoted string (an ARGS= value in /etc/default)."""
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def node_exporter_file() -> File:
+    return File(
+        "/etc/default/prometheus-node-exporter",
+        env_file({"ARGS": f"--collector.textfile.directory={Paths.NODE_EXPORTER_TEXTFILE_DIR} --collector.systemd"}),
+    )
+
+
+def place(rendered: dict[str, bytes], locations: dict[str, str], owner: str = "root:root", mode: str = "0644") -> list[File]:
+    """Place rendered files on a host: `locations` maps a rendered path (or a folder ending in /) to a host path."""
+    files = []
+    for rel, content in sorted(rendered.items()):
+        if rel in locations:
+            files.append(File(locations[rel], content, mode, owner))
+            continue
+        folder = next((f for f in locations if f.endswith("/") and rel.startswith(f)), None)
+        if folder is None:
+            raise ValueError(f"no host location for rendered file {rel}")
+        files.append(File(locations[folder] + rel[len(folder):], content, mode, owner))
+    return files
+
+
+BASE_PACKAGES = ("awscli", "prometheus-node-exporter", "xfsprogs")

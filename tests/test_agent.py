@@ -1,0 +1,194 @@
+"""The host agent's apply on a real file system: idempotent, atomic, owners and modes, the least
+action per changed file, a file changed by hand put back, a failed gate naming host and check.
+
+The platform here writes under a temporary root and records service actions instead of calling
+systemd; the file-system code and the decisions are the agent's own. What it cannot see: apt,
+EBS, SSM and systemd themselves (the sandbox runs the same apply against real daemons).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from infra.bundle import render_bundle
+from infra.hostagent import agent
+from infra.hosts import host_specs
+from infra.settings import load_settings
+from infra.topology import build_topology
+from tests.conftest import stack_config
+
+
+class RecordingPlatform:
+    """Files under `root`; services and secrets in memory."""
+
+    def __init__(self, root, secrets: dict[str, str] | None = None):
+        self.root = str(root)
+        self.secrets = secrets or {}
+        self.active_units: set[str] = set()
+        self.calls: list[str] = []
+
+    def path(self, path: str) -> str:
+        return self.root + path
+
+    def install(self, packages):
+        return []
+
+    def mount(self, volume):
+        os.makedirs(self.path(volume["mount"]), exist_ok=True)
+        return False
+
+    def secret(self, parameter):
+        return self.secrets.get(parameter, f"secret-of-{parameter}")
+
+    def chown(self, path, owner):
+        os.chown(path, *agent._owner_ids(owner))
+
+    def boot_command(self, command):
+        self.calls.append(f"boot {command}")
+
+    def daemon_reload(self):
+        self.calls.append("daemon-reload")
+
+    def active(self, unit):
+        return unit in self.active_units
+
+    def start(self, unit):
+        self.active_units.add(unit)
+        self.calls.append(f"start {unit}")
+
+    def restart(self, unit):
+        self.calls.append(f"restart {unit}")
+
+    def reload(self, unit):
+        self.calls.append(f"reload {unit}")
+
+
+def _bundle(host: str, stack: str = "prod") -> dict:
+    settings = load_settings(stack_config(stack), stack)
+    topology = build_topology(settings)
+    (spec,) = [s for s in host_specs(settings, topology) if s.host.name == host]
+    document = json.loads(render_bundle(spec, settings, topology))
+    for service in document["services"]:
+        service["gate"] = None  # no daemons here; the gates are exercised below and in the sandbox
+    document.pop("patroni", None)
+    return document
+
+
+def _file(bundle: dict, path: str) -> dict:
+    return next(f for f in bundle["files"] if f["path"] == path)
+
+
+def test_first_apply_writes_every_file_with_owner_and_mode_then_starts_in_order(tmp_path):
+    bundle = _bundle("monitoring-1")
+    platform = RecordingPlatform(tmp_path)
+    report = agent.apply(bundle, platform)
+    for file in bundle["files"]:
+        path = platform.path(file["path"])
+        assert open(path).read() == file["content"], file["path"]
+        info = os.stat(path)
+        assert stat.S_IMODE(info.st_mode) == int(file["mode"], 8), file["path"]
+        assert (info.st_uid, info.st_gid) == agent._owner_ids(file["owner"]), file["path"]
+    assert [c for c in platform.calls if c.startswith("start")] == [f"start {s['unit']}" for s in bundle["services"]]
+    assert len(report.changed) == len(bundle["files"]) + len(bundle["secret_files"]) + len(bundle["secret_environments"])
+
+
+def test_a_second_apply_changes_nothing_and_restarts_nothing(tmp_path):
+    bundle = _bundle("pg-1")
+    platform = RecordingPlatform(tmp_path)
+    agent.apply(bundle, platform)
+    platform.calls.clear()
+    report = agent.apply(bundle, platform)
+    assert report.changed == [] and report.actions == []
+    assert not [c for c in platform.calls if c.split()[0] in ("start", "restart", "reload", "daemon-reload")]
+
+
+def test_a_file_changed_by_hand_is_put_back_with_its_least_action(tmp_path):
+    bundle = _bundle("monitoring-1")
+    platform = RecordingPlatform(tmp_path)
+    agent.apply(bundle, platform)
+    platform.calls.clear()
+    rules = next(f for f in bundle["files"] if f["path"].startswith("/etc/prometheus/rules/"))
+    with open(platform.path(rules["path"]), "a") as handle:
+        handle.write("# edited by hand\n")
+    os.chmod(platform.path("/etc/default/prometheus-redis-exporter"), 0o600)
+    report = agent.apply(bundle, platform)
+    assert sorted(report.changed) == sorted([rules["path"], "/etc/default/prometheus-redis-exporter"])
+    assert open(platform.path(rules["path"])).read() == rules["content"]
+    # Rules need a reload of Prometheus; the exporter's flags a restart of the exporter; nothing else moves.
+    assert sorted(c for c in platform.calls if c.split()[0] in ("restart", "reload")) == [
+        "reload prometheus", "restart prometheus-redis-exporter"]
+
+
+def test_the_strongest_action_wins_and_a_drop_in_reloads_systemd(tmp_path):
+    bundle = _bundle("monitoring-1")
+    platform = RecordingPlatform(tmp_path)
+    agent.apply(bundle, platform)
+    platform.calls.clear()
+    _file(bundle, "/etc/prometheus/prometheus.yml")["content"] += "# new\n"  # reload
+    _file(bundle, "/etc/default/prometheus")["content"] += "# new\n"  # restart
+    drop_in = next(f for f in bundle["files"] if f["path"].endswith("betting-secrets.conf"))
+    drop_in["content"] += "# new\n"
+    agent.apply(bundle, platform)
+    assert "daemon-reload" in platform.calls
+    actions = [c for c in platform.calls if c.split()[0] in ("restart", "reload")]
+    assert "restart prometheus" in actions and "reload prometheus" not in actions
+    unit = drop_in["path"].split("/")[4].removesuffix(".service.d")
+    assert f"restart {unit}" in actions
+
+
+def test_a_rotated_secret_restarts_the_unit_that_reads_it(tmp_path):
+    bundle = _bundle("pg-1")
+    platform = RecordingPlatform(tmp_path)
+    agent.apply(bundle, platform)
+    environment = bundle["secret_environments"][0]
+    platform.secrets[next(iter(environment["variables"].values()))] = "rotated"
+    platform.calls.clear()
+    agent.apply(bundle, platform)
+    assert f"restart {environment['unit']}" in platform.calls
+    assert oct(os.stat(platform.path(environment["path"])).st_mode & 0o777) == "0o400"
+
+
+def test_a_write_is_atomic_and_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "etc" / "x.conf"
+    agent.write_atomic(str(target), b"one\n", "0640", "root:root")
+    inode = os.stat(target).st_ino
+    assert agent.converge_file(str(target), b"two\n", "0640", "root:root")
+    assert target.read_bytes() == b"two\n" and os.stat(target).st_ino != inode  # renamed over, never rewritten in place
+    assert [p.name for p in target.parent.iterdir()] == ["x.conf"]
+
+
+class _Status(BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_response(type(self).status)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_gate_that_stays_red_fails_the_apply_naming_host_and_check(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Status)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        bundle = _bundle("monitoring-1")
+        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+        for service in bundle["services"]:
+            if service["unit"] == "prometheus-node-exporter":
+                service["gate"] = {"kind": "http", "url": url}
+        _Status.status = 200
+        agent.apply(bundle, RecordingPlatform(tmp_path / "ok"))
+        _Status.status = 503
+        with pytest.raises(agent.ApplyError) as failure:
+            agent.apply(bundle, RecordingPlatform(tmp_path / "red"), gate_timeout=1.5)
+        assert str(failure.value) == (f"monitoring-1: prometheus-node-exporter health (http) failed: "
+                                      f"{url} answered 503")
+    finally:
+        server.shutdown()
