@@ -153,6 +153,42 @@ class Writer:
         return sorted({ack.id for ack in self.acks} - present)
 
 
+
+class ClusterSampler:
+    """GET /cluster every 0.2 s from the first member that answers; records who is not running
+    (members missing from /cluster included), so a rollout can show how many were down at once."""
+
+    def __init__(self, urls: dict[str, str], interval: float = 0.2):
+        self.urls, self.names, self.interval = urls, list(urls), interval
+        self.samples: list[tuple[float, list[str], str | None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for url in self.urls.values():
+                try:
+                    members = {m["name"]: m for m in requests.get(f"{url}/cluster", timeout=1).json()["members"]}
+                except (requests.RequestException, ValueError, KeyError):
+                    continue
+                down = [n for n in self.names if members.get(n, {}).get("state") != "running"]
+                leader = next((n for n, m in members.items() if m["role"] == "leader"), None)
+                self.samples.append((time.monotonic(), down, leader))
+                break
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> ClusterSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    @property
+    def most_down(self) -> int:
+        return max((len(down) for _, down, _ in self.samples), default=0)
+
 def _shutdown_socket(conn) -> None:
     try:
         socket.socket(fileno=os.dup(conn.pgconn.socket)).shutdown(socket.SHUT_RDWR)

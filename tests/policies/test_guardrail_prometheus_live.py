@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from infra.units import duration_seconds
-from policies.rules.prometheus_flags import DEFAULTS_FILE, args_from_defaults, retention_from_args, write_files
+from policies.rules.prometheus_flags import DEFAULTS_FILE, args_from_defaults, retention_from_args, bundle_files
 
 ROOT = Path(__file__).resolve().parents[2]
 _BINARY_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "PiB": 2**50}
@@ -25,8 +25,9 @@ _BINARY_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
 
 def _shipped_defaults_file(stack: str) -> str:
     plan = json.loads((ROOT / "plans" / f"{stack}.json").read_text())
-    (instance,) = [r for r in plan["resources"] if r["name"] == "monitoring-monitoring-1"]
-    return write_files(instance["props"]["userData"])[DEFAULTS_FILE]
+    # The host's files arrive in its bundle (the user data is only the boot stub).
+    (bundle,) = [r for r in plan["resources"] if r["name"] == "bundles-monitoring-1"]
+    return bundle_files(bundle["props"]["content"])[DEFAULTS_FILE]
 
 
 CASES = {

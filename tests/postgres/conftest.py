@@ -3,13 +3,14 @@ Alertmanager) shared by the live tests of this folder, on its own ports and stat
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from infra.sandbox.runner import Sandbox
+from infra.sandbox.runner import ALL_SERVICES, Sandbox
 from infra.settings import load_settings
 from tests.conftest import stack_config
 
@@ -23,17 +24,24 @@ def prod_settings():
     return load_settings(stack_config("prod"), "prod")
 
 
-@pytest.fixture(scope="session")
-def live_sandbox(prod_settings):
+@contextlib.contextmanager
+def running_sandbox(settings, port_base: int, prefix: str, services=ALL_SERVICES):
+    """A sandbox of `settings` on its own ports, always taken down and removed."""
     # Not pytest's tmp_path: the postgres user must be able to reach the state dir.
-    state_dir = Path(tempfile.mkdtemp(prefix="pg-live-"))
-    sandbox = Sandbox(state_dir, LIVE_PORT_BASE)
+    state_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    sandbox = Sandbox(state_dir, port_base)
     try:
-        sandbox.up(prod_settings)
+        sandbox.up(settings, services=services)
         yield sandbox
     finally:
         sandbox.down()
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def live_sandbox(prod_settings):
+    with running_sandbox(prod_settings, LIVE_PORT_BASE, "pg-live-") as sandbox:
+        yield sandbox
 
 
 @pytest.fixture

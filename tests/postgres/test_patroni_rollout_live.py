@@ -5,21 +5,18 @@ whose Patroni is gone."""
 
 from __future__ import annotations
 
-import shutil
 import signal
-import tempfile
-import threading
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
 import requests
 
 from infra.hostagent import patroni
-from infra.sandbox.runner import Sandbox, wait_for
+from infra.sandbox.runner import wait_for
 from infra.topology import SecretNames
-from scripts.failover_drill import Writer
+from scripts.failover_drill import ClusterSampler, Writer
+from tests.postgres.conftest import running_sandbox
 
 pytestmark = pytest.mark.live
 
@@ -29,15 +26,8 @@ PORT_BASE = 26800
 
 @pytest.fixture(scope="module")
 def sandbox(prod_settings):
-    # Not pytest's tmp_path: the postgres user must be able to reach the state dir.
-    state_dir = Path(tempfile.mkdtemp(prefix="pg-rollout-"))
-    box = Sandbox(state_dir, PORT_BASE)
-    try:
-        box.up(prod_settings, services=("postgres",))
+    with running_sandbox(prod_settings, PORT_BASE, "pg-rollout-", services=("postgres",)) as box:
         yield box
-    finally:
-        box.down()
-        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -60,41 +50,6 @@ def _leader_name(sandbox) -> str:
 def _setting(sandbox, node, name: str) -> str:
     with psycopg.connect(sandbox.dsn(node), autocommit=True, connect_timeout=3) as conn:
         return conn.execute("SELECT setting FROM pg_settings WHERE name = %s", (name,)).fetchone()[0]
-
-
-class ClusterSampler:
-    """GET /cluster every 0.2 s; records which members are not running (absent ones included)."""
-
-    def __init__(self, sandbox):
-        self.sandbox, self.names = sandbox, [n.name for n in sandbox.topology.postgres]
-        self.samples: list[tuple[float, list[str], str | None]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self):
-        while not self._stop.is_set():
-            for url in _urls(self.sandbox).values():
-                try:
-                    members = {m["name"]: m for m in requests.get(f"{url}/cluster", timeout=1).json()["members"]}
-                except (requests.RequestException, ValueError, KeyError):
-                    continue
-                down = [n for n in self.names if members.get(n, {}).get("state") != "running"]
-                leader = next((n for n, m in members.items() if m["role"] == "leader"), None)
-                self.samples.append((time.monotonic(), down, leader))
-                break
-            self._stop.wait(0.2)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(5)
-
-    @property
-    def most_down(self) -> int:
-        return max(len(down) for _, down, _ in self.samples)
 
 
 def test_dynamic_config_reaches_every_member_and_converges(healthy):
@@ -125,7 +80,7 @@ def _rollout(sandbox, order: list[str], new_value: int) -> dict:
     writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD))
     writer.ensure_table()
     writer.start()
-    with ClusterSampler(sandbox) as sampler:
+    with ClusterSampler(_urls(sandbox)) as sampler:
         patch = patroni.apply_dynamic_config(urls[order[0]], {"postgresql": {"parameters": {"max_connections": new_value}}})
         assert patch == {"postgresql": {"parameters": {"max_connections": new_value}}}
         for name, url in urls.items():
@@ -231,7 +186,7 @@ def test_the_agent_rolls_a_bundle_change_through_the_cluster(healthy, prod_setti
     writer = Writer(list(urls.values()), healthy.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD))
     writer.ensure_table()
     writer.start()
-    with ClusterSampler(healthy) as sampler:
+    with ClusterSampler(_urls(healthy)) as sampler:
         for name in order:
             section = bundle_document(specs[name], prod_settings, healthy.topology)["patroni"]
             section["api"] = urls[name]  # the sandbox's port for 127.0.0.1:8008: the only mapped part
@@ -249,8 +204,3 @@ def test_the_agent_rolls_a_bundle_change_through_the_cluster(healthy, prod_setti
     assert writer.missing(healthy.dsn(leader)) == []
     assert sampler.most_down <= 1
     assert len(requests.get(f"{urls[leader.name]}/history", timeout=3).json()) - len(history) <= 1
-    # Back to the rendered values for the other tests: the same step, the stack's own bundle.
-    for name in order:
-        section = bundle_document(specs[name], prod_settings, healthy.topology)["patroni"]
-        section["api"] = urls[name]
-        agent._converge_patroni(name, section, agent.Report(name), 300)
