@@ -148,7 +148,8 @@ def patroni():
 def fake_bin():
     """A directory the postgres user can reach (pytest's tmp_path is root-only) for the fake pgbackrest."""
     if os.geteuid() != 0:
-        pytest.skip("runs the job as cron does, as root (runuser -u postgres needs root)")
+        # cron runs the job as root and runuser needs root: the test must run as root (CI does), never skip.
+        pytest.fail("run the tests as root: the job runs as cron runs it, as root (runuser -u postgres)")
     try:
         pwd.getpwnam("postgres")
     except KeyError:
