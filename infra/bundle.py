@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from infra.hostagent.agent import AGENT_COMMAND, AGENT_ROOT
 from infra.hosts.spec import File, HostSpec
 from infra.render.patroni import patroni_config
 from infra.settings import StackSettings
 from infra.topology import Paths, Ports, Topology, secret_path, ssm_parameter_name
 
 FORMAT = 1
-AGENT_ROOT = "/usr/local/lib/betting-agent"  # the agent's package lives here on a host (PYTHONPATH)
-AGENT_COMMAND = "/usr/local/sbin/betting-agent"
 HOSTAGENT_DIR = Path(__file__).resolve().parent / "hostagent"
 # The agent's own modules travel in every bundle: a new agent rolls like any other file.
 AGENT_MODULES = ("__init__.py", "agent.py", "gates.py", "patroni.py")

@@ -192,3 +192,45 @@ def test_a_gate_that_stays_red_fails_the_apply_naming_host_and_check(tmp_path):
                                       f"{url} answered 503")
     finally:
         server.shutdown()
+
+
+class _Replica(BaseHTTPRequestHandler):
+    """Patroni's /patroni as a running replica answers it (3.0.2's fields)."""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        body = json.dumps({"state": "running", "role": "replica", "xlog": {"paused": False}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_check_and_handover_commands_read_the_last_applied_bundle(tmp_path, monkeypatch, capsys):
+    """`betting-agent check` (what a roll waits on) and `handover` (before a host is replaced)."""
+    gate_server = ThreadingHTTPServer(("127.0.0.1", 0), _Status)
+    patroni_server = ThreadingHTTPServer(("127.0.0.1", 0), _Replica)
+    for server in (gate_server, patroni_server):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        bundle = _bundle("pg-1")
+        url = f"http://127.0.0.1:{gate_server.server_address[1]}/metrics"
+        bundle["services"][1]["gate"] = {"kind": "http", "url": url}
+        bundle["patroni"] = {"api": f"http://127.0.0.1:{patroni_server.server_address[1]}"}
+        (tmp_path / "bundle.json").write_text(json.dumps(bundle))
+        (tmp_path / "applied.json").write_text(json.dumps({"bundle": str(tmp_path / "bundle.json")}))
+        (tmp_path / "host.json").write_text(json.dumps({"host": "pg-1", "region": "eu-west-1"}))
+        monkeypatch.setattr(agent, "STATE_DIR", str(tmp_path))
+        monkeypatch.setattr(agent, "HOST_CONFIG", str(tmp_path / "host.json"))
+        _Status.status = 200
+        assert agent.main(["check"]) == 0
+        _Status.status = 503
+        assert agent.main(["check"]) == 1
+        assert capsys.readouterr().err == f"pg-1: {bundle['services'][1]['unit']}: {url} answered 503\n"
+        assert agent.main(["handover"]) == 0
+        assert "pg-1: not the leader; nothing to hand over" in capsys.readouterr().out
+    finally:
+        gate_server.shutdown()
+        patroni_server.shutdown()

@@ -129,3 +129,12 @@ def test_a_secret_that_is_not_readable_yet_is_retried_then_given_up(monkeypatch)
     assert host.secret("/betting/dev/x", attempts=5) == "s3cret" and host.calls == 3
     with pytest.raises(subprocess.CalledProcessError):
         Flaky(failures=5).secret("/betting/dev/x", attempts=5)
+
+
+def test_the_stub_and_the_agent_agree_on_where_things_are():
+    """The stub cannot import the agent (it runs before the agent exists): the paths are checked here."""
+    from infra.hostagent import stub
+
+    assert (stub.HOST_CONFIG, stub.AGENT_ROOT, stub.AGENT_COMMAND) == (
+        agent.HOST_CONFIG, agent.AGENT_ROOT, agent.AGENT_COMMAND)
+    assert stub.BUNDLES == f"{agent.STATE_DIR}/bundles"

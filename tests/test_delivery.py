@@ -213,3 +213,15 @@ def test_each_host_role_reads_only_its_own_bundles(stack):
         parameter = bundles.digest_parameter_name(settings.environment, host.name)
         assert statements["ReadOwnBundleDigest"]["Resource"] == [
             f"arn:aws:ssm:{settings.region}:123456789012:parameter{parameter}"]
+
+
+def test_every_rollout_parameter_passes_the_documents_allowed_pattern(stack):
+    """SSM refuses an association whose parameter does not match the document's allowedPattern."""
+    import re
+
+    evaluation = evaluate(stack, stack_config(stack))
+    (document,) = [r for r in evaluation.resources if r.type == "aws:ssm/document:Document"]
+    pattern = json.loads(document.props["content"])["parameters"]["digests"]["allowedPattern"]
+    for association in (r for r in evaluation.resources if r.type == "aws:ssm/association:Association"):
+        assert re.fullmatch(pattern, association.props["parameters"]["digests"]), association.name
+    assert not re.fullmatch(pattern, '{"pg-1": "$(reboot)"}')

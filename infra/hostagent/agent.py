@@ -37,7 +37,7 @@ STATE_DIR = "/var/lib/betting"
 LOCK = "/run/betting-agent.lock"
 NO_AUTOSTART = "/usr/sbin/policy-rc.d"  # exit 101: Debian packages must not start before their config is in place
 VOLUME_WAIT_SECONDS = 600
-AGENT_ROOT = "/usr/local/lib/betting-agent"
+AGENT_ROOT = "/usr/local/lib/betting-agent"  # the agent's package on a host (the launcher's PYTHONPATH)
 AGENT_COMMAND = "/usr/local/sbin/betting-agent"
 GATE_TIMEOUT = {"patroni": 600.0, "etcd": 180.0}  # a replica's rejoin or an etcd catch-up takes a while
 DEFAULT_GATE_TIMEOUT = 120.0
@@ -66,9 +66,12 @@ class DebianHost:
     def succeeds(self, *command: str) -> bool:
         return subprocess.run(command, capture_output=True).returncode == 0
 
+    def _installed(self, package: str) -> bool:
+        query = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
+        return query.returncode == 0 and query.stdout == "install ok installed"
+
     def install(self, packages: list[str]) -> list[str]:
-        missing = [p for p in packages if not self.succeeds("dpkg-query", "-W", "-f=${Status}\n", p)
-                   or "install ok installed" not in self.run("dpkg-query", "-W", "-f=${Status}", p)]
+        missing = [p for p in packages if not self._installed(p)]
         if not missing:
             return []
         write_atomic(NO_AUTOSTART, b"#!/bin/sh\nexit 101\n", "0755")
@@ -317,11 +320,15 @@ def _host_config() -> dict:
         return json.load(handle)
 
 
+def bundle_key(config: dict, content_digest: str) -> str:
+    return f"bundles/{config['host']}/{content_digest}.json"
+
+
 def fetch(config: dict, content_digest: str) -> str:
     """Download bundles/<host>/<digest>.json and check its sha256; return the local path."""
     os.makedirs(f"{STATE_DIR}/bundles", exist_ok=True)
     path = f"{STATE_DIR}/bundles/{content_digest}.json"
-    key = f"bundles/{config['host']}/{content_digest}.json"
+    key = bundle_key(config, content_digest)
     subprocess.run(["aws", "s3api", "get-object", "--region", config["region"], "--bucket", config["bucket"], "--key", key,
                     path], check=True, capture_output=True)
     with open(path, "rb") as handle:

@@ -55,11 +55,15 @@ def check_etcd(gate: dict) -> tuple[bool, str]:
     return True, "healthy"
 
 
+def _not_ready(what: str, url: str) -> str | None:
+    status, _ = _get(f"{url}/-/ready")
+    return None if status == 200 else f"{what}: /-/ready answered {status}"
+
+
 def check_prometheus(gate: dict) -> tuple[bool, str]:
     """Ready, its last config reload succeeded, and every rule file of the bundle is loaded."""
-    status, _ = _get(f"{gate['url']}/-/ready")
-    if status != 200:
-        return False, f"prometheus: /-/ready answered {status}"
+    if reason := _not_ready("prometheus", gate["url"]):
+        return False, reason
     runtime = _json(f"{gate['url']}/api/v1/status/runtimeinfo")["data"]
     if not runtime.get("reloadConfigSuccess", False):
         return False, "prometheus: the last configuration reload failed (see its log)"
@@ -73,9 +77,8 @@ def check_prometheus(gate: dict) -> tuple[bool, str]:
 
 def check_alertmanager(gate: dict) -> tuple[bool, str]:
     """Ready, configuration loaded, and clustered with every peer where there are peers."""
-    status, _ = _get(f"{gate['url']}/-/ready")
-    if status != 200:
-        return False, f"alertmanager: /-/ready answered {status}"
+    if reason := _not_ready("alertmanager", gate["url"]):
+        return False, reason
     _, metrics = _get(f"{gate['url']}/metrics")
     if b"alertmanager_config_last_reload_successful 1" not in metrics:
         return False, "alertmanager: the last configuration reload failed (see its log)"

@@ -60,13 +60,17 @@ def install_aws_cli() -> None:
     retry("installing awscli", lambda: run("env", env, "apt-get", "install", "-y", "-q", "awscli"))
 
 
+def bundle_key(config: dict, digest: str) -> str:
+    return f"bundles/{config['host']}/{digest}.json"
+
+
 def fetch_bundle(config: dict) -> tuple[str, dict]:
     digest = retry("reading the bundle digest", lambda: run(
         "aws", "ssm", "get-parameter", "--region", config["region"], "--name", config["digest_parameter"],
         "--query", "Parameter.Value", "--output", "text").strip())
     os.makedirs(BUNDLES, exist_ok=True)
     path = f"{BUNDLES}/{digest}.json"
-    key = f"bundles/{config['host']}/{digest}.json"
+    key = bundle_key(config, digest)
     retry(f"downloading s3://{config['bucket']}/{key}", lambda: run(
         "aws", "s3api", "get-object", "--region", config["region"], "--bucket", config["bucket"], "--key", key, path))
     with open(path, "rb") as handle:

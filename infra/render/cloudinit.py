@@ -14,10 +14,11 @@ from pathlib import Path
 import yaml
 
 from infra.bundle import digest_parameter_name
+from infra.hostagent.agent import HOST_CONFIG
 from infra.topology import Host
 
 STUB_PATH = "/usr/local/sbin/betting-stub"
-HOST_CONFIG_PATH = "/etc/betting/host.json"
+HOST_CONFIG_PATH = HOST_CONFIG  # read by the stub and the agent
 _STUB = (Path(__file__).resolve().parents[1] / "hostagent" / "stub.py").read_text()
 
 

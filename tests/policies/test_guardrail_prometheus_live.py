@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from infra.units import duration_seconds
-from policies.rules.prometheus_flags import DEFAULTS_FILE, args_from_defaults, retention_from_args, bundle_files
+from policies.rules.prometheus_flags import DEFAULTS_FILE, args_from_defaults, bundle_files, retention_from_args
 
 ROOT = Path(__file__).resolve().parents[2]
 _BINARY_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "PiB": 2**50}

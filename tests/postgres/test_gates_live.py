@@ -1,0 +1,71 @@
+"""The agent's health gates against the real daemons of the live prod-shaped sandbox.
+
+Each gate is the one in the host's real bundle; only the sandbox's mapping of 127.0.0.1 ports and
+host paths is applied (the mapping module's own functions), so the fields a gate reads are the
+ones etcd 3.4, Patroni 3.0.2, Prometheus 2.42 and Alertmanager 0.25 really answer with. What it
+cannot see: the same daemons under systemd on EC2 (identical binaries and configs otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from infra.bundle import render_bundle
+from infra.hostagent import gates
+from infra.hosts import host_specs
+from infra.sandbox import mapping as m
+from infra.topology import Ports
+
+pytestmark = pytest.mark.live
+
+
+def _gates(sandbox, host_name: str) -> dict[str, dict]:
+    layout, topology = sandbox.layout, sandbox.topology
+    (spec,) = [s for s in host_specs(sandbox.settings, topology) if s.host.name == host_name]
+    host = spec.host
+    local = {  # the host's own loopback ports -> the sandbox's ports for that host
+        f"127.0.0.1:{Ports.ETCD_CLIENT}": f"{m.LOOPBACK}:{layout.etcd_client(host)}" if host.role == "etcd" else None,
+        f"127.0.0.1:{Ports.PATRONI_API}": f"{m.LOOPBACK}:{layout.patroni(host)}" if host.role == "postgres" else None,
+        f"127.0.0.1:{Ports.POSTGRES_EXPORTER}":
+            f"{m.LOOPBACK}:{layout.postgres_exporter(host)}" if host.role == "postgres" else None,
+        f"127.0.0.1:{Ports.PROMETHEUS}": f"{m.LOOPBACK}:{layout.prometheus(host)}" if host.role == "monitoring" else None,
+        f"127.0.0.1:{Ports.ALERTMANAGER}":
+            f"{m.LOOPBACK}:{layout.alertmanager(host)}" if host.role == "monitoring" else None,
+        f"127.0.0.1:{Ports.REDIS_EXPORTER}":
+            f"{m.LOOPBACK}:{layout.redis_exporter(host)}" if host.role == "monitoring" else None,
+        f"127.0.0.1:{Ports.NODE_EXPORTER}": f"{m.LOOPBACK}:{layout.node_exporter}",
+    }
+    mapping = {k.encode(): v.encode() for k, v in local.items() if v}
+    mapping.update(m.monitoring_mapping(layout, topology))  # rule file paths, as the sandbox's Prometheus loads them
+    mapped = json.loads(m.map_bytes(render_bundle(spec, sandbox.settings, topology), mapping))
+    return {s["unit"]: s["gate"] for s in mapped["services"] if s["gate"] is not None}
+
+
+def test_every_gate_of_the_running_hosts_turns_green(cluster):
+    """As the agent waits: a fresh Alertmanager reports its cluster "settling" for a while first."""
+    checked = []
+    for host in cluster.topology.etcd + cluster.topology.postgres + cluster.topology.monitoring:
+        for unit, gate in _gates(cluster, host.name).items():
+            try:
+                gates.wait(gate, 120)
+            except gates.GateError as error:
+                pytest.fail(f"{host.name} {unit}: {error}")
+            checked.append(gate["kind"])
+    assert {"etcd", "patroni", "prometheus", "alertmanager", "http"} <= set(checked)
+
+
+def test_gates_name_what_is_wrong(cluster):
+    etcd = _gates(cluster, "etcd-1")["etcd"]
+    ok, reason = gates.check({**etcd, "name": "etcd-9"})
+    assert not ok and reason.startswith("etcd etcd-9: not a started member of the cluster")
+    ok, reason = gates.check({**etcd, "members": 5})
+    assert not ok and reason == "etcd etcd-1: 3 of 5 members started (['etcd-1', 'etcd-2', 'etcd-3'])"
+    prometheus = _gates(cluster, "monitoring-1")["prometheus"]
+    ok, reason = gates.check({**prometheus, "rule_files": [*prometheus["rule_files"], "/etc/prometheus/rules/gone.yml"]})
+    assert not ok and reason == "prometheus: rule files not loaded: ['/etc/prometheus/rules/gone.yml']"
+    alertmanager = _gates(cluster, "monitoring-1")["prometheus-alertmanager"]
+    gates.wait(alertmanager, 120)
+    ok, reason = gates.check({**alertmanager, "peers": 3})
+    assert not ok and reason == "alertmanager: cluster ready with 2 of 3 peers"
