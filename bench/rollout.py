@@ -53,7 +53,7 @@ def roll(sandbox: Sandbox, settings, new_max_connections: int) -> dict:
             section = bundle_document(specs[name], settings, sandbox.topology)["patroni"]
             section["api"] = url  # the sandbox's port for 127.0.0.1:8008
             section["dynamic"]["postgresql"]["parameters"]["max_connections"] = new_max_connections
-            agent._converge_patroni(name, section, agent.Report(name), 300)
+            agent.converge_patroni(name, section, agent.Report(name), 300)
             gates.wait({"kind": "patroni", "api": url, "name": name}, 120)
         took = time.monotonic() - start
         time.sleep(1)

@@ -218,7 +218,7 @@ def _wait_gate(host: str, unit: str, gate: dict | None, timeout: float | None = 
         raise ApplyError(host, f"{unit} health ({gate['kind']})", str(error)) from None
 
 
-def _converge_patroni(host: str, spec: dict, report: Report, timeout: float) -> None:
+def converge_patroni(host: str, spec: dict, report: Report, timeout: float) -> None:
     """Cluster-wide settings through PATCH /config; a pending restart one member at a time (this one)."""
     api, name = spec["api"], host
     try:
@@ -289,7 +289,7 @@ def apply(bundle: dict, platform, gate_timeout: float | None = None) -> Report:
             platform.reload(unit)
             report.actions.append(f"reload {unit}")
         if unit == "patroni" and "patroni" in bundle:
-            _converge_patroni(host, bundle["patroni"], report, gate_timeout or GATE_TIMEOUT["patroni"])
+            converge_patroni(host, bundle["patroni"], report, gate_timeout or GATE_TIMEOUT["patroni"])
         _wait_gate(host, unit, gate, gate_timeout)
     return report
 

@@ -21,6 +21,7 @@ from infra.topology import Topology
 
 def render_all(settings: StackSettings, topology: Topology) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
+    specs = host_specs(settings, topology)
     parts = [
         render_prometheus(settings, topology),
         render_alertmanager(settings, topology),
@@ -32,9 +33,8 @@ def render_all(settings: StackSettings, topology: Topology) -> dict[str, bytes]:
         *(render_patroni(settings, topology, node) for node in topology.postgres),
         *(render_etcd(settings, topology, member) for member in topology.etcd),
         {f"cloud-init/{spec.host.name}.yaml": render_cloud_init(spec.host, settings.environment, settings.region,
-                                                                 topology.bundle_bucket)
-         for spec in host_specs(settings, topology)},
-        {f"bundles/{spec.host.name}.json": render_bundle(spec, settings, topology) for spec in host_specs(settings, topology)},
+                                                                 topology.bundle_bucket) for spec in specs},
+        {f"bundles/{spec.host.name}.json": render_bundle(spec, settings, topology) for spec in specs},
     ]
     for part in parts:
         for path, content in part.items():

@@ -172,7 +172,7 @@ def test_wait_healthy_names_a_replica_whose_patroni_stopped(healthy):
 
 
 def test_the_agent_rolls_a_bundle_change_through_the_cluster(healthy, prod_settings):
-    """The host agent's own Patroni step (agent._converge_patroni, then its health gate), run host by
+    """The host agent's own Patroni step (agent.converge_patroni, then its health gate), run host by
     host as the SSM association runs it, with the prod bundle's dynamic configuration changed in a
     restart-needing parameter and a DCS setting. What it cannot see: SSM's scheduling and systemd."""
     from infra.bundle import bundle_document
@@ -193,7 +193,7 @@ def test_the_agent_rolls_a_bundle_change_through_the_cluster(healthy, prod_setti
             section["dynamic"]["postgresql"]["parameters"]["max_connections"] = old + 10
             section["dynamic"]["maximum_lag_on_failover"] = 2097152
             report = agent.Report(name)
-            agent._converge_patroni(name, section, report, 300)
+            agent.converge_patroni(name, section, report, 300)
             gates.wait({"kind": "patroni", "api": urls[name], "name": name}, 120)
         time.sleep(1)
     writer.stop()
