@@ -3,10 +3,10 @@
     .venv/bin/python -m bench.rollout                  # prod, max_connections +10, topology order
     .venv/bin/python -m bench.rollout --runs 3
 
-A fresh sandbox of the stack runs the rendered configs; each run raises max_connections by 10 in
-the bundle's dynamic configuration and runs the agent's own Patroni step (PATCH /config, the
-pending restart one member at a time, the health gate) host by host in topology order, as the
-SSM association does, while a writer inserts through whichever node answers /primary and a
+A fresh sandbox of the stack boots its hosts with the host agent; each run raises the stack's
+patroni.maxConnections by 10 and rolls the new bundles with `Sandbox.roll`: the agent's whole
+apply (files, PATCH /config, the pending restart one member at a time, the health gate) host by
+host in rollout order, as the SSM associations do, while a writer inserts through whichever node answers /primary and a
 sampler reads /cluster every 0.2 s. Last line:
 `rollout: 3 members in T s, longest write gap G s, acknowledged writes lost L, members down at once M`.
 Ports 26000-26099 (the bench range).
@@ -24,9 +24,6 @@ from pathlib import Path
 import psycopg
 import requests
 
-from infra.bundle import bundle_document
-from infra.hostagent import agent, gates
-from infra.hosts import host_specs
 from infra.sandbox.cli import stack_settings
 from infra.sandbox.runner import Sandbox
 from infra.topology import SecretNames
@@ -42,19 +39,15 @@ def _max_connections(sandbox: Sandbox, node) -> int:
 
 def roll(sandbox: Sandbox, settings, new_max_connections: int) -> dict:
     urls = {n.name: sandbox.patroni_url(n) for n in sandbox.topology.postgres}
-    specs = {s.host.name: s for s in host_specs(settings, sandbox.topology) if s.host.role == "postgres"}
+    changed = settings.model_copy(update={"patroni": settings.patroni.model_copy(
+        update={"max_connections": new_max_connections})})
     history = len(requests.get(f"{next(iter(urls.values()))}/history", timeout=3).json())
     writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD))
     writer.ensure_table()
     writer.start()
     with ClusterSampler(urls) as sampler:
         start = time.monotonic()
-        for name, url in urls.items():
-            section = bundle_document(specs[name], settings, sandbox.topology)["patroni"]
-            section["api"] = url  # the sandbox's port for 127.0.0.1:8008
-            section["dynamic"]["postgresql"]["parameters"]["max_connections"] = new_max_connections
-            agent.converge_patroni(name, section, agent.Report(name), 300)
-            gates.wait({"kind": "patroni", "api": url, "name": name}, 120)
+        sandbox.roll(changed)
         took = time.monotonic() - start
         time.sleep(1)
     writer.stop()
@@ -79,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sandbox.up(settings, services=("postgres",))
         sandbox.wait_healthy()
-        base = _max_connections(sandbox, sandbox.topology.postgres[0])
+        base = settings.patroni.max_connections
         for run in range(1, args.runs + 1):
             result = roll(sandbox, settings, base + 10 * run)
             if set(result["values"].values()) != {base + 10 * run}:

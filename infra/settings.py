@@ -122,6 +122,19 @@ class EtcdSettings(_Model):
     members: Literal[1, 3, 5]
     instance_type: InstanceType
     data_volume: VolumeSettings = VolumeSettings(size_gib=20)
+    # etcd's tuning knobs (its tuning guide): heartbeat about the peers' round trip, the election
+    # timeout several heartbeats; etcd itself refuses an election timeout under 5 heartbeats or over 50 s.
+    heartbeat_interval_ms: int = Field(default=100, ge=10, le=5000)
+    election_timeout_ms: int = Field(default=1500, ge=50, le=50000)
+
+    @model_validator(mode="after")
+    def _election(self) -> EtcdSettings:
+        if self.election_timeout_ms < 5 * self.heartbeat_interval_ms:
+            raise ValueError(
+                f"electionTimeoutMs must be at least 5 x heartbeatIntervalMs (etcd refuses to start otherwise); "
+                f"found {self.election_timeout_ms} < 5 x {self.heartbeat_interval_ms}"
+            )
+        return self
 
 
 class RedisSettings(_Model):

@@ -52,6 +52,7 @@ class Targets:
     grafana_url: str | None = None
     # Prometheus jobs whose targets the target does not run (reported as not deployed, not down).
     absent_jobs: tuple[str, ...] = ()
+    absent_hosts: tuple[str, ...] = ()  # hosts not deployed (the sandbox runs no ClickHouse or Grafana host)
 
 
 @dataclass
@@ -187,7 +188,11 @@ def check_prometheus(targets: Targets, timeout: float) -> Result:
         active = _get(f"{targets.prometheus_url}/api/v1/targets?state=active", timeout).json()["data"]["activeTargets"]
     except (requests.RequestException, ValueError, KeyError) as error:
         return Result("prometheus", DEGRADED, f"ready, but targets unreadable ({type(error).__name__})")
-    absent = [t for t in active if t["labels"].get("job") in targets.absent_jobs]
+    def not_deployed(target: dict) -> bool:
+        host = target["labels"].get("instance", "").split(":")[0].split(".")[0]
+        return target["labels"].get("job") in targets.absent_jobs or host in targets.absent_hosts
+
+    absent = [t for t in active if not_deployed(t)]
     present = [t for t in active if t not in absent]
     down = sorted(f"{t['labels'].get('job')}/{t['labels'].get('instance')}" for t in present if t.get("health") != "up")
     data = {"targets": len(present), "down": down, "not_deployed": len(absent)}
@@ -251,7 +256,7 @@ def overall(results: list[Result]) -> str:
 
 
 def sandbox_targets(state_dir: Path, port_base: int) -> Targets:
-    from infra.sandbox.mapping import LOOPBACK
+    from infra.sandbox.mapping import LOOPBACK, SANDBOX_ROLES
     from infra.sandbox.runner import Sandbox
     from infra.topology import SecretNames
 
@@ -275,6 +280,7 @@ def sandbox_targets(state_dir: Path, port_base: int) -> Targets:
         prometheus_url=f"http://{LOOPBACK}:{layout.prometheus(host)}" if host else None,
         alertmanager_url=f"http://{LOOPBACK}:{layout.alertmanager(host)}" if host else None,
         absent_jobs=tuple(sorted(absent)),
+        absent_hosts=tuple(h.name for h in sandbox.topology.hosts if h.role not in SANDBOX_ROLES),
     )
 
 

@@ -66,6 +66,7 @@ CHANGES = {
     "a Patroni DCS setting": {"patroni": _set(["maximumLagOnFailover"], 524288)},
     "a scrape interval": {"monitoring": _set(["prometheus", "scrapeInterval"], "20s")},
     "a rule evaluation interval": {"monitoring": _set(["prometheus", "evaluationInterval"], "20s")},
+    "an etcd setting": {"etcd": _set(["electionTimeoutMs"], 2000)},
 }
 
 
@@ -84,11 +85,10 @@ def test_a_config_change_reaches_bundles_and_rollouts_only(prod_before, change):
             assert props == {"key", "content"}, (name, props)
 
 
-def test_an_alert_rule_and_an_etcd_setting_change_bundles_only(prod_before, monkeypatch):
-    """Neither is a stack setting: change the renderers' own values, as a code change would."""
-    from infra.render import etcd, prometheus
+def test_an_alert_rule_change_reaches_the_monitoring_bundles_only(prod_before, monkeypatch):
+    """Not a stack setting: change the renderer's output, as a code change would."""
+    from infra.render import prometheus
 
-    monkeypatch.setattr(etcd, "ELECTION_TIMEOUT_MS", 2000)
     original = prometheus.render_prometheus
 
     def with_changed_rule(settings, topology):
@@ -100,7 +100,7 @@ def test_an_alert_rule_and_an_etcd_setting_change_bundles_only(prod_before, monk
     monkeypatch.setattr("infra.hosts.monitoring.render_prometheus", with_changed_rule)
     changed = _changed(prod_before, _evaluate("prod"))
     hosts = {name.removeprefix("bundles-") for typ, name in changed if typ == "aws:s3/bucketObjectv2:BucketObjectv2"}
-    assert hosts == {"etcd-1", "etcd-2", "etcd-3", "monitoring-1", "monitoring-2"}
+    assert hosts == {"monitoring-1", "monitoring-2"}
     assert {t for t, _ in changed} <= DELIVERY_TYPES
 
 

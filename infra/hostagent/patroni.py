@@ -214,6 +214,9 @@ def dynamic_config_patch(current: dict, desired: dict) -> dict:
     return patch
 
 
+CONFIG_ATTEMPTS = 5
+
+
 def apply_dynamic_config(api: str, desired: dict, timeout: float = 120) -> dict:
     """PATCH /config with the smallest patch (none if nothing differs); return the patch.
 
@@ -221,13 +224,19 @@ def apply_dynamic_config(api: str, desired: dict, timeout: float = 120) -> dict:
     apply the DCS config at the end of the HA cycle that read it and report no config version,
     so that is the only way to know it is applied (and pending_restart set where needed).
     """
-    current = config(api)
-    patch = dynamic_config_patch(current, desired)
-    if not patch:
-        return {}
-    status, payload = _call("PATCH", api.rstrip("/") + "/config", patch)
-    if status != 200:  # 409: someone else changed /config meanwhile (compare-and-set on its index)
-        raise PatroniError(f"PATCH {api}/config {patch}: {status} {payload}")
+    for attempt in range(1, CONFIG_ATTEMPTS + 1):
+        current = config(api)
+        patch = dynamic_config_patch(current, desired)
+        if not patch:
+            return {}
+        status, payload = _call("PATCH", api.rstrip("/") + "/config", patch)
+        # 409: another member's agent changed /config meanwhile (compare-and-set on its index):
+        # read it again, the patch may now be smaller or empty.
+        if status == 200:
+            break
+        if status != 409 or attempt == CONFIG_ATTEMPTS:
+            raise PatroniError(f"PATCH {api}/config {patch}: {status} {str(payload)[:200]}")
+        time.sleep(POLL)
     deadline = time.monotonic() + timeout
     for m in cluster(api)["members"]:
         if m.get("state") != "running":

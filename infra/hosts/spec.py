@@ -139,7 +139,9 @@ def shell_args(args: tuple[str, ...] | list[str]) -> str:
 def node_exporter_file() -> File:
     return File(
         "/etc/default/prometheus-node-exporter",
-        env_file({"ARGS": f"--collector.textfile.directory={Paths.NODE_EXPORTER_TEXTFILE_DIR} --collector.systemd"}),
+        # The listen address is Debian's default, said explicitly so the sandbox can map it.
+        env_file({"ARGS": f"--collector.textfile.directory={Paths.NODE_EXPORTER_TEXTFILE_DIR} --collector.systemd "
+                          f"--web.listen-address=:{Ports.NODE_EXPORTER}"}),
     )
 
 

@@ -5,10 +5,6 @@ from __future__ import annotations
 from infra.settings import StackSettings
 from infra.topology import Host, Paths, Ports, Topology
 
-# etcd's defaults (100 ms / 1000 ms) suit one data centre; members in different AZs see
-# a few ms of RTT, still well inside them, so only the election timeout gets a margin.
-HEARTBEAT_INTERVAL_MS = 100
-ELECTION_TIMEOUT_MS = 1500
 QUOTA_BACKEND_BYTES = 2 * 1024**3
 
 
@@ -25,8 +21,10 @@ def etcd_environment(settings: StackSettings, topology: Topology, member: Host) 
         "ETCD_INITIAL_CLUSTER": ",".join(f"{m.name}=http://{m.fqdn}:{Ports.ETCD_PEER}" for m in topology.etcd),
         "ETCD_INITIAL_CLUSTER_STATE": "new",
         "ETCD_INITIAL_CLUSTER_TOKEN": topology.patroni_scope,
-        "ETCD_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL_MS),
-        "ETCD_ELECTION_TIMEOUT": str(ELECTION_TIMEOUT_MS),
+        # Defaults 100 ms / 1500 ms: etcd's own suit one data centre; members in different AZs see a
+        # few ms of RTT, still well inside them, so only the election timeout gets a margin.
+        "ETCD_HEARTBEAT_INTERVAL": str(settings.etcd.heartbeat_interval_ms),
+        "ETCD_ELECTION_TIMEOUT": str(settings.etcd.election_timeout_ms),
         "ETCD_AUTO_COMPACTION_MODE": "periodic",
         "ETCD_AUTO_COMPACTION_RETENTION": "1h",
         "ETCD_QUOTA_BACKEND_BYTES": str(QUOTA_BACKEND_BYTES),

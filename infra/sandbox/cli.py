@@ -1,4 +1,9 @@
-"""`infra sandbox up STACK | down | status`: run a stack's rendered configs as processes on 127.0.0.1."""
+"""`infra sandbox up STACK | roll STACK | down | status`: run a stack's hosts as processes on 127.0.0.1.
+
+`up` boots every host with the host agent applying its bundle, as EC2 instances do; `roll`
+applies the stack's current bundles one host at a time in rollout order, as the SSM
+associations do, and stops at the first host whose health gate fails (exit 1, one line naming
+the host and the check)."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from infra.hostagent.agent import ApplyError
 from infra.sandbox.mapping import DEFAULT_PORT_BASE
 from infra.sandbox.runner import ALL_SERVICES, Sandbox, SandboxError
 from infra.settings import SettingsError
@@ -35,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("stack", help="dev, staging or prod")
     up.add_argument("--only", nargs="+", choices=ALL_SERVICES, default=list(ALL_SERVICES),
                     help="start only these groups (etcd always runs)")
+    roll = sub.add_parser("roll", help="roll the stack's current settings through the running sandbox, one host at a time")
+    roll.add_argument("stack", help="the running sandbox's stack, with changed settings")
+    roll.add_argument("--gate-timeout", type=float, default=None,
+                      help="seconds each host may take to be healthy again (default: the agent's, as on EC2)")
     sub.add_parser("down", help="stop everything and remove the data (logs stay)")
     sub.add_parser("status", help="what runs and where")
     return parser
@@ -58,6 +68,13 @@ def main(argv: list[str]) -> int:
             _print_endpoints(endpoints)
             print(f"  superuser password: {sandbox.layout.secrets_dir}/postgres_superuser_password")
             return 0
+        if args.command == "roll":
+            if not sandbox.running():
+                raise SandboxError(f"no sandbox running in {sandbox.layout.state_dir}; start one with `infra sandbox up`")
+            for report in sandbox.roll(stack_settings(args.stack), args.gate_timeout):
+                print(f"{report.host}: healthy; {len(report.changed)} files changed; "
+                      f"actions: {', '.join(report.actions) or 'none'}")
+            return 0
         if args.command == "down":
             stopped = sandbox.down()
             print(f"stopped {len(stopped)} processes: {', '.join(stopped) or 'none were running'}")
@@ -73,6 +90,9 @@ def main(argv: list[str]) -> int:
         print(f"  Patroni leader: {leader.name if leader else 'none'}")
         _print_endpoints(sandbox.endpoints())
         return 0
+    except ApplyError as error:
+        print(f"infra sandbox: rollout stopped: {error}", file=sys.stderr)
+        return 1
     except (SandboxError, SettingsError) as error:
         print(f"infra sandbox: {error}", file=sys.stderr)
         return 2

@@ -1,9 +1,11 @@
-"""What the sandbox changes in a rendered file: hosts, ports and paths, nothing else.
+"""What the sandbox changes in a host's bundle: names, ports and paths, nothing else.
 
-Every rendered file is run as rendered except for the literal replacements that
-`file_mapping` lists (DNS name:port -> 127.0.0.1:port, host paths -> paths under the state
-dir). `map_bytes` applies them in one pass; the tests check that the bytes between the
-replaced tokens are identical to the rendered file.
+Each sandbox host has its own root folder: the host's /etc, /var, /run and /tmp live under it,
+while /usr, /lib and /bin are this machine's (the daemons are Debian's own binaries). A file's
+bytes change only in the literal tokens of `host_mapping` (DNS name:port and listen addresses ->
+127.0.0.1:port, the few declared exceptions below) and in host paths, which move under the
+host's root. `map_bytes` does both in one pass; the tests check that every byte between the
+replaced tokens is the rendered byte.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.render.patroni import PGPASS, UNIX_SOCKET_DIR
+from infra.render.patroni import UNIX_SOCKET_DIR
 from infra.render.pgbackrest import PGBACKREST_BIN
-from infra.render.redis import REDIS_DATA_DIR
 from infra.topology import Host, Paths, Ports, Topology
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_PORT_BASE = 25000
+# The roles whose hosts the sandbox runs (ClickHouse and Grafana have no Debian package here).
+SANDBOX_ROLES = ("etcd", "postgres", "monitoring")
 
 # The only replacements that are not a host, a port or a path, each with its reason.
 # There is no S3 and no instance role on a laptop: the pgBackRest binary is mapped to
@@ -28,6 +31,14 @@ NO_S3_BIN = "/bin/false"
 # No /dev/watchdog here: "required" would keep every node from taking the leader lock.
 WATCHDOG_REQUIRED = b"  mode: required\n"
 WATCHDOG_AUTOMATIC = b"  mode: automatic\n"
+# The sandbox's Redis is a plain local redis-server: no TLS and no AUTH (ElastiCache has both).
+PLAIN_REDIS_SCHEME = "redis://"
+
+# Where a path starts (not inside a longer path or a URL), these folders are the host's own.
+HOST_FOLDERS = ("/etc/", "/var/", "/run/", "/tmp/")
+_HOST_PATH = re.compile(rb"(?<![\w.~/])(?:" + b"|".join(re.escape(f.encode()) for f in HOST_FOLDERS) + rb")")
+# Rule files name the hosts' mount points as label values of queries, not as paths of this host.
+UNROOTED_FILES = (Paths.PROMETHEUS_RULES_DIR + "/",)
 
 
 @dataclass(frozen=True)
@@ -56,10 +67,6 @@ class Layout:
     def redis(self) -> int:
         return self.port_base + 51
 
-    @property
-    def node_exporter(self) -> int:
-        return self.port_base + 53
-
     # Each monitoring host runs Prometheus, Alertmanager (clustered) and a redis_exporter.
     def prometheus(self, host: Host) -> int:
         return self.port_base + 60 + host.index
@@ -73,14 +80,27 @@ class Layout:
     def redis_exporter(self, host: Host) -> int:
         return self.port_base + 75 + host.index
 
+    def node_exporter(self, host: Host, topology: Topology) -> int:
+        """Every host runs its own node_exporter."""
+        return self.port_base + 80 + [h.name for h in topology.hosts].index(host.name)
+
+    def host_ports(self, host: Host, topology: Topology) -> dict[int, int]:
+        """{port on the host: port in the sandbox} of the daemons a host runs."""
+        ports = {Ports.NODE_EXPORTER: self.node_exporter(host, topology)}
+        if host.role == "etcd":
+            ports.update({Ports.ETCD_CLIENT: self.etcd_client(host), Ports.ETCD_PEER: self.etcd_peer(host)})
+        elif host.role == "postgres":
+            ports.update({Ports.POSTGRES: self.postgres(host), Ports.PATRONI_API: self.patroni(host),
+                          Ports.POSTGRES_EXPORTER: self.postgres_exporter(host)})
+        elif host.role == "monitoring":
+            ports.update({Ports.PROMETHEUS: self.prometheus(host), Ports.ALERTMANAGER: self.alertmanager(host),
+                          Ports.ALERTMANAGER_CLUSTER: self.alertmanager_cluster(host),
+                          Ports.REDIS_EXPORTER: self.redis_exporter(host)})
+        return ports
+
     def ports(self, topology: Topology) -> list[int]:
-        etcd = [p for m in topology.etcd for p in (self.etcd_client(m), self.etcd_peer(m))]
-        pg = [p for n in topology.postgres for p in (self.postgres(n), self.patroni(n), self.postgres_exporter(n))]
-        monitoring = [
-            p for h in topology.monitoring
-            for p in (self.prometheus(h), self.alertmanager(h), self.alertmanager_cluster(h), self.redis_exporter(h))
-        ]
-        return etcd + pg + monitoring + [self.redis, self.node_exporter]
+        hosts = [h for h in topology.hosts if h.role in SANDBOX_ROLES]
+        return sorted({p for h in hosts for p in self.host_ports(h, topology).values()} | {self.redis})
 
     # Paths under the state dir.
     @property
@@ -101,64 +121,44 @@ class Layout:
 
     @property
     def socket_dir(self) -> Path:
+        # Shared and short: a Unix socket path is limited to 107 bytes.
         return self.state_dir / "run"
 
-    def node_dir(self, node: Host) -> Path:
-        return self.state_dir / node.name
+    def host_root(self, host: Host) -> Path:
+        return self.state_dir / "hosts" / host.name
+
+    def host_path(self, host: Host, path: str) -> Path:
+        return self.host_root(host) / path.lstrip("/")
 
     def data_dir(self, node: Host) -> Path:
-        return self.node_dir(node) / "data"
-
-    def pgbackrest_config(self, node: Host) -> Path:
-        return self.config_dir / "pgbackrest" / f"{node.name}.conf"
+        return self.host_path(node, Paths.POSTGRES_DATA)
 
 
-def _etcd_clients(layout: Layout, topology: Topology) -> dict[str, str]:
-    return {f"{m.fqdn}:{Ports.ETCD_CLIENT}": f"{LOOPBACK}:{layout.etcd_client(m)}" for m in topology.etcd}
-
-
-def patroni_mapping(layout: Layout, topology: Topology, node: Host) -> dict[bytes, bytes]:
-    pairs = {
-        f"0.0.0.0:{Ports.PATRONI_API}": f"{LOOPBACK}:{layout.patroni(node)}",
-        f"{node.fqdn}:{Ports.PATRONI_API}": f"{LOOPBACK}:{layout.patroni(node)}",
-        f"0.0.0.0:{Ports.POSTGRES}": f"{LOOPBACK}:{layout.postgres(node)}",
-        f"{node.fqdn}:{Ports.POSTGRES}": f"{LOOPBACK}:{layout.postgres(node)}",
-        **_etcd_clients(layout, topology),
-        Paths.POSTGRES_DATA: str(layout.data_dir(node)),
-        PGPASS: str(layout.node_dir(node) / "pgpass"),
-        UNIX_SOCKET_DIR: str(layout.socket_dir),
-        Paths.PGBACKREST_CONFIG: str(layout.pgbackrest_config(node)),
-        PGBACKREST_BIN: NO_S3_BIN,
-    }
+def host_mapping(layout: Layout, topology: Topology, host: Host) -> dict[bytes, bytes]:
+    """The literal tokens of `host`'s files: every host's DNS name:port, this host's listen addresses."""
+    pairs: dict[str, str] = {}
+    for other in topology.hosts:
+        if other.role in SANDBOX_ROLES:
+            for port, mapped in layout.host_ports(other, topology).items():
+                pairs[f"{other.fqdn}:{port}"] = f"{LOOPBACK}:{mapped}"
+    for port, mapped in layout.host_ports(host, topology).items():
+        for listen in (f"0.0.0.0:{port}", f"{LOOPBACK}:{port}"):
+            pairs[listen] = f"{LOOPBACK}:{mapped}"
+        pairs[f"-address=:{port}"] = f"-address={LOOPBACK}:{mapped}"  # exporters' --web.listen-address=:PORT
+    if host.role == "postgres":
+        pairs[f"pg1-port={Ports.POSTGRES}"] = f"pg1-port={layout.postgres(host)}"  # pgbackrest.conf
+    pairs[f"rediss://{topology.redis_endpoint}:{Ports.REDIS}"] = f"{PLAIN_REDIS_SCHEME}{LOOPBACK}:{layout.redis}"
+    pairs[UNIX_SOCKET_DIR] = str(layout.socket_dir)
+    pairs[PGBACKREST_BIN] = NO_S3_BIN
     mapping = {k.encode(): v.encode() for k, v in pairs.items()}
     mapping[WATCHDOG_REQUIRED] = WATCHDOG_AUTOMATIC
     return mapping
 
 
-def pgbackrest_mapping(layout: Layout, node: Host) -> dict[bytes, bytes]:
-    pairs = {
-        Paths.POSTGRES_DATA: str(layout.data_dir(node)),
-        f"pg1-port={Ports.POSTGRES}": f"pg1-port={layout.postgres(node)}",
-        UNIX_SOCKET_DIR: str(layout.socket_dir),
-        "/var/spool/pgbackrest": str(layout.node_dir(node) / "pgbackrest-spool"),
-        "/var/log/pgbackrest": str(layout.log_dir),
-        "/tmp/pgbackrest": str(layout.node_dir(node) / "pgbackrest-lock"),
-    }
-    return {k.encode(): v.encode() for k, v in pairs.items()}
-
-
-def etcd_mapping(layout: Layout, topology: Topology, member: Host) -> dict[bytes, bytes]:
-    pairs = {
-        f"0.0.0.0:{Ports.ETCD_PEER}": f"{LOOPBACK}:{layout.etcd_peer(member)}",
-        f"0.0.0.0:{Ports.ETCD_CLIENT}": f"{LOOPBACK}:{layout.etcd_client(member)}",
-        **{f"{m.fqdn}:{Ports.ETCD_PEER}": f"{LOOPBACK}:{layout.etcd_peer(m)}" for m in topology.etcd},
-        **_etcd_clients(layout, topology),
-        Paths.ETCD_DATA: str(layout.state_dir / "etcd"),
-    }
-    return {k.encode(): v.encode() for k, v in pairs.items()}
-
-
 def redis_mapping(layout: Layout) -> dict[bytes, bytes]:
+    """redis.conf (no host of ours runs Redis: on AWS it is ElastiCache)."""
+    from infra.render.redis import REDIS_DATA_DIR
+
     pairs = {
         "bind 0.0.0.0": f"bind {LOOPBACK}",
         f"port {Ports.REDIS}": f"port {layout.redis}",
@@ -167,50 +167,37 @@ def redis_mapping(layout: Layout) -> dict[bytes, bytes]:
     return {k.encode(): v.encode() for k, v in pairs.items()}
 
 
-def monitoring_mapping(layout: Layout, topology: Topology, host: Host | None = None) -> dict[bytes, bytes]:
-    """prometheus.yml, its rules, alertmanager.yml and their flags.
-
-    Every host's node_exporter is the sandbox's one node_exporter (they all are this machine).
-    Services the sandbox does not run (Grafana, ClickHouse, the application) keep their names.
-    """
-    pairs = {
-        **{f"{h.fqdn}:{Ports.NODE_EXPORTER}": f"{LOOPBACK}:{layout.node_exporter}" for h in topology.hosts},
-        **{f"{n.fqdn}:{Ports.POSTGRES_EXPORTER}": f"{LOOPBACK}:{layout.postgres_exporter(n)}" for n in topology.postgres},
-        **{f"{n.fqdn}:{Ports.PATRONI_API}": f"{LOOPBACK}:{layout.patroni(n)}" for n in topology.postgres},
-        **_etcd_clients(layout, topology),
-        **{f"{h.fqdn}:{Ports.PROMETHEUS}": f"{LOOPBACK}:{layout.prometheus(h)}" for h in topology.monitoring},
-        **{f"{h.fqdn}:{Ports.ALERTMANAGER}": f"{LOOPBACK}:{layout.alertmanager(h)}" for h in topology.monitoring},
-        **{f"{h.fqdn}:{Ports.ALERTMANAGER_CLUSTER}": f"{LOOPBACK}:{layout.alertmanager_cluster(h)}" for h in topology.monitoring},
-        **{f"{h.fqdn}:{Ports.REDIS_EXPORTER}": f"{LOOPBACK}:{layout.redis_exporter(h)}" for h in topology.monitoring},
-        Paths.PROMETHEUS_CONFIG: str(layout.config_dir / "prometheus" / "prometheus.yml"),
-        Paths.PROMETHEUS_RULES_DIR: str(layout.config_dir / "prometheus" / "rules"),
-        Paths.ALERTMANAGER_CONFIG: str(layout.config_dir / "alertmanager" / "alertmanager.yml"),
-        Paths.SECRETS_DIR: str(layout.secrets_dir),
-    }
-    if host is not None:
-        # Flags of one monitoring host: its own listen addresses and data folders.
-        pairs.update({
-            f"0.0.0.0:{Ports.PROMETHEUS}": f"{LOOPBACK}:{layout.prometheus(host)}",
-            f"0.0.0.0:{Ports.ALERTMANAGER}": f"{LOOPBACK}:{layout.alertmanager(host)}",
-            f"0.0.0.0:{Ports.ALERTMANAGER_CLUSTER}": f"{LOOPBACK}:{layout.alertmanager_cluster(host)}",
-            Paths.ALERTMANAGER_DATA: str(layout.state_dir / host.name / "alertmanager"),
-            Paths.PROMETHEUS_DATA: str(layout.state_dir / host.name / "prometheus"),
-        })
-    return {k.encode(): v.encode() for k, v in pairs.items()}
-
-
 def _pattern(keys) -> re.Pattern[bytes]:
-    # Longest first, so a path never matches inside a longer one that is also mapped.
-    return re.compile(b"|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True)))
+    # Longest first, so a token never matches inside a longer one that is also mapped; host
+    # folders last, so an explicit path (the socket dir) wins over its folder.
+    literal = b"|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True))
+    return re.compile(literal + (b"|" if literal else b"") + _HOST_PATH.pattern)
 
 
-def map_bytes(content: bytes, mapping: dict[bytes, bytes]) -> bytes:
-    """Replace every mapped token in one pass; every other byte stays as rendered."""
-    if not mapping:
+def map_bytes(content: bytes, mapping: dict[bytes, bytes], root: Path | None = None) -> bytes:
+    """Replace every mapped token in one pass, and put host paths under `root`; every other byte stays."""
+    if not mapping and root is None:
         return content
-    return _pattern(mapping).sub(lambda match: mapping[match.group(0)], content)
+    prefix = str(root).encode() if root is not None else None
+
+    def replace(match: re.Match[bytes]) -> bytes:
+        token = match.group(0)
+        if token in mapping:
+            return mapping[token]
+        return token if prefix is None else prefix + token
+
+    return _pattern(mapping).sub(replace, content)
 
 
-def unmapped_parts(content: bytes, tokens) -> list[bytes]:
-    """The bytes between occurrences of `tokens` (what a mapping must leave untouched)."""
-    return _pattern(tokens).split(content)
+def map_file(layout: Layout, topology: Topology, host: Host, path: str, content: bytes) -> bytes:
+    root = None if path.startswith(UNROOTED_FILES) else layout.host_root(host)
+    return map_bytes(content, host_mapping(layout, topology, host), root)
+
+
+def unmapped_parts(content: bytes, tokens, with_paths: bool = False) -> list[bytes]:
+    """The bytes between occurrences of `tokens` (and of host folders): what a mapping must leave untouched."""
+    if with_paths:
+        return _pattern(tokens).split(content)
+    if not tokens:
+        return [content]
+    return re.compile(b"|".join(re.escape(k) for k in sorted(tokens, key=len, reverse=True))).split(content)

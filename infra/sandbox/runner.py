@@ -1,20 +1,23 @@
-"""Run a stack's rendered configs as processes on 127.0.0.1: etcd, Patroni/PostgreSQL, Redis,
-the exporters, and Prometheus/Alertmanager when their renderers exist.
+"""Run a stack's hosts as processes on 127.0.0.1: each etcd, PostgreSQL and monitoring host of
+the topology is started by the host agent (infra/hostagent/agent.py) applying that host's
+bundle, exactly as on EC2; only the platform differs (infra/sandbox/platform.py: the host's files
+under its own root, Debian's units run as processes). Redis, which is ElastiCache on AWS, runs
+as a plain redis-server. No Docker, no Pulumi CLI.
 
-No Docker, no Pulumi CLI. Each daemon gets the rendered file with only `mapping` applied.
-PostgreSQL refuses root, so when run as root Patroni runs as the postgres user (setpriv).
+What the sandbox changes in a bundle is infra/sandbox/mapping.py (names, ports and paths) plus
+the services it was asked to run (`services`). PostgreSQL refuses root: as root the units run as
+their `User=` (postgres, etcd, prometheus), as Debian runs them.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,16 +26,29 @@ from pathlib import Path
 import psycopg
 import requests
 
-from infra.render.etcd import render_etcd
-from infra.render.patroni import EXPORTER_PASSWORD_ENV, EXPORTER_ROLE, PASSWORD_ENV, SUPERUSER, render_patroni
-from infra.render.pgbackrest import render_pgbackrest
+from infra.bundle import bundle_document
+from infra.components.rollout import ROLE_ORDER
+from infra.hostagent import agent
+from infra.hosts import host_specs
+from infra.render.patroni import SUPERUSER
 from infra.render.redis import render_redis
 from infra.sandbox import mapping as m
+from infra.sandbox.monitoring import PLACEHOLDER_SECRETS
+from infra.sandbox.platform import SandboxHost, SecretStore, process_name
 from infra.settings import StackSettings
 from infra.topology import Host, SecretNames, Topology, build_topology
 
 ALL_SERVICES = ("postgres", "redis", "exporters", "monitoring")
-EXPORTER_USER = EXPORTER_ROLE
+# Which group of `services` each unit belongs to; etcd always runs (Patroni's DCS).
+UNIT_GROUPS = {
+    "etcd": None,
+    "patroni": "postgres",
+    "prometheus-postgres-exporter": "exporters",
+    "prometheus-node-exporter": "exporters",
+    "prometheus-redis-exporter": "exporters",
+    "prometheus": "monitoring",
+    "prometheus-alertmanager": "monitoring",
+}
 STATE_FILE = "sandbox.json"
 POSTGRES_USER = "postgres"
 PATRONI_BIN = "/usr/bin/patroni"
@@ -175,39 +191,139 @@ class Sandbox:
             points[f"postgres {node.name}"] = f"postgresql://{SUPERUSER}@{m.LOOPBACK}:{layout.postgres(node)}/postgres"
             points[f"patroni {node.name}"] = self.patroni_url(node)
         running = self.running()
+        optional = {"redis": ("redis", f"redis://{m.LOOPBACK}:{layout.redis}")}
         for node in topology.postgres:
-            if f"postgres-exporter-{node.name}" in running:
-                points[f"postgres_exporter {node.name}"] = f"http://{m.LOOPBACK}:{layout.postgres_exporter(node)}/metrics"
-        optional = {
-            "redis": ("redis", f"redis://{m.LOOPBACK}:{layout.redis}"),
-            "node-exporter": ("node_exporter", f"http://{m.LOOPBACK}:{layout.node_exporter}/metrics"),
-        }
+            optional[process_name(node.name, "prometheus-postgres-exporter")] = (
+                f"postgres_exporter {node.name}", f"http://{m.LOOPBACK}:{layout.postgres_exporter(node)}/metrics")
         for host in topology.monitoring:
-            optional[f"redis-exporter-{host.name}"] = (f"redis_exporter {host.name}",
-                                                       f"http://{m.LOOPBACK}:{layout.redis_exporter(host)}/metrics")
-            optional[f"prometheus-{host.name}"] = (f"prometheus {host.name}", f"http://{m.LOOPBACK}:{layout.prometheus(host)}")
-            optional[f"alertmanager-{host.name}"] = (f"alertmanager {host.name}", f"http://{m.LOOPBACK}:{layout.alertmanager(host)}")
+            optional[process_name(host.name, "prometheus-redis-exporter")] = (
+                f"redis_exporter {host.name}", f"http://{m.LOOPBACK}:{layout.redis_exporter(host)}/metrics")
+            optional[process_name(host.name, "prometheus")] = (f"prometheus {host.name}",
+                                                               f"http://{m.LOOPBACK}:{layout.prometheus(host)}")
+            optional[process_name(host.name, "prometheus-alertmanager")] = (
+                f"alertmanager {host.name}", f"http://{m.LOOPBACK}:{layout.alertmanager(host)}")
+        for host in self.hosts():
+            optional[process_name(host.name, "prometheus-node-exporter")] = (
+                f"node_exporter {host.name}", f"http://{m.LOOPBACK}:{layout.node_exporter(host, topology)}/metrics")
         for proc, (label, url) in optional.items():
             if proc in running:
                 points[label] = url
         return points
 
+    # ---- hosts -------------------------------------------------------------------------
+    def hosts(self) -> list[Host]:
+        """The topology's hosts the sandbox runs, in rollout order."""
+        return [h for role in ROLE_ORDER if role in m.SANDBOX_ROLES for h in self.topology.hosts if h.role == role]
+
+    def host(self, name: str) -> Host:
+        return next(h for h in self.topology.hosts if h.name == name)
+
+    def _process_pid(self, name: str) -> int | None:
+        proc = self.running().get(name)
+        return proc.pid if proc else None
+
+    def platform(self, host: Host) -> SandboxHost:
+        store = SecretStore(self.layout.secrets_dir, PLACEHOLDER_SECRETS)
+        mapping = m.host_mapping(self.layout, self.topology, host)
+        return SandboxHost(self.layout, self.topology, host, store, self._spawn, self._process_pid, mapping)
+
+    def host_bundle(self, host: Host, services: Iterable[str] | None = None, settings: StackSettings | None = None) -> dict:
+        """`host`'s bundle as EC2 gets it, with the mapping applied and only the units of `services`."""
+        settings = settings or self.settings
+        topology = build_topology(settings)
+        spec = next(s for s in host_specs(settings, topology) if s.host.name == host.name)
+        document = bundle_document(spec, settings, topology)
+        groups = set(self.services if services is None else services)
+        mapping, root = m.host_mapping(self.layout, topology, host), self.layout.host_root(host)
+        keep_owners = os.geteuid() == 0  # only root can give files to postgres, etcd, prometheus
+
+        def mapped(value):
+            if isinstance(value, str):
+                return m.map_bytes(value.encode(), mapping, root).decode()
+            if isinstance(value, dict):
+                return {k: mapped(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [mapped(v) for v in value]
+            return value
+
+        for file in document["files"]:
+            file["content"] = m.map_file(self.layout, topology, host, file["path"], file["content"].encode()).decode()
+            file["owner"] = file["owner"] if keep_owners else None
+        for secret in document["secret_files"] + document["secret_environments"]:
+            secret["owner"] = secret["owner"] if keep_owners else None
+        document["services"] = [
+            {"unit": s["unit"], "gate": mapped(s["gate"])} for s in document["services"]
+            if s["unit"] in UNIT_GROUPS and (UNIT_GROUPS[s["unit"]] is None or UNIT_GROUPS[s["unit"]] in groups)
+        ]
+        if "patroni" in document:
+            document["patroni"]["api"] = mapped(document["patroni"]["api"])
+        return document
+
+    def apply(self, host: Host, bundle: dict, gate_timeout: float | None = None) -> agent.Report:
+        """What `betting-agent apply` does on `host`: the same function, this host's platform."""
+        return agent.apply(bundle, self.platform(host), gate_timeout)
+
+    def roll(self, settings: StackSettings, gate_timeout: float | None = None) -> list[agent.Report]:
+        """Apply `settings`' bundles one host at a time in rollout order (what the SSM associations do).
+
+        Stops at the first host whose apply fails (agent.ApplyError names it and the check); the
+        hosts after it keep their old bundle."""
+        if settings.stack != self.settings.stack:
+            raise SandboxError(f"the sandbox runs stack {self.settings.stack!r}, not {settings.stack!r}")
+        if build_topology(settings).hosts != self.topology.hosts:
+            raise SandboxError("a roll cannot add or remove hosts in the sandbox; run `infra sandbox down` and `up`")
+        reports = []
+        for host in self.hosts():
+            bundle = self.host_bundle(host, settings=settings)
+            if not bundle["services"]:
+                continue
+            reports.append(self.apply(host, bundle, gate_timeout))
+        self._settings = settings
+        state = self._read_state()
+        state["settings"] = settings.model_dump_json()
+        self.state_file.write_text(json.dumps(state))
+        return reports
+
+    def boot(self, bundles: dict[str, dict], timeout: float) -> None:
+        """Every host applies its bundle at once, as new EC2 instances do at their first boot."""
+        failures: list[str] = []
+
+        def run(host: Host, bundle: dict) -> None:
+            try:
+                self.apply(host, bundle, timeout)
+            except agent.ApplyError as error:
+                failures.append(str(error))
+            except Exception as error:  # noqa: BLE001 - reported with the host, like the agent's own errors
+                failures.append(f"{host.name}: {error}")
+
+        threads = [threading.Thread(target=run, args=(self.host(name), bundle), daemon=True)
+                   for name, bundle in bundles.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if failures:
+            raise SandboxError("; ".join(sorted(failures)))
+
     # ---- process control ---------------------------------------------------------------
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None, as_postgres: bool = False) -> Proc:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], user: str = "", group: str = "",
+               cwd: Path | None = None) -> int:
         self.layout.log_dir.mkdir(parents=True, exist_ok=True)
         self.layout.pid_dir.mkdir(parents=True, exist_ok=True)
-        if as_postgres and os.geteuid() == 0:
-            argv = ["setpriv", f"--reuid={POSTGRES_USER}", f"--regid={POSTGRES_USER}", "--init-groups", "--", *argv]
-        base_env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(self.layout.state_dir)}
+        if user:
+            argv = ["setpriv", f"--reuid={user}", f"--regid={group or user}", "--init-groups", "--", *argv]
         with open(self.layout.log_dir / f"{name}.log", "ab") as log:
             process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**base_env, **(env or {})}, cwd=self.layout.state_dir, start_new_session=True,
+                env=env, cwd=cwd or self.layout.state_dir, start_new_session=True,
             )
         # What /proc/PID/cmdline must name for the pid to still be ours (setpriv execs the daemon).
         exe = Path(argv[argv.index("--") + 1] if argv[0] == "setpriv" else argv[0]).name
-        (self.layout.pid_dir / f"{name}.pid").write_text(f"{process.pid}\n{exe}\n")
-        return Proc(name, process.pid, exe)
+        # Atomically: the hosts boot in parallel threads, each reading the others' pid files.
+        pid_file = self.layout.pid_dir / f"{name}.pid"
+        pid_file.with_suffix(".tmp").write_text(f"{process.pid}\n{exe}\n")
+        pid_file.with_suffix(".tmp").replace(pid_file)
+        return process.pid
 
     def signal_process(self, name: str, sig: int) -> None:
         proc = self.running().get(name)
@@ -215,13 +331,8 @@ class Sandbox:
             os.kill(proc.pid, sig)
 
     def start_patroni(self, node: Host) -> None:
-        """(Re)start one node's Patroni, e.g. after a drill killed it."""
-        if node.name in self.running():
-            return
-        env = {var: self.secret(secret) for var, secret in PASSWORD_ENV.items()}
-        env[EXPORTER_PASSWORD_ENV] = self.secret(SecretNames.POSTGRES_EXPORTER_PASSWORD)
-        config = self.layout.config_dir / "patroni" / f"{node.name}.yml"
-        self._spawn(node.name, [PATRONI_BIN, str(config)], env=env, as_postgres=True)
+        """(Re)start one node's Patroni unit, e.g. after a drill killed it."""
+        self.platform(node).start("patroni")
 
     def start_patroni_everywhere(self) -> None:
         for node in self.topology.postgres:
@@ -229,46 +340,39 @@ class Sandbox:
 
     # ---- up / down ---------------------------------------------------------------------
     def up(self, settings: StackSettings, services: Iterable[str] = ALL_SERVICES, timeout: float = 90) -> dict[str, str]:
-        from infra.sandbox import monitoring
-
-        # Prometheus/Alertmanager join once their renderers are in the tree.
-        services = tuple(s for s in services if s != "monitoring" or monitoring.available())
+        """Boot the hosts (again: the agent starts only what is not running)."""
+        services = tuple(services)
         running = self.running()
         state = self._read_state()
         if running and state.get("settings") != settings.model_dump_json():
             raise SandboxError(
                 f"a sandbox of stack {state.get('stack')!r} with other settings is running in {self.layout.state_dir}; "
-                "run `infra sandbox down` first"
+                "run `infra sandbox down` first, or `infra sandbox roll` to roll the new settings through it"
             )
         self._settings, self._topology = settings, build_topology(settings)
         if not running:
+            busy = [p for p in self.layout.ports(self.topology) if port_open(p)]
+            if busy:
+                raise SandboxError(f"ports already in use on {m.LOOPBACK}: {busy}; pick another --port-base")
             self._fresh_state_dir()
-            self._write_files()
         deployed = sorted(set(state.get("services", []) if running else []) | set(services))
         self.state_file.write_text(json.dumps({"stack": settings.stack, "settings": settings.model_dump_json(),
                                                "services": deployed}))
-        busy = [p for p in self.layout.ports(self.topology) if port_open(p)] if not running else []
-        if busy:
-            raise SandboxError(f"ports already in use on {m.LOOPBACK}: {busy}; pick another --port-base")
-        running = self.running()
-        for member in self.topology.etcd:
-            if member.name not in running:
-                env = self._env_file(self.layout.config_dir / "etcd" / f"{member.name}.env")
-                self._spawn(member.name, ["/usr/bin/etcd"], env=env)
-        for member in self.topology.etcd:
-            url = f"http://{m.LOOPBACK}:{self.layout.etcd_client(member)}/health"
-            wait_for(f"etcd {member.name}", lambda url=url: requests.get(url, timeout=1).json().get("health") == "true", timeout)
-        if "postgres" in services:
-            for node in self.topology.postgres:
-                self.start_patroni(node)
-            self.wait_healthy(timeout)
         if "redis" in services and "redis" not in running:
-            self._spawn("redis", ["/usr/bin/redis-server", str(self.layout.config_dir / "redis" / "redis.conf")])
+            self._spawn("redis", ["/usr/bin/redis-server", str(self.layout.config_dir / "redis" / "redis.conf")],
+                        {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
             wait_for("redis", lambda: port_open(self.layout.redis), timeout)
-        if "exporters" in services:
-            self._start_exporters(running)
-        if "monitoring" in services:
-            self._start_monitoring(running)
+        # A host boots (applies its bundle) when one of its services is not running: all of them
+        # at once on a fresh sandbox, as new instances do; after a drill, the host it stopped.
+        booting = {}
+        for host in self.hosts():
+            bundle = self.host_bundle(host, services)
+            platform = self.platform(host)
+            if bundle["services"] and not all(platform.active(s["unit"]) for s in bundle["services"]):
+                booting[host.name] = bundle
+        self.boot(booting, timeout)
+        if "postgres" in services:
+            self.wait_healthy(timeout)
         return self.endpoints()
 
     def wait_healthy(self, timeout: float = 90) -> Host:
@@ -303,106 +407,19 @@ class Sandbox:
         if layout.state_dir.exists():
             shutil.rmtree(layout.state_dir)
         layout.state_dir.mkdir(parents=True)
-        # The postgres user must reach its files under the state dir.
+        # The daemons' users (postgres, etcd, prometheus) must reach their hosts' files.
         layout.state_dir.chmod(0o755)
-        for path in (layout.config_dir, layout.log_dir, layout.pid_dir):
+        for path in (layout.config_dir, layout.log_dir, layout.pid_dir, layout.state_dir / "hosts"):
             path.mkdir(mode=0o755)
         layout.secrets_dir.mkdir(mode=0o700)
-        for name in (
-            SecretNames.POSTGRES_SUPERUSER_PASSWORD, SecretNames.POSTGRES_REPLICATION_PASSWORD,
-            SecretNames.POSTGRES_REWIND_PASSWORD, SecretNames.POSTGRES_EXPORTER_PASSWORD,
-        ):
-            secret_file = layout.secrets_dir / name
-            secret_file.write_text(secrets.token_urlsafe(24) + "\n")
-            secret_file.chmod(0o400)
-        postgres_dirs = [layout.socket_dir] + [layout.node_dir(n) for n in build_topology(self.settings).postgres]
-        for path in postgres_dirs:
-            path.mkdir(mode=0o700)
-            if os.geteuid() == 0:
-                shutil.chown(path, POSTGRES_USER, POSTGRES_USER)
+        layout.socket_dir.mkdir(mode=0o755)
+        if os.geteuid() == 0:
+            shutil.chown(layout.socket_dir, POSTGRES_USER, POSTGRES_USER)
         (layout.state_dir / "redis").mkdir()
-
-    def rendered_files(self) -> dict[str, tuple[bytes, dict[bytes, bytes]]]:
-        """Every file the sandbox runs: {relative path: (rendered bytes, mapping)}."""
-        settings, topology, layout = self.settings, self.topology, self.layout
-        files: dict[str, tuple[bytes, dict[bytes, bytes]]] = {}
-        for member in topology.etcd:
-            for path, content in render_etcd(settings, topology, member).items():
-                files[path] = (content, m.etcd_mapping(layout, topology, member))
-        (conf,) = render_pgbackrest(settings, topology).values()
-        for node in topology.postgres:
-            for path, content in render_patroni(settings, topology, node).items():
-                files[path] = (content, m.patroni_mapping(layout, topology, node))
-            files[f"pgbackrest/{node.name}.conf"] = (conf, m.pgbackrest_mapping(layout, node))
-        for path, content in render_redis(settings, topology).items():
-            files[path] = (content, m.redis_mapping(layout))
-        from infra.sandbox import monitoring
-
-        files.update(monitoring.rendered_files(self))
-        return files
-
-    def _write_files(self) -> None:
-        for path, (content, mapping) in self.rendered_files().items():
-            target = self.layout.config_dir / path
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            target.write_bytes(m.map_bytes(content, mapping))
-            target.chmod(0o644)
-
-    @staticmethod
-    def _env_file(path: Path) -> dict[str, str]:
-        pairs = (line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
-        return {key: value for key, value in pairs}
-
-    def _start_exporters(self, running: dict[str, Proc]) -> None:
-        layout = self.layout
-        # The exporter's role comes from Patroni's post_bootstrap, as on AWS.
-        password = self.secret(SecretNames.POSTGRES_EXPORTER_PASSWORD)
-        queries = self._exporter_queries()
-        for node in self.topology.postgres:
-            name = f"postgres-exporter-{node.name}"
-            if name in running:
-                continue
-            listen = f"{m.LOOPBACK}:{layout.postgres_exporter(node)}"
-            argv = ["/usr/bin/prometheus-postgres-exporter", f"--web.listen-address={listen}"]
-            if queries:
-                argv.append(f"--extend.query-path={queries}")
-            dsn = f"postgresql://{EXPORTER_USER}:{password}@{m.LOOPBACK}:{layout.postgres(node)}/postgres?sslmode=disable"
-            self._spawn(name, argv, env={"DATA_SOURCE_NAME": dsn})
-        for host in self.topology.monitoring if "redis" in self.running() else ():
-            if f"redis-exporter-{host.name}" not in running:
-                self._spawn(f"redis-exporter-{host.name}", [
-                    "/usr/bin/prometheus-redis-exporter", f"-redis.addr=redis://{m.LOOPBACK}:{layout.redis}",
-                    f"-web.listen-address={m.LOOPBACK}:{layout.redis_exporter(host)}",
-                ])
-        if "node-exporter" not in running:
-            textfile = layout.state_dir / "node-exporter"
-            textfile.mkdir(exist_ok=True)
-            self._spawn("node-exporter", [
-                "/usr/bin/prometheus-node-exporter", f"--web.listen-address={m.LOOPBACK}:{layout.node_exporter}",
-                f"--collector.textfile.directory={textfile}",
-            ])
-        ports = [layout.postgres_exporter(n) for n in self.topology.postgres] + [layout.node_exporter]
-        wait_for("the exporters", lambda: all(port_open(p) for p in ports), 30)
-
-    def _exporter_queries(self) -> Path | None:
-        """postgres_exporter's custom queries from the monitoring renderers, when they exist."""
-        try:
-            exporters = importlib.import_module("infra.render.exporters")
-        except ImportError:
-            return None
-        files = exporters.render_exporters(self.settings, self.topology)
-        for path, content in files.items():
-            if "postgres" in path:
-                target = self.layout.config_dir / path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(content)
-                return target
-        return None
-
-    def _start_monitoring(self, running: dict[str, Proc]) -> None:
-        from infra.sandbox import monitoring
-
-        monitoring.start(self, running)
+        for path, content in render_redis(self.settings, self.topology).items():
+            target = layout.config_dir / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(m.map_bytes(content, m.redis_mapping(layout)))
 
     def down(self, timeout: float = 30) -> list[str]:
         """Stop everything; return the names that were running. Leaves logs, removes data."""

@@ -1,46 +1,24 @@
 """The agent's health gates against the real daemons of the live prod-shaped sandbox.
 
 Each gate is the one in the host's real bundle; only the sandbox's mapping of 127.0.0.1 ports and
-host paths is applied (the mapping module's own functions), so the fields a gate reads are the
+host paths is applied (Sandbox.host_bundle, what the sandbox's agent applies), so the fields a gate reads are the
 ones etcd 3.4, Patroni 3.0.2, Prometheus 2.42 and Alertmanager 0.25 really answer with. What it
 cannot see: the same daemons under systemd on EC2 (identical binaries and configs otherwise).
 """
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from infra.bundle import render_bundle
 from infra.hostagent import gates
-from infra.hosts import host_specs
-from infra.sandbox import mapping as m
-from infra.topology import Ports
 
 pytestmark = pytest.mark.live
 
 
 def _gates(sandbox, host_name: str) -> dict[str, dict]:
-    layout, topology = sandbox.layout, sandbox.topology
-    (spec,) = [s for s in host_specs(sandbox.settings, topology) if s.host.name == host_name]
-    host = spec.host
-    local = {  # the host's own loopback ports -> the sandbox's ports for that host
-        f"127.0.0.1:{Ports.ETCD_CLIENT}": f"{m.LOOPBACK}:{layout.etcd_client(host)}" if host.role == "etcd" else None,
-        f"127.0.0.1:{Ports.PATRONI_API}": f"{m.LOOPBACK}:{layout.patroni(host)}" if host.role == "postgres" else None,
-        f"127.0.0.1:{Ports.POSTGRES_EXPORTER}":
-            f"{m.LOOPBACK}:{layout.postgres_exporter(host)}" if host.role == "postgres" else None,
-        f"127.0.0.1:{Ports.PROMETHEUS}": f"{m.LOOPBACK}:{layout.prometheus(host)}" if host.role == "monitoring" else None,
-        f"127.0.0.1:{Ports.ALERTMANAGER}":
-            f"{m.LOOPBACK}:{layout.alertmanager(host)}" if host.role == "monitoring" else None,
-        f"127.0.0.1:{Ports.REDIS_EXPORTER}":
-            f"{m.LOOPBACK}:{layout.redis_exporter(host)}" if host.role == "monitoring" else None,
-        f"127.0.0.1:{Ports.NODE_EXPORTER}": f"{m.LOOPBACK}:{layout.node_exporter}",
-    }
-    mapping = {k.encode(): v.encode() for k, v in local.items() if v}
-    mapping.update(m.monitoring_mapping(layout, topology))  # rule file paths, as the sandbox's Prometheus loads them
-    mapped = json.loads(m.map_bytes(render_bundle(spec, sandbox.settings, topology), mapping))
-    return {s["unit"]: s["gate"] for s in mapped["services"] if s["gate"] is not None}
+    """The gates of the host's real bundle as the sandbox's agent waits on them (mapped ports and paths)."""
+    bundle = sandbox.host_bundle(sandbox.host(host_name))
+    return {s["unit"]: s["gate"] for s in bundle["services"] if s["gate"] is not None}
 
 
 def test_every_gate_of_the_running_hosts_turns_green(cluster):

@@ -11,7 +11,7 @@ from infra.render.etcd import render_etcd
 from infra.render.patroni import EXPORTER_PASSWORD_ENV, PASSWORD_ENV, render_patroni
 from infra.render.pgbackrest import render_pgbackrest
 from infra.render.redis import render_redis
-from infra.sandbox.mapping import Layout, map_bytes, pgbackrest_mapping
+from infra.sandbox.mapping import Layout, map_file
 from infra.topology import Paths, Ports, secret_path
 
 SECRET_WORDS = ("password", "secret", "token")
@@ -157,15 +157,16 @@ def test_renderers_are_deterministic(settings, topology):
 def test_pgbackrest_accepts_every_option_of_the_rendered_conf(settings, topology, tmp_path):
     """pgBackRest itself parses the file: an unknown or misspelt option is a WARN line."""
     (content,) = render_pgbackrest(settings, topology).values()
-    # Only the log/lock/spool folders move into tmp_path, so the check writes nothing under /var.
+    # As in the sandbox: the host's folders (log, lock, spool) move under a root in tmp_path, so the
+    # check writes nothing under /var.
     layout = Layout(tmp_path)
     node = topology.postgres[0]
-    layout.node_dir(node).mkdir(parents=True)
-    layout.log_dir.mkdir()
-    mapping = {k: v for k, v in pgbackrest_mapping(layout, node).items() if b"pgbackrest" in k}
+    for folder in ("var/log/pgbackrest", "var/spool/pgbackrest", "tmp/pgbackrest"):
+        layout.host_path(node, folder).mkdir(parents=True)
+    mapped = map_file(layout, topology, node, Paths.PGBACKREST_CONFIG, content)
     conf = tmp_path / "pgbackrest.conf"
     for extra, expect_warning in ((b"", False), (b"repo1-s3-bogus=1\n", True)):
-        conf.write_bytes(map_bytes(content, mapping).replace(b"[global]\n", b"[global]\n" + extra))
+        conf.write_bytes(mapped.replace(b"[global]\n", b"[global]\n" + extra))
         # --io-timeout keeps the S3/instance-role round trip short where there is no AWS.
         run = subprocess.run(["pgbackrest", f"--config={conf}", f"--stanza={topology.patroni_scope}", "--io-timeout=1", "info"],
                              capture_output=True, text=True, timeout=60)

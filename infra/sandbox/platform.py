@@ -1,0 +1,296 @@
+"""A sandbox host: the host agent's platform (see infra/hostagent/agent.py DebianHost) for one host
+of the local sandbox.
+
+Files go under the host's root (mapping.Layout.host_root). Services are Debian's own systemd
+units: the package's unit file from /lib/systemd/system plus the drop-ins the bundle wrote, read
+with systemd's rules for what the daemons see (Environment=, EnvironmentFile= in order, $VAR and
+${VAR} in ExecStart=, User=, ExecReload= with $MAINPID, KillMode=) and run as processes of the
+sandbox. What it cannot do is systemd's supervision (Restart=, cgroups, notify readiness): the
+agent's health gates, not the unit type, say when a service is up, on EC2 and here alike.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.sandbox import mapping as m
+
+SYSTEM_UNITS = Path("/lib/systemd/system")
+# What systemd gives every service (systemd.exec(5), "Environment variables in spawned processes").
+SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_STOP_TIMEOUT = 90.0  # systemd's DefaultTimeoutStopSec
+# Packages that only matter on EC2: the AWS CLI (SSM secrets; the sandbox keeps its own), the
+# file system tools for the EBS volume (a folder here), cron (the backup job's tests run it).
+EC2_ONLY_PACKAGES = frozenset({"awscli", "xfsprogs", "cron", "curl"})
+# Units the sandbox never starts: this machine's own cron would run the hosts' jobs for real.
+NOT_STARTED = frozenset({"cron"})
+
+
+class UnitError(RuntimeError):
+    pass
+
+
+@dataclass
+class Unit:
+    name: str
+    exec_start: str = ""
+    exec_reload: str = ""
+    environment: list[str] = field(default_factory=list)  # Environment= assignments, in order
+    environment_files: list[str] = field(default_factory=list)  # EnvironmentFile= values ("-" = optional)
+    user: str = ""
+    group: str = ""
+    kill_mode: str = "control-group"
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
+
+
+def _seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)\s*(s|sec|min)?", value.strip())
+    if not match:
+        return DEFAULT_STOP_TIMEOUT
+    return float(match.group(1)) * (60 if match.group(2) == "min" else 1)
+
+
+def parse_unit(name: str, texts: list[str], specifiers: dict[str, str]) -> Unit:
+    """The [Service] section of a unit file and its drop-ins, later files overriding earlier ones."""
+    unit = Unit(name)
+    for text in texts:
+        section = ""
+        for raw in text.splitlines():
+            line = raw.strip()
+            if not line or line.startswith(("#", ";")):
+                continue
+            if line.startswith("["):
+                section = line
+                continue
+            if section != "[Service]" or "=" not in line:
+                continue
+            key, value = (part.strip() for part in line.split("=", 1))
+            value = re.sub(r"%([a-zA-Z%])", lambda s: specifiers.get(s.group(1), s.group(0)), value)
+            if key == "Environment":
+                unit.environment.extend(shlex.split(value))
+            elif key == "EnvironmentFile":
+                if value:
+                    unit.environment_files.append(value)
+                else:
+                    unit.environment_files.clear()  # an empty assignment resets the list
+            elif key == "ExecStart":
+                unit.exec_start = value
+            elif key == "ExecReload":
+                unit.exec_reload = value
+            elif key == "User":
+                unit.user = value
+            elif key == "Group":
+                unit.group = value
+            elif key == "KillMode":
+                unit.kill_mode = value
+            elif key in ("TimeoutSec", "TimeoutStopSec"):
+                unit.stop_timeout = _seconds(value)
+    if not unit.exec_start:
+        raise UnitError(f"unit {name} has no ExecStart=")
+    return unit
+
+
+def read_environment_file(text: str) -> dict[str, str]:
+    """systemd's EnvironmentFile= format: KEY=VALUE lines, # or ; comments, quotes removed."""
+    values: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")) or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            quote, value = value[0], value[1:-1]
+            if quote == '"':
+                value = re.sub(r"\\(.)", r"\1", value)
+        values[key.strip()] = value
+    return values
+
+
+def expand_command(line: str, environment: dict[str, str]) -> list[str]:
+    """ExecStart= words: `$VAR` alone splits into words, `${VAR}` is one word (systemd.service(5))."""
+    words = []
+    for word in shlex.split(line.lstrip("-@:+!")):
+        alone = re.fullmatch(r"\$([A-Za-z_][A-Za-z0-9_]*)", word)
+        if alone:
+            words.extend(environment.get(alone.group(1), "").split())
+            continue
+        words.append(re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)",
+                            lambda v: environment.get(v.group(1) or v.group(2), ""), word))
+    return words
+
+
+class SecretStore:
+    """The sandbox's stand-in for SSM SecureString parameters: generated once, kept in its secrets dir."""
+
+    def __init__(self, folder: Path, placeholders: dict[str, str]):
+        self.folder, self.placeholders = folder, placeholders
+
+    def get(self, parameter: str) -> str:
+        name = parameter.rsplit("/", 1)[-1]
+        path = self.folder / name
+        if not path.exists():
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            value = self.placeholders.get(name, secrets.token_urlsafe(24))
+            path.write_text(value + "\n")
+            path.chmod(0o400)
+        return path.read_text().rstrip("\n")
+
+
+class SandboxHost:
+    """One host of the sandbox, as the agent sees it."""
+
+    def __init__(self, layout: m.Layout, topology, host, secret_store: SecretStore,
+                 spawn: Callable[..., int], process: Callable[[str], int | None], mapping: dict[bytes, bytes]):
+        self.layout, self.topology, self.host = layout, topology, host
+        self.root = layout.host_root(host)
+        self._secrets, self._spawn, self._process = secret_store, spawn, process
+        self._mapping = mapping
+        self.as_root = os.geteuid() == 0
+
+    # ---- files and packages ----------------------------------------------------------------
+    def path(self, path: str) -> str:
+        return str(self.layout.host_path(self.host, path))
+
+    def install(self, packages: list[str]) -> list[str]:
+        """Packages are this machine's; their folders under /etc and /var are made in the host's root."""
+        for package in packages:
+            if package in EC2_ONLY_PACKAGES:
+                continue
+            listing = subprocess.run(["dpkg-query", "-L", package], capture_output=True, text=True)
+            if listing.returncode != 0:
+                raise UnitError(f"{self.host.name}: package {package} is not installed on this machine (run make system-deps)")
+            for entry in listing.stdout.splitlines():
+                if entry.startswith(("/etc/", "/var/")) and os.path.isdir(entry) and not os.path.islink(entry):
+                    self._mirror_folder(entry)
+        return []
+
+    def _mirror_folder(self, folder: str) -> None:
+        target = Path(self.path(folder))
+        if target.exists():
+            return
+        target.mkdir(parents=True, exist_ok=True)
+        stat = os.stat(folder)
+        target.chmod(stat.st_mode & 0o7777)
+        if self.as_root:
+            os.chown(target, stat.st_uid, stat.st_gid)
+
+    def mount(self, volume: dict) -> bool:
+        Path(self.path(volume["mount"])).mkdir(parents=True, exist_ok=True)
+        return False  # a folder, not a device: nothing was mounted
+
+    def secret(self, parameter: str) -> str:
+        return self._secrets.get(parameter)
+
+    def chown(self, path: str, owner: str) -> None:
+        if self.as_root:
+            user, _, group = owner.partition(":")
+            shutil.chown(path, user, group or user)
+
+    def boot_command(self, command: str) -> None:
+        # Kernel settings (sysctl, modules) belong to this machine, which the hosts share.
+        print(f"{self.host.name}: boot command not run in the sandbox (shared kernel): {command}", flush=True)
+
+    def daemon_reload(self) -> None:
+        """Nothing to do: units are read afresh at every start, as systemd does after daemon-reload."""
+
+    def hostname(self) -> str:
+        return self.host.name
+
+    # ---- units -----------------------------------------------------------------------------
+    def process_name(self, unit: str) -> str:
+        return process_name(self.host.name, unit)
+
+    def unit(self, name: str) -> Unit:
+        path = SYSTEM_UNITS / f"{name}.service"
+        if not path.exists():
+            raise UnitError(f"{self.host.name}: no unit file {path} (is its package installed?)")
+        # The package's unit names host paths (/etc/default/NAME, data dirs): they are this host's.
+        texts = [m.map_bytes(path.read_bytes(), self._mapping, self.root).decode()]
+        # The bundle's drop-ins were mapped with the bundle.
+        drop_ins = Path(self.path(f"/etc/systemd/system/{name}.service.d"))
+        texts += [p.read_text() for p in sorted(drop_ins.glob("*.conf"))] if drop_ins.is_dir() else []
+        return parse_unit(name, texts, {"H": self.host.name, "p": name, "n": f"{name}.service", "%": "%"})
+
+    def _environment(self, unit: Unit) -> dict[str, str]:
+        env = {"PATH": SYSTEMD_PATH, "LANG": "C.UTF-8"}
+        if unit.user:
+            account = pwd.getpwnam(unit.user)
+            env.update(USER=unit.user, LOGNAME=unit.user, HOME=self.path(account.pw_dir), SHELL=account.pw_shell)
+        for assignment in unit.environment:
+            key, _, value = assignment.partition("=")
+            env[key] = value
+        for entry in unit.environment_files:
+            optional, path = entry.startswith("-"), entry.lstrip("-")
+            try:
+                env.update(read_environment_file(Path(path).read_text()))
+            except FileNotFoundError:
+                if not optional:
+                    raise UnitError(f"{self.host.name}: {unit.name}: EnvironmentFile {path} is missing") from None
+        return env
+
+    def active(self, unit: str) -> bool:
+        return unit in NOT_STARTED or self._process(self.process_name(unit)) is not None
+
+    def start(self, unit: str) -> None:
+        if self.active(unit):
+            return
+        spec = self.unit(unit)
+        env = self._environment(spec)
+        argv = expand_command(spec.exec_start, env)
+        user = spec.user if self.as_root else ""
+        self._spawn(self.process_name(unit), argv, env, user, spec.group or user, self.root)
+
+    def stop(self, unit: str) -> None:
+        pid = self._process(self.process_name(unit))
+        if pid is None:
+            return
+        spec = self.unit(unit)
+        # KillMode=process signals the main process only (Patroni then stops PostgreSQL itself).
+        kill = os.kill if spec.kill_mode == "process" else os.killpg
+        kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + spec.stop_timeout
+        while time.monotonic() < deadline and self._process(self.process_name(unit)) is not None:
+            time.sleep(0.1)
+        if self._process(self.process_name(unit)) is not None:
+            os.killpg(pid, signal.SIGKILL)
+
+    def restart(self, unit: str) -> None:
+        self.stop(unit)
+        self.start(unit)
+
+    def reload(self, unit: str) -> None:
+        pid = self._process(self.process_name(unit))
+        spec = self.unit(unit)
+        if pid is None:
+            raise UnitError(f"{self.host.name}: {unit} is not running")
+        if not spec.exec_reload:
+            raise UnitError(f"{self.host.name}: Job type reload is not applicable for unit {unit}.service")
+        subprocess.run(expand_command(spec.exec_reload, {**self._environment(spec), "MAINPID": str(pid)}), check=True)
+
+
+# The process names the sandbox's drills, scripts and tests know the daemons by.
+_PROCESS_NAMES = {
+    "patroni": "{host}",
+    "etcd": "{host}",
+    "prometheus": "prometheus-{host}",
+    "prometheus-alertmanager": "alertmanager-{host}",
+    "prometheus-redis-exporter": "redis-exporter-{host}",
+    "prometheus-postgres-exporter": "postgres-exporter-{host}",
+    "prometheus-node-exporter": "node-exporter-{host}",
+}
+
+
+def process_name(host: str, unit: str) -> str:
+    return _PROCESS_NAMES.get(unit, "{host}-" + unit).format(host=host)
