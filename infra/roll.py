@@ -400,11 +400,12 @@ class Roller:
             self.unprotected.append(name)
         self.say(f"{name}: pulumi up --replace {plan.urn} (rollHost={name})")
         self.pulumi_run(name, "pulumi up", up_args(self.stack, name, plan.urn))
+        self.replaced.append(name)
         deadline = self.clock() + self.timeout
         new = find_instance(state_instances(self.export(name)), plan.host, self.stack)
         if new.instance_id == plan.instance_id:
+            self.replaced.remove(name)
             raise StepFailed(name, "pulumi up", f"the state still has instance {plan.instance_id}: nothing was replaced")
-        self.replaced.append(name)
         self.say(f"{name}: new instance {new.instance_id}; waiting for SSM to report it Online")
         self.wait_online(name, new.instance_id, deadline)
         self.say(f"{name}: {new.instance_id} Online; betting-agent check until it passes (at most {self.timeout} s)")
@@ -416,15 +417,19 @@ class Roller:
         self.unprotected, self.replaced = [], []
         rolled: list[str] = []
         failure: StepFailed | None = None
+        current: str | None = None
         try:
             self.preflight(plans)
             for plan in plans:
+                current = plan.host.name
                 new_id = self.roll_host(plan)
-                rolled.append(plan.host.name)
-                self.say(f"{plan.host.name}: healthy on {new_id}")
+                rolled.append(current)
+                self.say(f"{current}: healthy on {new_id}")
         except StepFailed as error:
             failure = error
-        finally:  # also on Ctrl-C: the stack file must not keep rollHost
+        except KeyboardInterrupt:  # Pulumi got the same SIGINT and has cancelled its update
+            failure = StepFailed(current, "roll", "interrupted")
+        finally:  # whatever happened: the stack file must not keep rollHost
             cleanup = self.run([self.pulumi, *config_rm_args(self.stack)], False)
         if cleanup.returncode == 0:
             self.say(f"removed {ROLL_HOST_KEY} from stack {self.stack}")

@@ -314,6 +314,36 @@ def test_a_failed_handover_touches_nothing_of_that_host(world, capsys):
                if r["type"] == roll.INSTANCE_TYPE and r["outputs"]["tags"]["Role"] == "postgres")
 
 
+def test_ctrl_c_stops_at_the_host_and_still_removes_roll_host(world, capsys, monkeypatch):
+    original = SsmDouble.send_command
+
+    def interrupted(self, **kwargs):
+        if kwargs["InstanceIds"] == [new_id("pg-1")]:
+            raise KeyboardInterrupt  # the operator's Ctrl-C while pg-1's new instance is checked
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(SsmDouble, "send_command", interrupted)
+    code, out, err = run(capsys, "prod", "--role", "postgres")
+    assert code == 1
+    assert one_line(err) == "pg-1: roll failed: interrupted"
+    assert world.calls()[-1] == CONFIG_RM and not [c for c in world.calls() if urn("pg-2") in c]
+    assert "go on with: infra roll prod --host pg-2 --host pg-3" in out  # pg-1 has its new instance already
+
+
+def test_ssm_refusing_the_credentials_stops_before_any_host(world, capsys, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    def denied(self, **kwargs):
+        raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "not authorized to perform "
+                                     "ssm:DescribeInstanceInformation"}}, "DescribeInstanceInformation")
+
+    monkeypatch.setattr(SsmDouble, "describe_instance_information", denied)
+    code, _, err = run(capsys, "prod", "--role", "etcd")
+    assert code == 1
+    assert one_line(err).startswith("SSM in eu-west-1 failed: An error occurred (AccessDeniedException)")
+    assert world.calls() == [EXPORT, CONFIG_RM]
+
+
 # ---- dry run and bad input ---------------------------------------------------------------------
 def test_dry_run_prints_the_commands_and_runs_nothing(world, capsys, prod_export):
     code, out, err = run(capsys, "prod", "--role", "postgres", "--dry-run")
