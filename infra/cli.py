@@ -1,10 +1,15 @@
-"""`infra`: evaluate, render, diff and try the platform without the Pulumi CLI, a cloud or credentials.
+"""`infra`: evaluate, render, diff and try the platform without the Pulumi CLI, a cloud or credentials;
+roll hosts onto a new image with them.
 
   infra plan STACK [--json FILE]   resource inventory under the embedded mock engine, and the policy verdicts
                                    (exit 1 on a settings error or a mandatory policy violation)
   infra render STACK --out DIR     every rendered config file, one folder per service
   infra diff STACK [--exit-code]   changes against the committed snapshot plans/STACK.json
   infra sandbox up|down|status     run a stack's rendered configs as local processes
+  infra roll STACK --role ROLE | --host NAME ... [--dry-run] [--timeout SECONDS]
+                                   replace hosts one at a time through the Pulumi CLI (a new image or boot
+                                   stub): handover, unprotect, pulumi up --replace, SSM health gate; the
+                                   only command that needs the Pulumi CLI and AWS credentials
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from typing import Any
 
 from infra.engine import evaluate_stack, plan_document
 from infra.plan_diff import PLANS_DIR, diff_plans, dumps_plan, load_plan, refresh_command
+from infra.roll import DESCRIPTION as ROLL_DESCRIPTION
+from infra.roll import add_arguments as add_roll_arguments
+from infra.roll import command as roll_command
 from infra.settings import SettingsError
 from infra.stackfile import ROOT, StackFileError, load_stack
 from infra.topology import build_topology
@@ -101,6 +109,10 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return sandbox_main(args.rest)
 
 
+def cmd_roll(args: argparse.Namespace) -> int:
+    return roll_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infra", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stacks-dir", default=str(ROOT / "stacks"),
@@ -122,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox = commands.add_parser("sandbox", help="run a stack's rendered configs as local processes", add_help=False)
     sandbox.add_argument("rest", nargs=argparse.REMAINDER)
     sandbox.set_defaults(func=cmd_sandbox)
+    roll = commands.add_parser("roll", help="replace hosts one at a time through the Pulumi CLI (new image or stub)",
+                               description=ROLL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_roll_arguments(roll)
+    roll.set_defaults(func=cmd_roll)
     return parser
 
 

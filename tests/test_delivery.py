@@ -120,6 +120,8 @@ def test_instances_ignore_user_data_and_image_and_stateful_prod_hosts_are_protec
         protected = stateful and stack == "prod"
         assert instance.options["protect"] is protected, instance.name
         assert bool(instance.props.get("disableApiTermination")) is protected, instance.name
+        # Else the provider refuses to destroy it, and a roll could never replace it.
+        assert bool(instance.props.get("forceDestroy")) is protected, instance.name
         # A replaced host gives its data volume up before the new one attaches it.
         has_volume = instance.props["tags"]["Role"] != "grafana"
         assert instance.options["deleteBeforeReplace"] is has_volume, instance.name

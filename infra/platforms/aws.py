@@ -146,6 +146,10 @@ def create_host(prefix: str, spec: HostSpec, ctx: AwsContext, parent: pulumi.Res
         user_data=render_cloud_init(host, ctx.environment, ctx.region, ctx.bundle_bucket).decode(),
         # Termination protection: the console or the API cannot terminate a stateful prod host by mistake.
         disable_api_termination=stateful and ctx.protect_data,
+        # pulumi-aws 7 refuses to destroy a termination-protected instance unless forceDestroy is already in
+        # its state, so without it `infra roll` could never replace one (the delete step would fail after
+        # the volume was detached). Pulumi's own guard is `protect`, which a roll lifts for one host.
+        force_destroy=stateful and ctx.protect_data,
         tags=tags,
         opts=pulumi.ResourceOptions(
             parent=parent, depends_on=[*(boots_after or []), *ctx.boot_dependencies.get(host.name, [])],
