@@ -299,16 +299,28 @@ def handover_if_leader(api: str, timeout: float = 120, name: str | None = None) 
         time.sleep(POLL)
 
 
-def _check_others(api: str, clus: dict, me: str, expected_members: int | None) -> None:
-    """Restart only when every other member is up: the rollout never takes a second one down."""
-    members = _members(clus)
-    if expected_members is not None and len(members) < expected_members:
-        raise PatroniError(f"{me}: only {sorted(members)} of {expected_members} members in /cluster")
-    for other in members.values():
-        if other["name"] != me:
-            ok, reason = health(_base(other["api_url"]), other["name"], allow_pending=True)
-            if not ok:
-                raise PatroniError(f"{me}: not restarting while {reason}")
+def _check_others(api: str, me: str, expected_members: int | None, timeout: float) -> None:
+    """Restart only when every other member is up: the rollout never takes a second one down.
+
+    Waits up to `timeout` for that: a member the bundle expects may still be joining (a node
+    being added boots and clones while the others roll), or coming back from its own restart."""
+    deadline = time.monotonic() + timeout
+    while True:
+        members = _members(cluster(api))
+        problem = None
+        if expected_members is not None and len(members) < expected_members:
+            problem = f"{me}: only {sorted(members)} of {expected_members} members in /cluster"
+        for other in members.values() if problem is None else ():
+            if other["name"] != me:
+                ok, reason = health(_base(other["api_url"]), other["name"], allow_pending=True)
+                if not ok:
+                    problem = f"{me}: not restarting while {reason}"
+                    break
+        if problem is None:
+            return
+        if time.monotonic() >= deadline:
+            raise PatroniError(problem)
+        time.sleep(POLL)
 
 
 def _restart(api: str, name: str, timeout: float) -> None:
@@ -343,7 +355,8 @@ def restart_if_pending(api: str, timeout: float = 300, name: str | None = None,
     me = _whoami(api, clus, name)
     if not member(api).get("pending_restart"):
         return False
-    _check_others(api, clus, me, expected_members)
+    _check_others(api, me, expected_members, timeout)
+    clus = cluster(api)
     if member(api).get("role") in LEADER_ROLES and len(clus["members"]) > 1:
         for other in clus["members"]:
             other_api = _base(other["api_url"])
@@ -355,7 +368,7 @@ def restart_if_pending(api: str, timeout: float = 300, name: str | None = None,
         if not member(api).get("pending_restart"):
             wait_healthy(api, timeout, me)
             return True
-        _check_others(api, cluster(api), me, expected_members)
+        _check_others(api, me, expected_members, timeout)
     _restart(api, me, timeout)
     return True
 

@@ -81,8 +81,8 @@ class Layout:
         return self.port_base + 75 + host.index
 
     def node_exporter(self, host: Host, topology: Topology) -> int:
-        """Every host runs its own node_exporter."""
-        return self.port_base + 80 + [h.name for h in topology.hosts].index(host.name)
+        """Every host runs its own: etcd 81-85, PostgreSQL 86-94, monitoring 95-97 (adding a host moves no other)."""
+        return self.port_base + {"etcd": 80, "postgres": 85, "monitoring": 94}[host.role] + host.index
 
     def host_ports(self, host: Host, topology: Topology) -> dict[int, int]:
         """{port on the host: port in the sandbox} of the daemons a host runs."""

@@ -267,30 +267,59 @@ class Sandbox:
         """Apply `settings`' bundles one host at a time in rollout order (what the SSM associations do).
 
         Stops at the first host whose apply fails (agent.ApplyError names it and the check); the
-        hosts after it keep their old bundle."""
+        hosts after it keep their old bundle. A host the new settings add (more Patroni nodes or
+        etcd members) boots in its place in that order, after the members it joins."""
         if settings.stack != self.settings.stack:
             raise SandboxError(f"the sandbox runs stack {self.settings.stack!r}, not {settings.stack!r}")
-        if build_topology(settings).hosts != self.topology.hosts:
-            raise SandboxError("a roll cannot add or remove hosts in the sandbox; run `infra sandbox down` and `up`")
+        topology = build_topology(settings)
+        removed = sorted({h.name for h in self.topology.hosts} - {h.name for h in topology.hosts})
+        if removed:
+            raise SandboxError(f"a roll cannot remove hosts ({', '.join(removed)}); run `infra sandbox down` and `up`")
+        busy = [p for p in sorted(set(self.layout.ports(topology)) - set(self.layout.ports(self.topology))) if port_open(p)]
+        if busy:
+            raise SandboxError(f"ports of the added hosts already in use on {m.LOOPBACK}: {busy}")
+        added = [h.name for h in topology.hosts if h not in self.topology.hosts]
+        self._topology = topology
+        # Added hosts are new instances: they boot by themselves as soon as they exist, while the
+        # associations roll the others (whose agents wait for them to join before a restart).
+        booting = {name: self.host_bundle(self.host(name), settings=settings) for name in added}
+        booted: dict[str, object] = {}
+
+        def boot_added() -> None:
+            try:
+                booted.update(self.boot({n: b for n, b in booting.items() if b["services"]},
+                                        gate_timeout or agent.GATE_TIMEOUT["patroni"]))
+            except SandboxError as error:
+                booted["error"] = error
+
+        boot = threading.Thread(target=boot_added, daemon=True)
+        boot.start()
         reports = []
         for host in self.hosts():
+            if host.name in added:
+                continue
             bundle = self.host_bundle(host, settings=settings)
             if not bundle["services"]:
                 continue
             reports.append(self.apply(host, bundle, gate_timeout))
+        boot.join()
+        if "error" in booted:
+            raise booted["error"]
+        reports += [booted[name] for name in added if name in booted]
         self._settings = settings
         state = self._read_state()
         state["settings"] = settings.model_dump_json()
         self.state_file.write_text(json.dumps(state))
         return reports
 
-    def boot(self, bundles: dict[str, dict], timeout: float) -> None:
+    def boot(self, bundles: dict[str, dict], timeout: float) -> dict[str, agent.Report]:
         """Every host applies its bundle at once, as new EC2 instances do at their first boot."""
         failures: list[str] = []
+        reports: dict[str, agent.Report] = {}
 
         def run(host: Host, bundle: dict) -> None:
             try:
-                self.apply(host, bundle, timeout)
+                reports[host.name] = self.apply(host, bundle, timeout)
             except agent.ApplyError as error:
                 failures.append(str(error))
             except Exception as error:  # noqa: BLE001 - reported with the host, like the agent's own errors
@@ -304,6 +333,7 @@ class Sandbox:
             thread.join()
         if failures:
             raise SandboxError("; ".join(sorted(failures)))
+        return reports
 
     # ---- process control ---------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], user: str = "", group: str = "",

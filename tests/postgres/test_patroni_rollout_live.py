@@ -161,7 +161,7 @@ def test_wait_healthy_names_a_replica_whose_patroni_stopped(healthy):
         other = next(name for name in urls if name not in (replica, leader))
         patroni.apply_dynamic_config(urls[leader], {"postgresql": {"parameters": {"max_connections": 500}}})
         with pytest.raises(patroni.PatroniError, match=f"{replica}|of {len(urls)} members"):
-            patroni.restart_if_pending(urls[other], expected_members=len(urls))
+            patroni.restart_if_pending(urls[other], timeout=5, expected_members=len(urls))
     finally:
         healthy.start_patroni(healthy.node(replica))
     patroni.wait_healthy(urls[replica], 90, allow_pending=True)

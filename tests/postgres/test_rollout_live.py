@@ -19,6 +19,7 @@ from infra.hostagent import patroni
 from infra.sandbox import cli
 from infra.sandbox.runner import Sandbox
 from infra.topology import SecretNames
+from scripts.failover_drill import TABLE as DRILL_TABLE
 from scripts.failover_drill import ClusterSampler, Writer
 from tests.postgres.conftest import running_sandbox
 
@@ -167,3 +168,35 @@ def test_a_bundle_that_breaks_its_host_stops_the_rollout_there(sandbox, prod_set
     reports = sandbox.roll(change)
     assert "start etcd" in {r.host: r for r in reports}["etcd-2"].actions
     sandbox.wait_healthy(60)
+
+
+def test_adding_a_patroni_node_to_the_running_cluster(sandbox):
+    """patroni.nodes 3 -> 4: the new host boots and clones while the others roll (more WAL senders
+    and slots, a restart); their agents wait for it to join before restarting anyone."""
+    current = sandbox.settings
+    more = _changed(current, patroni={"nodes": current.patroni.nodes + 1})
+    urls = {node.name: sandbox.patroni_url(node) for node in sandbox.topology.postgres}
+    senders_before = patroni.config(next(iter(urls.values())))["postgresql"]["parameters"]["max_wal_senders"]
+    writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD))
+    writer.ensure_table()
+    writer.start()
+    with ClusterSampler(urls) as sampler:
+        reports = {r.host: r for r in sandbox.roll(more)}
+        time.sleep(1)
+    writer.stop()
+    new = sandbox.topology.postgres[-1]
+    assert new.name == f"pg-{current.patroni.nodes + 1}" and "start patroni" in reports[new.name].actions
+    leader = sandbox.wait_healthy(60)
+    members = {m["name"]: m for m in sandbox.cluster()["members"]}
+    assert members[new.name]["state"] == "running" and members[new.name]["role"] in ("replica", "sync_standby")
+    senders = patroni.config(sandbox.patroni_url(leader))["postgresql"]["parameters"]["max_wal_senders"]
+    assert int(senders) == int(senders_before) + 1  # one more node, one more WAL sender
+    senders = str(senders)
+    for node in sandbox.topology.postgres:
+        assert _setting(sandbox, node, "max_wal_senders") == senders, node.name
+    assert writer.missing(sandbox.dsn(leader)) == []
+    # The new node has every acknowledged write (it cloned from, and streams from, the leader).
+    with psycopg.connect(sandbox.dsn(new), autocommit=True, connect_timeout=3) as conn:
+        rows = conn.execute(f"SELECT count(*) FROM {DRILL_TABLE} WHERE run = %s", (writer.run,)).fetchone()[0]
+    assert rows >= len(writer.acks)
+    assert sampler.most_down <= 1
