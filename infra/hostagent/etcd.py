@@ -23,8 +23,10 @@ A join writes a systemd drop-in (JOIN_DROP_IN) whose EnvironmentFile, loaded aft
 /etc/default/etcd, overrides those two variables (systemd.exec: a variable set by a later
 EnvironmentFile wins), then reloads systemd. Joins are serialized cluster-wide by an etcd lock
 held until the new member has started (new hosts boot in parallel: their first apply is not the
-SSM rollout), and a join is refused while another member is added but not started, or while any
-other member is not healthy: adding a voting member to 3 raises the quorum to 3 of 4.
+SSM rollout); a member that an earlier run added starts without it (it changes no membership, and a
+1-member cluster that added it has no quorum until it runs). A join is refused while another
+member is added but not started, or while any other member is not healthy: adding a voting
+member to 3 raises the quorum to 3 of 4.
 
 Standard library only, like the rest of the agent. Every host path goes through platform.path.
 """
@@ -348,8 +350,10 @@ def acquire_lock(endpoint: str, timeout: float) -> str:
 
 
 def keep_alive(endpoint: str, lease: str) -> None:
-    """The lease's TTL from now again (one request of the gateway's LeaseKeepAlive stream)."""
-    _post(f"{endpoint}/v3/lease/keepalive", {"ID": lease})
+    """The lease's TTL from now again (one request of the gateway's LeaseKeepAlive stream). Best effort:
+    right after an add to a 1-member cluster there is no quorum until the new member runs."""
+    with contextlib.suppress(OSError, ValueError, JoinError):
+        _post(f"{endpoint}/v3/lease/keepalive", {"ID": lease})
 
 
 def release_lock(endpoint: str, lease: str) -> None:
@@ -432,6 +436,13 @@ def _remove_override(platform) -> bool:
     return removed
 
 
+def _write_override(platform, local: Local, members: tuple[Member, ...], join: Join) -> None:
+    for path, content in override_files(local, members).items():
+        _write(platform.path(path), content)
+    platform.daemon_reload()
+    join.actions.append(f"{JOIN_DROP_IN}: start existing, {len(members)} members")
+
+
 def prepare_join(spec: dict, platform, timeout: float) -> Join:
     """Before the first start of etcd on this host: decide, and for a join add the member and write the
     override. `spec` is the bundle's "etcd" section; `timeout` bounds each wait for the cluster."""
@@ -445,6 +456,12 @@ def prepare_join(spec: dict, platform, timeout: float) -> Join:
     if join.kind in AS_RENDERED:
         if _remove_override(platform):
             join.actions.append(f"removed a stale {JOIN_DROP_IN}")
+        return join
+    if join.kind == ADDED:
+        # Added by an earlier run that stopped before the start: no change to the membership, so neither
+        # the lock nor a quorum is needed (a 1-member cluster that added this one has none until it runs).
+        decide(local, view, override_exists)  # but refused while another member is added and not started
+        _write_override(platform, local, view.members, join)
         return join
     # The cluster runs: everything from here on under its join lock, on a fresh member list.
     answering = {m.name or f"{m.id:x}": m.client_urls[0] for m in view.members if m.client_urls
@@ -466,10 +483,7 @@ def prepare_join(spec: dict, platform, timeout: float) -> Join:
             members = tuple(Member.from_json(m) for m in added["members"])
             new_id = int(added["member"]["ID"])
             join.actions.append(f"etcd member add {local.name} {','.join(local.peer_urls)} (id {new_id:x})")
-        for path, content in override_files(local, members).items():
-            _write(platform.path(path), content)
-        platform.daemon_reload()
-        join.actions.append(f"{JOIN_DROP_IN}: start existing, {len(members)} members")
+        _write_override(platform, local, members, join)
         keep_alive(join.endpoint, join.lease)  # held for the start: at most `timeout` more, under the TTL
     except BaseException:
         join.release()

@@ -35,25 +35,26 @@ from tests.conftest import stack_config
 
 pytestmark = pytest.mark.live
 
-# Away from the sandbox range (25000-26999) and the monitoring tests (29000-29999): the first cluster
-# takes 27401-27415, the second 27421-27435.
+# Away from the sandbox range (25000-26999) and the monitoring tests (29000-29999): the clusters
+# take 27401-27415, 27421-27435 and 27441-27455.
 PORT_BASE = 27400
 SECOND_PORT_BASE = 27420
+DEV_PORT_BASE = 27440
 ETCD_BIN = "/usr/bin/etcd"
 ETCD_UNIT = "/lib/systemd/system/etcd.service"
 TIMEOUT = 60.0  # an upper bound for each wait; nothing asserts how long anything took
 
 
-def _settings(members: int):
-    config = stack_config("prod")
+def _settings(stack: str, members: int):
+    config = stack_config(stack)
     section = json.loads(config["betting-platform:etcd"])
     section["members"] = members
     config["betting-platform:etcd"] = json.dumps(section)
-    return load_settings(config, "prod")
+    return load_settings(config, stack)
 
 
-SETTINGS = {n: _settings(n) for n in (3, 5)}
-TOPOLOGY = {n: build_topology(s) for n, s in SETTINGS.items()}
+SETTINGS = {(stack, n): _settings(stack, n) for stack, n in (("prod", 3), ("prod", 5), ("dev", 1), ("dev", 3))}
+TOPOLOGY = {key: build_topology(s) for key, s in SETTINGS.items()}
 
 
 def _unit_environment() -> tuple[dict[str, str], list[str]]:
@@ -73,8 +74,8 @@ def _unit_environment() -> tuple[dict[str, str], list[str]]:
 class EtcdHost:
     """One etcd host for the agent: files under `root`, the etcd unit a real process."""
 
-    def __init__(self, root: Path, name: str, port_base: int, members: int):
-        self.root, self.name, self.port_base = root, name, port_base
+    def __init__(self, root: Path, name: str, port_base: int, members: int, stack: str = "prod"):
+        self.root, self.name, self.port_base, self.stack = root, name, port_base, stack
         self.calls: list[str] = []
         self.units: set[str] = set()
         self.process: subprocess.Popen | None = None
@@ -83,7 +84,7 @@ class EtcdHost:
 
     @property
     def host(self):
-        return next(h for h in TOPOLOGY[5].etcd if h.name == self.name)
+        return next(h for h in TOPOLOGY[(self.stack, 5 if self.stack == "prod" else 3)].etcd if h.name == self.name)
 
     @property
     def client_url(self) -> str:
@@ -166,7 +167,7 @@ class EtcdHost:
 
     def bundle(self) -> dict:
         """This host's bundle in the topology of `members` members, ports mapped to this cluster's."""
-        topology, settings = TOPOLOGY[self.members], SETTINGS[self.members]
+        topology, settings = TOPOLOGY[(self.stack, self.members)], SETTINGS[(self.stack, self.members)]
         (spec,) = [s for s in host_specs(settings, topology) if s.host.name == self.name]
         mapping = {k: v for k, v in m.etcd_mapping(self.layout, topology, spec.host).items()
                    if k != Paths.ETCD_DATA.encode()}
@@ -261,20 +262,21 @@ def make_hosts(tmp_path):
     assert os.access(ETCD_BIN, os.X_OK), f"{ETCD_BIN} is missing: install etcd-server (make system-deps)"
     made: list[EtcdHost] = []
 
-    def make(port_base: int) -> dict[str, EtcdHost]:
+    def make(port_base: int, stack: str = "prod", first: int = 3, last: int = 5) -> dict[str, EtcdHost]:
+        """The hosts of `last` members; the first `first` start with the bundles of a `first`-member topology."""
         _free(port_base)
-        hosts = {h.name: EtcdHost(tmp_path / str(port_base) / h.name, h.name, port_base, 5) for h in TOPOLOGY[5].etcd}
+        hosts = {h.name: EtcdHost(tmp_path / str(port_base) / h.name, h.name, port_base, last, stack)
+                 for h in TOPOLOGY[(stack, last)].etcd}
         for host in hosts.values():
-            host.members = 3 if host.host.index <= 3 else 5
+            host.members = first if host.host.index <= first else last
         made.extend(hosts.values())
         return hosts
 
     yield make
-    for host in made:  # all at once: one by one, the last members wait for a quorum that is gone
+    for host in made:  # the data goes with tmp_path: no need to wait for each to hand its leadership over
         if host.process is not None and host.process.poll() is None:
-            host.process.send_signal(signal.SIGTERM)
-    for host in made:
-        host.stop()
+            host.process.kill()
+            host.process.wait()
 
 
 def test_members_4_and_5_join_a_running_cluster_one_at_a_time(make_hosts):
@@ -287,7 +289,7 @@ def test_members_4_and_5_join_a_running_cluster_one_at_a_time(make_hosts):
     assert [h.override() for h in (e1, e2, e3)] == [None, None, None]  # started as rendered: state new
     assert started(e1) == ["etcd-1", "etcd-2", "etcd-3"]
     # The ids the agent computes for a bootstrap are the ones etcd gave (how it tells an original member).
-    token = TOPOLOGY[3].patroni_scope
+    token = TOPOLOGY[("prod", 3)].patroni_scope
     ids = {mem.name: mem.id for mem in members(e1)}
     peers = {h.name: [f"http://{m.LOOPBACK}:{h.layout.etcd_peer(h.host)}"] for h in (e1, e2, e3)}
     assert ids == {name: etcd.member_id(urls, token) for name, urls in peers.items()}
@@ -404,3 +406,33 @@ def test_a_late_original_member_starts_as_rendered_and_new_hosts_booting_togethe
     # The join lock is gone with its lease once both have started.
     lock = _post(f"{e1.client_url}/v3/kv/range", {"key": _b64(etcd.LOCK_NAME), "range_end": _b64(etcd.LOCK_NAME + "0")})
     assert lock.get("kvs", []) == []
+
+
+def test_dev_grows_from_one_member_to_three_though_the_first_add_leaves_no_quorum(make_hosts):
+    """1 -> 2 members is a quorum of 2 with 1 running: the DCS takes no write until the new member runs,
+    so nothing between the add and the start may need the cluster, and a run that stopped there must
+    still be able to start the member it added."""
+    hosts = make_hosts(DEV_PORT_BASE, "dev", first=1, last=3)
+    e1, e2, e3 = (hosts[f"etcd-{i}"] for i in range(1, 4))
+    report = agent.apply(e1.bundle(), e1, gate_timeout=TIMEOUT)  # its bundle names no other member
+    assert "start etcd" in report.actions and e1.override() is None and e1.bundle()["etcd"]["client_urls"] == {}
+    put(e1, "/service/betting-dev/config", "dev")
+
+    e2.write_files()
+    first = etcd.prepare_join(e2.bundle()["etcd"], e2, TIMEOUT)
+    assert first.kind == etcd.JOIN
+    first.release()  # an agent that stopped before the start: the single member has no quorum now
+    assert not gates.check({**e1.gate(), "members": 1})[0]
+    second = etcd.prepare_join(e2.bundle()["etcd"], e2, TIMEOUT)
+    assert second.kind == etcd.ADDED and second.lease is None
+    e2.start("etcd")
+    second.wait_started(TIMEOUT)
+
+    report = agent.apply(e3.bundle(), e3, gate_timeout=TIMEOUT)
+    assert len(adds(report)) == 1
+    assert started(e1) == ["etcd-1", "etcd-2", "etcd-3"]
+    for host in (e1, e2):
+        host.members = 3
+    for host in (e1, e2, e3):
+        wait_gate(host)
+    assert [get_local(h, "/service/betting-dev/config") for h in (e2, e3)] == ["dev", "dev"]
