@@ -24,7 +24,7 @@ from infra.topology import Paths, Ports, Topology, secret_path, ssm_parameter_na
 FORMAT = 1
 HOSTAGENT_DIR = Path(__file__).resolve().parent / "hostagent"
 # The agent's own modules travel in every bundle: a new agent rolls like any other file.
-AGENT_MODULES = ("__init__.py", "agent.py", "gates.py", "patroni.py")
+AGENT_MODULES = ("__init__.py", "agent.py", "etcd.py", "gates.py", "patroni.py")
 
 Action = Literal["none", "reload", "restart"]
 
@@ -152,6 +152,14 @@ def bundle_document(spec: HostSpec, settings: StackSettings, topology: Topology)
         dynamic = patroni_config(settings, topology, spec.host)["bootstrap"]["dcs"]
         document["patroni"] = {"api": f"http://127.0.0.1:{Ports.PATRONI_API}", "dynamic": dynamic,
                                "members": len(topology.postgres)}
+    if spec.host.role == "etcd":
+        # Before its first start with an empty data dir the agent asks the other members whether a
+        # cluster runs already, and joins it (infra/hostagent/etcd.py); the rest it reads from env_file.
+        document["etcd"] = {
+            "env_file": Paths.ETCD_CONFIG,
+            "url": f"http://127.0.0.1:{Ports.ETCD_CLIENT}",
+            "client_urls": {m.name: f"http://{m.fqdn}:{Ports.ETCD_CLIENT}" for m in topology.etcd if m != spec.host},
+        }
     return document
 
 

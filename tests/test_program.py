@@ -158,7 +158,7 @@ def test_each_port_admits_only_the_groups_that_need_it():
     assert _sources("prod", "postgres", 5432) == {"postgres", "postgres-lb", "clients"}
     assert _sources("prod", "postgres", 8008) == {"postgres", "postgres-lb", "monitoring"}
     assert _sources("prod", "postgres", 9187) == {"monitoring"}
-    assert _sources("prod", "etcd", 2379) == {"postgres", "monitoring"}
+    assert _sources("prod", "etcd", 2379) == {"postgres", "monitoring", "etcd"}  # etcd: a joining member
     assert _sources("prod", "etcd", 2380) == {"etcd"}
     assert _sources("prod", "redis", 6379) == {"clients", "monitoring"}
     assert _sources("prod", "clickhouse", 9363) == {"monitoring"}

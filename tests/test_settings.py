@@ -67,7 +67,8 @@ def test_prod_shape():
         (lambda r: r[P + "etcd"].update(heartbeatIntervalMs=400, electionTimeoutMs=1500),
          "etcd: electionTimeoutMs must be at least 5 x heartbeatIntervalMs (etcd refuses to start otherwise); "
          "found 1500 < 5 x 400"),
-        (lambda r: r[P + "etcd"].update(electionTimeoutMs=60000), "etcd.electionTimeoutMs: Input should be less than or equal to 50000"),
+        (lambda r: r[P + "etcd"].update(electionTimeoutMs=60000),
+         "etcd.electionTimeoutMs: Input should be less than or equal to 50000"),
         (lambda r: r[P + "redis"].update(multiAz=True, numCacheClusters=1), "multiAz needs numCacheClusters >= 2"),
         (lambda r: r[P + "redis"].update(maxmemoryPolicy="lru"), "redis.maxmemoryPolicy: Input should be"),
         (lambda r: r[P + "monitoring"]["prometheus"].update(retentionTime="7d"),

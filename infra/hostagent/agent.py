@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from infra.hostagent import gates, patroni
+from infra.hostagent import etcd, gates, patroni
 
 HOST_CONFIG = "/etc/betting/host.json"  # written by the boot stub's user data: host, region, bucket
 STATE_DIR = "/var/lib/betting"
@@ -278,8 +278,7 @@ def apply(bundle: dict, platform, gate_timeout: float | None = None) -> Report:
         unit, gate = service["unit"], service["gate"]
         action = pending.get(unit, "none")
         if not platform.active(unit):
-            platform.start(unit)
-            report.actions.append(f"start {unit}")
+            _first_start(host, bundle, unit, platform, report, gate_timeout or GATE_TIMEOUT.get(unit, DEFAULT_GATE_TIMEOUT))
         elif action == "restart":
             if unit == "patroni" and "patroni" in bundle:
                 _handover(host, bundle, report)
@@ -292,6 +291,33 @@ def apply(bundle: dict, platform, gate_timeout: float | None = None) -> Report:
             converge_patroni(host, bundle["patroni"], report, gate_timeout or GATE_TIMEOUT["patroni"])
         _wait_gate(host, unit, gate, gate_timeout)
     return report
+
+
+def _first_start(host: str, bundle: dict, unit: str, platform, report: Report, timeout: float) -> None:
+    """Start a unit that is not running. An etcd member with an empty data dir first finds out whether
+    a cluster runs already and, if so, joins it (infra/hostagent/etcd.py) under the cluster's join
+    lock, which is held until the member has started."""
+    join = None
+    if unit == "etcd" and "etcd" in bundle:
+        try:
+            join = etcd.prepare_join(bundle["etcd"], platform, timeout)
+        except etcd.JoinError as error:
+            raise ApplyError(host, "etcd join", str(error)) from None
+        for action in join.actions:
+            report.actions.append(action)
+            report.log(action)
+        if join.kind != etcd.RESTART:
+            report.log(f"etcd: {join.kind} ({'state existing' if join.joining else 'as rendered, state new'})")
+    try:
+        platform.start(unit)
+        report.actions.append(f"start {unit}")
+        if join is not None:
+            join.wait_started(timeout)
+    except etcd.JoinError as error:
+        raise ApplyError(host, "etcd join", str(error)) from None
+    finally:
+        if join is not None:
+            join.release()
 
 
 def _handover(host: str, bundle: dict, report: Report) -> None:

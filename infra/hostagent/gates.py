@@ -45,9 +45,10 @@ def check_etcd(gate: dict) -> tuple[bool, str]:
     health = _json(f"{gate['url']}/health")
     if health.get("health") != "true":
         return False, f"etcd {gate['name']}: /health says {health}"
-    # etcd 3.4's gRPC gateway; a member added but not yet started has no name.
+    # etcd 3.4's gRPC gateway. A started member has published its name and client URLs; one added but
+    # not started has neither, and one known only from the bootstrap list has a name but no client URLs.
     members = _json(f"{gate['url']}/v3/cluster/member/list", data=b"{}").get("members", [])
-    started = sorted(m.get("name", "") for m in members if m.get("name"))
+    started = sorted(m["name"] for m in members if m.get("name") and m.get("clientURLs"))
     if gate["name"] not in started:
         return False, f"etcd {gate['name']}: not a started member of the cluster ({started})"
     if len(started) < gate["members"]:

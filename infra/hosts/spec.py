@@ -96,6 +96,7 @@ def ingress_rules(settings: StackSettings) -> tuple[Ingress, ...]:
     scrape = ("monitoring",)
     rules = [
         Ingress("etcd", Ports.ETCD_CLIENT, ("postgres", "monitoring"), "etcd clients: Patroni, and Prometheus scraping /metrics"),
+        Ingress("etcd", Ports.ETCD_CLIENT, ("etcd",), "etcd clients: a new member's agent asking and joining the cluster"),
         Ingress("etcd", Ports.ETCD_PEER, ("etcd",), "etcd peers"),
         Ingress("postgres", Ports.POSTGRES, ("postgres", "postgres-lb", "clients"),
                 "PostgreSQL: replication, load balancer, clients"),
