@@ -184,7 +184,10 @@ def map_bytes(content: bytes, mapping: dict[bytes, bytes], root: Path | None = N
         token = match.group(0)
         if token in mapping:
             return mapping[token]
-        return token if prefix is None else prefix + token
+        # A path already under the root (a file mapped before) stays as it is: mapping twice changes nothing.
+        if prefix is None or content.startswith(prefix, match.start()):
+            return token
+        return prefix + token
 
     return _pattern(mapping).sub(replace, content)
 

@@ -216,11 +216,12 @@ class SandboxHost:
         path = SYSTEM_UNITS / f"{name}.service"
         if not path.exists():
             raise UnitError(f"{self.host.name}: no unit file {path} (is its package installed?)")
-        # The package's unit names host paths (/etc/default/NAME, data dirs): they are this host's.
-        texts = [m.map_bytes(path.read_bytes(), self._mapping, self.root).decode()]
-        # The bundle's drop-ins were mapped with the bundle.
+        # The unit and its drop-ins name host paths (/etc/default/NAME, data dirs): they are this
+        # host's. The bundle's drop-ins are mapped already (mapping twice changes nothing); the
+        # agent's own (etcd's join) name host paths.
         drop_ins = Path(self.path(f"/etc/systemd/system/{name}.service.d"))
-        texts += [p.read_text() for p in sorted(drop_ins.glob("*.conf"))] if drop_ins.is_dir() else []
+        files = [path, *(sorted(drop_ins.glob("*.conf")) if drop_ins.is_dir() else [])]
+        texts = [m.map_bytes(file.read_bytes(), self._mapping, self.root).decode() for file in files]
         return parse_unit(name, texts, {"H": self.host.name, "p": name, "n": f"{name}.service", "%": "%"})
 
     def _environment(self, unit: Unit) -> dict[str, str]:

@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -257,6 +258,11 @@ class Sandbox:
         ]
         if "patroni" in document:
             document["patroni"]["api"] = mapped(document["patroni"]["api"])
+        if "etcd" in document:  # the other members' client URLs; its env_file is a host path, read through path()
+            etcd = document["etcd"]
+            etcd["url"] = m.map_bytes(etcd["url"].encode(), mapping).decode()
+            etcd["client_urls"] = {name: m.map_bytes(url.encode(), mapping).decode()
+                                   for name, url in etcd["client_urls"].items()}
         return document
 
     def apply(self, host: Host, bundle: dict, gate_timeout: float | None = None) -> agent.Report:
@@ -295,14 +301,18 @@ class Sandbox:
         boot = threading.Thread(target=boot_added, daemon=True)
         boot.start()
         reports = []
-        for host in self.hosts():
-            if host.name in added:
-                continue
-            bundle = self.host_bundle(host, settings=settings)
-            if not bundle["services"]:
-                continue
-            reports.append(self.apply(host, bundle, gate_timeout))
-        boot.join()
+        try:
+            for host in self.hosts():
+                if host.name in added:
+                    continue
+                bundle = self.host_bundle(host, settings=settings)
+                if not bundle["services"]:
+                    continue
+                reports.append(self.apply(host, bundle, gate_timeout))
+        finally:
+            boot.join()
+            if "error" in booted:
+                print(f"sandbox: the added hosts did not boot: {booted['error']}", file=sys.stderr, flush=True)
         if "error" in booted:
             raise booted["error"]
         reports += [booted[name] for name in added if name in booted]

@@ -30,7 +30,7 @@ from infra.hostagent import agent, etcd, gates
 from infra.hosts import host_specs
 from infra.sandbox import mapping as m
 from infra.settings import load_settings
-from infra.topology import Paths, Ports, build_topology
+from infra.topology import build_topology
 from tests.conftest import stack_config
 
 pytestmark = pytest.mark.live
@@ -169,9 +169,8 @@ class EtcdHost:
         """This host's bundle in the topology of `members` members, ports mapped to this cluster's."""
         topology, settings = TOPOLOGY[(self.stack, self.members)], SETTINGS[(self.stack, self.members)]
         (spec,) = [s for s in host_specs(settings, topology) if s.host.name == self.name]
-        mapping = {k: v for k, v in m.etcd_mapping(self.layout, topology, spec.host).items()
-                   if k != Paths.ETCD_DATA.encode()}
-        mapping[f"127.0.0.1:{Ports.ETCD_CLIENT}".encode()] = f"{m.LOOPBACK}:{self.layout.etcd_client(spec.host)}".encode()
+        # Names and ports only (no root: the platform here roots paths itself).
+        mapping = m.host_mapping(self.layout, topology, spec.host)
         document = json.loads(m.map_bytes(render_bundle(spec, settings, topology), mapping))
         for service in document["services"]:
             if service["unit"] != "etcd":

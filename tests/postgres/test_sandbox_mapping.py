@@ -135,6 +135,8 @@ def test_map_bytes_replaces_longest_token_first_and_roots_host_paths():
     assert m.map_bytes(b"a /var/lib/prometheus/alertmanager b /var/lib/prometheus/x", mapping) == b"a /s/am b /s/prom/x"
     assert (m.map_bytes(b"c=/etc/x -/etc/y /usr/local/etc/z http://h/var/w /run/p", {b"/run/p": b"/sock"}, Path("/r"))
             == b"c=/r/etc/x -/r/etc/y /usr/local/etc/z http://h/var/w /sock")
+    rooted = m.map_bytes(b"EnvironmentFile=/etc/x\n", {}, Path("/tmp/r"))
+    assert rooted == b"EnvironmentFile=/tmp/r/etc/x\n" and m.map_bytes(rooted, {}, Path("/tmp/r")) == rooted
 
 
 # ---- units as systemd reads them -----------------------------------------------------------
