@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from infra.hostagent.agent import AGENT_COMMAND, AGENT_ROOT
+from infra.hosts.postgres import AUDIT_SQL
 from infra.hosts.spec import File, HostSpec
 from infra.render.patroni import patroni_config
 from infra.settings import StackSettings
@@ -65,6 +66,9 @@ CHANGE_RULES = (
     ChangeRule("/etc/postgresql-common/", None, "none"),  # only read when a package is installed
     ChangeRule("/etc/modules-load.d/", None, "none"),  # read at boot; the boot commands load it now
     ChangeRule("/etc/udev/rules.d/", None, "none"),
+    # A oneshot started by its timer: the next run reads the new unit (the agent daemon-reloads first).
+    ChangeRule("/etc/systemd/system/betting-audit-ship.service", None, "none"),
+    ChangeRule("/etc/systemd/system/betting-audit-ship.timer", "betting-audit-ship.timer", "restart"),
 )
 
 
@@ -151,7 +155,9 @@ def bundle_document(spec: HostSpec, settings: StackSettings, topology: Topology)
         # Patroni keeps these in the DCS after bootstrap; the agent PATCHes /config when they differ.
         dynamic = patroni_config(settings, topology, spec.host)["bootstrap"]["dcs"]
         document["patroni"] = {"api": f"http://127.0.0.1:{Ports.PATRONI_API}", "dynamic": dynamic,
-                               "members": len(topology.postgres)}
+                               "members": len(topology.postgres),
+                               # pgaudit's object audit grants, run on the leader after Patroni is healthy.
+                               "audit": {"database": settings.audit.database, "sql": AUDIT_SQL}}
     if spec.host.role == "etcd":
         # Before its first start with an empty data dir the agent asks the other members whether a
         # cluster runs already, and joins it (infra/hostagent/etcd.py); the rest it reads from env_file.

@@ -53,9 +53,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _computed(typ: str, name: str, inputs: dict) -> dict[str, Any]:
-    """Attributes AWS would compute, stable per resource name."""
-    region = "eu-west-1"
+def _computed(typ: str, name: str, inputs: dict, region: str = "eu-west-1") -> dict[str, Any]:
+    """Attributes AWS would compute, stable per resource name (in the region of the resource's provider)."""
     state: dict[str, Any] = {"arn": f"arn:aws:offline:{region}:{OFFLINE_ACCOUNT}:{typ.split(':')[-1].lower()}/{name}"}
     if typ == "aws:s3/bucket:Bucket":
         state["arn"] = f"arn:aws:s3:::{inputs.get('bucket', name)}"
@@ -79,8 +78,15 @@ def _computed(typ: str, name: str, inputs: dict) -> dict[str, Any]:
 
 
 class OfflineMocks(pulumi_mocks.Mocks):
+    def __init__(self) -> None:
+        self.provider_regions: dict[str, str] = {}  # explicit aws providers by name -> their region
+
     def new_resource(self, args: pulumi_mocks.MockResourceArgs):
-        state = {**args.inputs, **{k: v for k, v in _computed(args.typ, args.name, args.inputs).items() if k not in args.inputs}}
+        if args.typ == "pulumi:providers:aws" and "region" in args.inputs:
+            self.provider_regions[args.name] = args.inputs["region"]
+        provider = args.provider.split("::")[-2] if args.provider else ""
+        computed = _computed(args.typ, args.name, args.inputs, self.provider_regions.get(provider, "eu-west-1"))
+        state = {**args.inputs, **{k: v for k, v in computed.items() if k not in args.inputs}}
         resource_id = state.get("bucket") if args.typ == "aws:s3/bucket:Bucket" else f"{args.name}_id"
         return resource_id, state
 
@@ -118,7 +124,9 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                 parent = request.parent.split("::")[-1]
             options = {"protect": request.protect, "ignoreChanges": sorted(request.ignoreChanges),
                        "deleteBeforeReplace": request.deleteBeforeReplace,
-                       "dependsOn": sorted(d.split("::")[-1] for d in request.dependencies)}
+                       "dependsOn": sorted(d.split("::")[-1] for d in request.dependencies),
+                       # The explicit provider's name (a reference is "<urn>::<id>"); "" for the default provider.
+                       "provider": request.provider.split("::")[-2] if request.provider else ""}
             self.registered.append(Registered(request.type, request.name, response.urn, parent, request.custom, props,
                                               options))
         return response
@@ -164,9 +172,10 @@ def evaluate(stack: str, config: dict[str, str] | None = None, secret_values: di
             config[full] = "offline-placeholder"
             if key in SECRET_KEYS:  # an optional one is only read when its setting asks for it
                 placeholders.append(full)
-    monitor = RecordingMonitor(OfflineMocks())
+    mocks = OfflineMocks()
+    monitor = RecordingMonitor(mocks)
     pulumi.runtime.set_all_config(config, [f"{PROJECT}:{k}" for k in SECRET_KEYS + OPTIONAL_SECRET_KEYS] + secure)
-    pulumi_mocks.set_mocks(OfflineMocks(), project=PROJECT, stack=stack, preview=False, monitor=monitor)
+    pulumi_mocks.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
     evaluation = Evaluation(stack, monitor.registered, placeholders)
     try:
         _sync_await(run_pulumi_func(program.run))

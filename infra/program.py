@@ -86,7 +86,7 @@ def run() -> None:
         bundle_bucket=topology.bundle_bucket,
         boot_dependencies=bundles.published,
         roll_host=settings.roll_host,
-        bucket_key_arns={topology.backup_bucket: backups.key.arn},
+        bucket_key_arns={topology.backup_bucket: backups.key.arn, topology.audit_bucket: backups.key.arn},
         protect_data=protect,
         tags=tags,
     )

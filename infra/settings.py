@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
+from botocore.session import get_session as _botocore_session
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -27,6 +28,9 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from infra.units import GIB, duration_seconds, size_bytes
+
+# The aws partition's regions as the AWS SDK lists them (botocore's endpoint data, offline).
+AWS_REGIONS = frozenset(_botocore_session().get_available_regions("s3", partition_name="aws"))
 
 PROJECT = "betting-platform"
 ENVIRONMENTS = ("dev", "staging", "prod")
@@ -225,6 +229,34 @@ class BackupSettings(_Model):
     archive_transition_days: int = Field(default=30, ge=1, le=3650)
     full_backup_schedule: Annotated[str, Field(pattern=r"^\S+ \S+ \S+ \S+ \S+$")] = "0 2 * * *"
     full_backup_retention: int = Field(default=7, ge=1, le=365)
+    # The second copy: the backup and audit buckets replicate to buckets in this region (required in prod).
+    replica_region: str | None = None
+
+    @field_validator("replica_region")
+    @classmethod
+    def _real_region(cls, value: str | None) -> str | None:
+        if value is not None and value not in AWS_REGIONS:
+            raise ValueError(f"not an AWS region; allowed: {', '.join(sorted(AWS_REGIONS))}")
+        return value
+
+
+# An unquoted PostgreSQL identifier as the catalog stores it (lower case, at most 63 bytes).
+_SQL_NAME = r"[a-z_][a-z0-9_$]{0,62}"
+
+
+class AuditSettings(_Model):
+    """pgaudit: DDL and role changes always; writes to these tables through pgaudit's object audit role."""
+
+    database: Annotated[str, Field(pattern=rf"^{_SQL_NAME}$")] = "postgres"
+    tables: tuple[Annotated[str, Field(pattern=rf"^{_SQL_NAME}\.{_SQL_NAME}$")], ...] = ()
+
+    @field_validator("tables")
+    @classmethod
+    def _distinct(cls, tables: tuple[str, ...]) -> tuple[str, ...]:
+        repeated = sorted({t for t in tables if tables.count(t) > 1})
+        if repeated:
+            raise ValueError(f"names a table more than once: {repeated}")
+        return tables
 
 
 class ImageSettings(_Model):
@@ -256,6 +288,7 @@ class StackSettings(_Model):
     # Set only by `infra roll` for one targeted `pulumi up`: the host whose image may change now.
     roll_host: str = ""
     backups: BackupSettings = BackupSettings()
+    audit: AuditSettings = AuditSettings()
     application: ApplicationSettings = ApplicationSettings()
     tags: dict[str, str] = {}
 
@@ -277,6 +310,9 @@ class StackSettings(_Model):
         foreign = [az for az in self.availability_zones if not re.fullmatch(re.escape(self.region) + r"[a-z]", az)]
         if foreign:
             raise ValueError(f"availabilityZones {foreign} are not zones of region {self.region}")
+        if self.backups.replica_region == self.region:
+            raise ValueError(f"backups.replicaRegion must be another region than the stack's own ({self.region}); "
+                             f"found {self.backups.replica_region}")
         if self.environment == "prod":
             problems = []
             if len(self.availability_zones) < 3:
@@ -287,6 +323,8 @@ class StackSettings(_Model):
                 problems.append(f"prod needs etcd.members >= 3; found {self.etcd.members}")
             if not self.patroni.synchronous_mode:
                 problems.append("prod needs patroni.synchronousMode: true (no acknowledged write lost on failover)")
+            if self.backups.replica_region is None:
+                problems.append("prod needs backups.replicaRegion: the backups' second copy, in another AWS region")
             if problems:
                 raise ValueError("; ".join(problems))
         return self

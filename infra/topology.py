@@ -144,5 +144,15 @@ def secret_path(name: str) -> str:
     return f"{Paths.SECRETS_DIR}/{name}"
 
 
+def backup_key_alias(environment: str) -> str:
+    """The KMS alias of the backup and audit-log buckets' key (BackupStorage creates it)."""
+    return f"alias/betting-{environment}-backups"
+
+
+def audit_log_prefix(host: str) -> str:
+    """Where a PostgreSQL host ships its log files in the audit-log bucket: its role may put objects only there."""
+    return f"postgres/{host}/"
+
+
 def ssm_parameter_name(environment: str, name: str) -> str:
     return f"/betting/{environment}/{name}"

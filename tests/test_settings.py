@@ -95,6 +95,17 @@ def test_prod_shape():
         (lambda r: r.pop(P + "patroni"), "betting-platform:patroni: missing"),
         (lambda r: r[P + "alerting"].update(emailTo="nobody"), "alerting.emailTo: String should match pattern"),
         (lambda r: r[P + "application"].update(metricsTargets=["api:port"]), "application.metricsTargets.0"),
+        (lambda r: r[P + "backups"].pop("replicaRegion"),
+         "prod needs backups.replicaRegion: the backups' second copy, in another AWS region"),
+        (lambda r: r[P + "backups"].update(replicaRegion="eu-centrl-1"),
+         "backups.replicaRegion: not an AWS region; allowed: af-south-1, "),
+        (lambda r: r[P + "backups"].update(replicaRegion="eu-west-1"),
+         "backups.replicaRegion must be another region than the stack's own (eu-west-1); found eu-west-1"),
+        (lambda r: r[P + "audit"].update(tables=["bets"]), "audit.tables.0: String should match pattern"),
+        (lambda r: r[P + "audit"].update(tables=["public.Bets"]), "audit.tables.0: String should match pattern"),
+        (lambda r: r[P + "audit"].update(tables=["public.bets", "public.bets"]),
+         "audit.tables: names a table more than once: ['public.bets']"),
+        (lambda r: r[P + "audit"].update(database="bet-ting"), "audit.database: String should match pattern"),
     ],
 )
 def test_bad_value_is_named(mutate, expected):

@@ -145,6 +145,10 @@ class DebianHost:
     def reload(self, unit: str) -> None:
         self.run("systemctl", "reload", unit)
 
+    def psql(self, database: str, *args: str) -> str:
+        """psql as PostgreSQL's superuser over the local socket (peer authentication), stopping at the first error."""
+        return self.run("runuser", "-u", "postgres", "--", "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", database, *args)
+
     def hostname(self) -> str:
         return os.uname().nodename.split(".")[0]
 
@@ -235,6 +239,29 @@ def converge_patroni(host: str, spec: dict, report: Report, timeout: float) -> N
         raise ApplyError(host, "patroni", str(error)) from None
 
 
+def converge_audit(host: str, spec: dict, platform, report: Report) -> None:
+    """On the Patroni leader: pgaudit's object audit role and its grants (the bundle's SQL file, idempotent).
+
+    Replicas get the grants by replication. A database that does not exist yet has no table to
+    audit: the next apply after it is created installs the grants and the event trigger there."""
+    api, audit = spec["api"], spec["audit"]
+    try:
+        if patroni.member(api).get("role") not in patroni.LEADER_ROLES:
+            return
+    except patroni.PatroniError as error:
+        raise ApplyError(host, "audit", str(error)) from None
+    database = audit["database"]  # a plain lower-case identifier (infra/settings.py AuditSettings)
+    try:
+        found = platform.psql("postgres", "-At", "-c", f"SELECT 1 FROM pg_database WHERE datname = '{database}'").strip()
+        if found != "1":
+            report.log(f"audit: database {database} does not exist yet; its tables are audited from the next apply")
+            return
+        platform.psql(database, "-f", platform.path(audit["sql"]))
+    except subprocess.CalledProcessError as error:
+        raise ApplyError(host, "audit", (error.stderr or str(error)).strip().splitlines()[-1]) from None
+    report.log(f"audit: grants of {database} match betting.audit_tables")
+
+
 def apply(bundle: dict, platform, gate_timeout: float | None = None) -> Report:
     """Apply `bundle` on `platform`; return what changed. Raises ApplyError at the first failed gate."""
     host = bundle["host"]
@@ -290,6 +317,8 @@ def apply(bundle: dict, platform, gate_timeout: float | None = None) -> Report:
         if unit == "patroni" and "patroni" in bundle:
             converge_patroni(host, bundle["patroni"], report, gate_timeout or GATE_TIMEOUT["patroni"])
         _wait_gate(host, unit, gate, gate_timeout)
+        if unit == "patroni" and "audit" in bundle.get("patroni", {}):
+            converge_audit(host, bundle["patroni"], platform, report)
     return report
 
 

@@ -60,6 +60,8 @@ class BucketGrant:
     bucket: str
     prefix: str
     write: bool
+    # Only s3:PutObject under the prefix: no read, no list, no delete (the audit logs).
+    put_only: bool = False
 
 
 @dataclass(frozen=True)

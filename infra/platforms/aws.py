@@ -57,10 +57,14 @@ def _access_policy(spec: HostSpec, ctx: AwsContext) -> pulumi.Output[str]:
     """Exactly the SSM parameters, KMS keys and bucket prefixes this host uses; nothing wider."""
     parameter_names = [ssm_parameter_name(ctx.environment, name) for name in spec.secret_names]
     grants = spec.bucket_grants
-    bucket_keys = [ctx.bucket_key_arns[g.bucket] for g in grants if g.bucket in ctx.bucket_key_arns]
+    keyed = [g for g in grants if g.bucket in ctx.bucket_key_arns]
+    bucket_keys = [ctx.bucket_key_arns[g.bucket] for g in keyed]
 
     def document(args: list) -> str:
-        account, data_key, *keys = args
+        account, data_key, *key_arns = args
+        # A put-only grant encrypts (GenerateDataKey) and never decrypts; the others do both.
+        keys = sorted({arn for g, arn in zip(keyed, key_arns, strict=True) if not g.put_only})
+        put_keys = sorted({arn for g, arn in zip(keyed, key_arns, strict=True) if g.put_only} - set(keys))
         # Its own bundles and the parameter naming the current one: what the stub and the agent fetch.
         digest_parameter = digest_parameter_name(ctx.environment, spec.host.name)
         statements = [
@@ -86,6 +90,11 @@ def _access_policy(spec: HostSpec, ctx: AwsContext) -> pulumi.Output[str]:
                 "Condition": {"StringEquals": {"kms:ViaService": f"ssm.{ctx.region}.amazonaws.com"}},
             })
         for grant in grants:
+            if grant.put_only:
+                # The audit logs: add objects under its own prefix, never read, list, overwrite-delete or delete.
+                statements.append({"Sid": "PutOwnAuditLogs", "Effect": "Allow", "Action": ["s3:PutObject"],
+                                   "Resource": [f"arn:aws:s3:::{grant.bucket}/{grant.prefix}*"]})
+                continue
             actions = ["s3:GetObject"] + (["s3:PutObject", "s3:DeleteObject"] if grant.write else [])
             statements.append({
                 "Effect": "Allow",
@@ -97,6 +106,9 @@ def _access_policy(spec: HostSpec, ctx: AwsContext) -> pulumi.Output[str]:
             statements.append({"Effect": "Allow", "Action": actions, "Resource": [objects]})
         if keys:
             statements.append({"Effect": "Allow", "Action": ["kms:Decrypt", "kms:GenerateDataKey"], "Resource": keys})
+        if put_keys:
+            statements.append({"Sid": "EncryptAuditLogs", "Effect": "Allow", "Action": ["kms:GenerateDataKey"],
+                               "Resource": put_keys})
         return json.dumps({"Version": "2012-10-17", "Statement": statements}, sort_keys=True)
 
     return pulumi.Output.all(ctx.account_id, ctx.data_key_arn, *bucket_keys).apply(document)
@@ -207,19 +219,32 @@ def create_secret_parameter(resource_name: str, environment: str, secret_name: s
     )
 
 
+@dataclass
+class PrivateBucket:
+    bucket: aws.s3.Bucket
+    versioning: aws.s3.BucketVersioning  # what replication waits for: S3 refuses it on an unversioned bucket
+
+
 def create_private_bucket(name: str, bucket_name: str, key_arn: pulumi.Input[str], tags: dict[str, str],
                           parent: pulumi.Resource, purpose: str, object_lock: bool = False,
                           protect: bool = False) -> aws.s3.Bucket:
     """A bucket as the guardrails want every bucket: versioned, SSE-KMS with `key_arn`, private, TLS only."""
-    child = pulumi.ResourceOptions(parent=parent)
+    return create_versioned_bucket(name, bucket_name, key_arn, tags, parent, purpose, object_lock, protect).bucket
+
+
+def create_versioned_bucket(name: str, bucket_name: str, key_arn: pulumi.Input[str], tags: dict[str, str],
+                            parent: pulumi.Resource, purpose: str, object_lock: bool = False, protect: bool = False,
+                            provider: pulumi.ProviderResource | None = None) -> PrivateBucket:
+    """create_private_bucket, with the versioning resource; `provider` puts it in another region."""
+    child = pulumi.ResourceOptions(parent=parent, provider=provider)
     bucket = aws.s3.Bucket(
         name,
         bucket=bucket_name,
         object_lock_enabled=object_lock,
         tags={**tags, "Purpose": purpose},
-        opts=pulumi.ResourceOptions(parent=parent, protect=protect),
+        opts=pulumi.ResourceOptions(parent=parent, protect=protect, provider=provider),
     )
-    aws.s3.BucketVersioning(
+    versioning = aws.s3.BucketVersioning(
         f"{name}-versioning",
         bucket=bucket.id,
         versioning_configuration=aws.s3.BucketVersioningVersioningConfigurationArgs(status="Enabled"),
@@ -259,6 +284,6 @@ def create_private_bucket(name: str, bucket_name: str, key_arn: pulumi.Input[str
             }],
         }, sort_keys=True)),
         # S3 rejects a bucket policy while the public-access block is being written.
-        opts=pulumi.ResourceOptions(parent=parent, depends_on=[public_access]),
+        opts=pulumi.ResourceOptions(parent=parent, depends_on=[public_access], provider=provider),
     )
-    return bucket
+    return PrivateBucket(bucket, versioning)

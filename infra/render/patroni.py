@@ -36,6 +36,18 @@ POST_BOOTSTRAP = (
     f"/usr/bin/psql -X -q -v ON_ERROR_STOP=1 -v password=\\\"${EXPORTER_PASSWORD_ENV}\\\" -d \\\"$0\\\"\""
 )
 
+# pgaudit (Debian's postgresql-15-pgaudit): session audit of DDL and of role and privilege changes
+# on every member, and object audit of writes through the role below: pgaudit logs a statement
+# on a table when this role holds the statement's privilege on it (infra/hostagent/files/pg-audit.sql
+# grants them on the tables `betting.audit_tables` names).
+AUDIT_ROLE = "betting_auditor"
+AUDIT_TABLES_PARAMETER = "betting.audit_tables"
+SHARED_PRELOAD_LIBRARIES = "pg_stat_statements,pgaudit"
+# PostgreSQL's own log files, one per hour, outside the data directory (so neither in base backups nor
+# removed by a replica's rebuild); the audit shipper uploads every file but the one being written.
+LOG_DIRECTORY = "/var/lib/postgresql/log"
+LOG_FILENAME = "postgresql-%Y-%m-%dT%H.log"
+
 WATCHDOG_DEVICE = "/dev/watchdog"
 UNIX_SOCKET_DIR = "/var/run/postgresql"
 PGPASS = "/var/lib/postgresql/.pgpass.patroni"
@@ -54,6 +66,19 @@ def _cluster_parameters(settings: StackSettings, node_count: int) -> dict:
         "max_replication_slots": node_count + 5,
         "wal_keep_size": "1GB",
         "max_slot_wal_keep_size": "20GB",
+        **audit_parameters(settings),
+    }
+
+
+def audit_parameters(settings: StackSettings) -> dict:
+    """pgaudit's settings. Cluster-wide, so a new leader audits as the old one did; loading the library
+    needs a restart, which the agent rolls one member at a time after its PATCH /config."""
+    return {
+        "shared_preload_libraries": SHARED_PRELOAD_LIBRARIES,
+        "pgaudit.log": "ddl, role",
+        "pgaudit.role": AUDIT_ROLE,
+        # Our own placeholder setting (any dotted name is one): the tables whose writes are audited.
+        AUDIT_TABLES_PARAMETER: ",".join(settings.audit.tables),
     }
 
 
@@ -61,7 +86,6 @@ def _local_parameters(settings: StackSettings, topology: Topology) -> dict:
     archive = f"{PGBACKREST_BIN} --config={Paths.PGBACKREST_CONFIG} --stanza={stanza(topology)}"
     return {
         "unix_socket_directories": UNIX_SOCKET_DIR,
-        "shared_preload_libraries": "pg_stat_statements",
         "pg_stat_statements.track": "all",
         "pg_stat_statements.max": 10000,
         "track_io_timing": "on",
@@ -71,6 +95,12 @@ def _local_parameters(settings: StackSettings, topology: Topology) -> dict:
         "archive_timeout": "60s",
         "log_min_duration_statement": "1s",
         "log_line_prefix": "%m [%p] %q%u@%d ",
+        "logging_collector": "on",
+        "log_directory": LOG_DIRECTORY,
+        "log_filename": LOG_FILENAME,
+        "log_rotation_age": "1h",
+        # Time only: a size rotation would append to the hour's file, which may already be shipped.
+        "log_rotation_size": 0,
     }
 
 

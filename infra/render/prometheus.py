@@ -159,6 +159,53 @@ DOCUMENT_ALERTS: dict[str, tuple[Alert, ...]] = {
     ),
 }
 
+# The backup pipeline (pgBackRest's WAL archiving, the nightly backup and its verification,
+# scripts/backup.py's textfile metrics). BackupFailed's document rule above cannot see a cluster
+# that never had a backup: max() of no series is no series, so this group adds an absent() guard
+# under the same name.
+BACKUP_ALERTS: tuple[Alert, ...] = (
+    Alert(
+        "BackupFailed",
+        "absent(backup_last_success_timestamp)",
+        # A new cluster's first nightly backup comes within 24 h and may run for 2: the same 26 h a
+        # stale backup gets from the document's rule (25 h + its `for` of 1 h).
+        "26h", "critical", "dbre",
+        "No PostgreSQL backup has succeeded on any node",
+        "No node exports backup_last_success_timestamp, and none has for 26 hours: no backup has succeeded "
+        "since the cluster (or its nodes' textfiles) began.",
+    ),
+    Alert(
+        "WalArchivingFailing",
+        # Failing: archive_command fails and nothing was archived in 10 minutes (a blip that recovers
+        # archives too). Stalled: on the primary, rows change but no segment has been archived for
+        # 5 minutes, although archive_timeout (60 s) closes one every minute while WAL is written.
+        # A replica does not archive, and an idle primary writes no WAL to archive.
+        "(sum by (instance) (increase(pg_stat_archiver_failed_count[10m])) > 0\n"
+        "  unless on (instance) sum by (instance) (increase(pg_stat_archiver_archived_count[10m])) > 0)\n"
+        "or\n"
+        "(max by (instance) (pg_stat_archiver_last_archive_age) > 300\n"
+        "  and on (instance) max by (instance) (pg_replication_is_replica) == 0\n"
+        "  and on (instance) sum by (instance) (rate(pg_stat_database_tup_inserted[5m])"
+        " + rate(pg_stat_database_tup_updated[5m]) + rate(pg_stat_database_tup_deleted[5m])) > 0)",
+        "5m", "critical", "dbre",
+        "WAL archiving is failing on {{ $labels.instance }}",
+        "pg_stat_archiver on {{ $labels.instance }}: archive_command (pgbackrest archive-push) fails with nothing archived "
+        "in 10 minutes, or the primary writes but has archived no segment for 5 minutes. WAL piles up in pg_wal and "
+        "point-in-time recovery ends at the last archived segment.",
+    ),
+    Alert(
+        "BackupNotVerified",
+        # The newest backup, once 12 h old, must have a verification at or after it (the verify run
+        # follows every backup; a restore of prod's 500 GiB takes well under 12 h).
+        "(time() - max(backup_last_success_timestamp) > 43200)"
+        " unless on () (max(backup_last_verified_timestamp) >= max(backup_last_success_timestamp))",
+        "30m", "critical", "dbre",
+        "The newest PostgreSQL backup has not been verified",
+        "The newest backup finished {{ $value | humanizeDuration }} ago and no verification (scripts/backup.py verify) "
+        "has succeeded since: a restore from it is unproven.",
+    ),
+)
+
 PLATFORM_ALERTS: tuple[Alert, ...] = (
     Alert(
         "Watchdog", "vector(1)", "0s", "none", "platform",
@@ -313,13 +360,14 @@ def rule_groups(settings: StackSettings) -> dict[str, dict]:
         if name == "database-liveness":
             group = {"interval": FAST_EVALUATION_INTERVAL, **group}
         groups[name] = group
+    groups["backups"] = {"rules": [a.rule() for a in BACKUP_ALERTS]}
     groups["platform"] = {"rules": [a.rule() for a in PLATFORM_ALERTS]}
     return groups
 
 
 def all_alerts() -> tuple[Alert, ...]:
     burn = tuple(a for slo in SLOS if slo.burn_rate_alerts for a in burn_rate_alerts(slo))
-    return tuple(a for alerts in DOCUMENT_ALERTS.values() for a in alerts) + burn + PLATFORM_ALERTS
+    return tuple(a for alerts in DOCUMENT_ALERTS.values() for a in alerts) + BACKUP_ALERTS + burn + PLATFORM_ALERTS
 
 
 def _dump(document: dict) -> bytes:

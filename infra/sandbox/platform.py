@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.sandbox import mapping as m
+from infra.topology import SecretNames
 
 SYSTEM_UNITS = Path("/lib/systemd/system")
 # What systemd gives every service (systemd.exec(5), "Environment variables in spawned processes").
@@ -204,6 +205,13 @@ class SandboxHost:
 
     def daemon_reload(self) -> None:
         """Nothing to do: units are read afresh at every start, as systemd does after daemon-reload."""
+
+    def psql(self, database: str, *args: str) -> str:
+        """psql as the superuser over TCP to this host's PostgreSQL: the sandbox's socket folder is shared."""
+        environment = {**os.environ, "PGPASSWORD": self._secrets.get(SecretNames.POSTGRES_SUPERUSER_PASSWORD)}
+        command = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", m.LOOPBACK, "-p", str(self.layout.postgres(self.host)),
+                   "-U", "postgres", "-d", database, *args]
+        return subprocess.run(command, check=True, text=True, capture_output=True, env=environment).stdout
 
     def hostname(self) -> str:
         return self.host.name

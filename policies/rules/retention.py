@@ -17,6 +17,7 @@ BUCKET = "aws:s3/bucket:Bucket"
 LIFECYCLE = "aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration"
 OBJECT_LOCK = "aws:s3/bucketObjectLockConfiguration:BucketObjectLockConfiguration"
 BUCKET_OBJECT = "aws:s3/bucketObjectv2:BucketObjectv2"
+REPLICATION = "aws:s3/bucketReplicationConfig:BucketReplicationConfig"
 
 TSDB_VOLUME_ROLE = "prometheus-tsdb"
 BACKUPS_PURPOSE = "backups"
@@ -267,6 +268,74 @@ def _check_lock(bucket: Resource, locks: list[Resource], years: int, rule: str, 
             yield Finding(lock, message(lock, f"default retention {shown}", rule, requirement))
 
 
+def _replica_of(rule: Any, bucket: Resource, resources: Sequence[Resource]) -> Resource | None | Any:
+    """The stack's bucket a replication rule writes to, if it is tagged as this bucket's replica."""
+    destination = dig(rule, "destination", "bucket")
+    if destination is UNKNOWN:
+        return UNKNOWN
+    name = str(destination).removeprefix("arn:aws:s3:::")
+    for candidate in by_type(resources, BUCKET):
+        if candidate.get("bucket") == name and candidate.tags.get("ReplicaOf") == bucket.get("bucket"):
+            return candidate
+    return None
+
+
+def check_backup_replication(resources: Sequence[Resource], config: Mapping[str, Any]) -> Iterator[Finding]:
+    rule = "backup-replication"
+    environments = tuple(config["environments"])
+    requirement = (f"in {', '.join(environments)}, the backups and audit-log buckets replicate every SSE-KMS object to their "
+                   "replica bucket (another region, its own KMS key; Object Lock for audit logs), delete markers decided "
+                   "explicitly")
+    for bucket in _buckets(resources, BACKUPS_PURPOSE) + _buckets(resources, AUDIT_PURPOSE):
+        tags = bucket.props.get("tags")
+        if tags is UNKNOWN or UNKNOWN in (bucket.tags.get("Environment"), bucket.tags.get("ReplicaOf")):
+            continue
+        if bucket.tags.get("Environment") not in environments or bucket.tags.get("ReplicaOf"):
+            continue  # another environment, or a replica itself
+        configs = attached_to(bucket, resources, REPLICATION, "bucket")
+        if configs is UNKNOWN:
+            continue
+        if not configs:
+            yield Finding(bucket, message(bucket, "no BucketReplicationConfig: the only copy is in this region", rule,
+                                          requirement))
+            continue
+        problems: list[str] = []
+        good = False
+        for replication in configs:
+            for replication_rule in as_list(replication.get("rules")):
+                if replication_rule is UNKNOWN or UNKNOWN in (dig(replication_rule, "status"),
+                                                            dig(replication_rule, "destination")):
+                    good = True  # cannot be judged before the update
+                    continue
+                if dig(replication_rule, "status") != "Enabled":
+                    continue
+                replica = _replica_of(replication_rule, bucket, resources)
+                sse = dig(replication_rule, "sourceSelectionCriteria", "sseKmsEncryptedObjects", "status")
+                key = dig(replication_rule, "destination", "encryptionConfiguration", "replicaKmsKeyId")
+                markers = dig(replication_rule, "deleteMarkerReplication", "status")
+                found = []
+                if replica is None:
+                    found.append(f"destination {dig(replication_rule, 'destination', 'bucket')!r} is no bucket of this stack "
+                                 f"tagged ReplicaOf={bucket.get('bucket')!r}")
+                elif replica is not UNKNOWN and bucket.get("objectLockEnabled") is True and \
+                        replica.get("objectLockEnabled") not in (True, UNKNOWN):
+                    found.append(f"replica {replica.name!r} has no Object Lock")
+                if sse not in ("Enabled", UNKNOWN):
+                    found.append(f"sourceSelectionCriteria.sseKmsEncryptedObjects is {sse!r}: SSE-KMS objects are not "
+                                 "replicated")
+                if key is None:
+                    found.append("no destination.encryptionConfiguration.replicaKmsKeyId")
+                if markers is None:
+                    found.append("deleteMarkerReplication is not set")
+                if found:
+                    problems.extend(found)
+                else:
+                    good = True
+        if not good:
+            shown = "; ".join(problems) or "no enabled replication rule"
+            yield Finding(bucket, message(bucket, shown, rule, requirement))
+
+
 RULES = (
     Rule(
         name="prometheus-retention",
@@ -310,5 +379,15 @@ RULES = (
         check=check_audit_log_retention,
         config_schema={"minYears": {"type": "integer", "minimum": 1, "default": 7}},
         severity="critical",
+    ),
+    Rule(
+        name="backup-replication",
+        category="retention",
+        description="In prod, the backups and audit-log buckets replicate to replica buckets in another region.",
+        kind="stack",
+        check=check_backup_replication,
+        config_schema={
+            "environments": {"type": "array", "items": {"type": "string"}, "default": ["prod"]},
+        },
     ),
 )

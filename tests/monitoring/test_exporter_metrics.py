@@ -135,7 +135,8 @@ def exported(tmp_path_factory):
         textfiles = logs / "textfile"
         textfiles.mkdir()
         # What the backup job writes after a successful pgBackRest run.
-        (textfiles / "backup.prom").write_text(f"backup_last_success_timestamp {int(time.time())}\n")
+        (textfiles / "backup.prom").write_text(f"backup_last_success_timestamp {int(time.time())}\n"
+                                               f"backup_last_verified_timestamp {int(time.time())}\n")
         node_port = free_port()
         processes.start([binary("prometheus-node-exporter"), f"--web.listen-address=127.0.0.1:{node_port}",
                          f"--collector.textfile.directory={textfiles}"], logs / "node_exporter.log")
@@ -193,3 +194,13 @@ def test_fixed_names_of_the_document(exported):
     assert "pg_replication_lag_seconds" in replica  # the custom query (infra/render/exporters.py)
     assert "pg_replication_is_replica" in replica
     assert "backup_last_success_timestamp" in exported["node"]  # through the textfile collector
+
+
+def test_wal_archiving_metrics_the_backup_alerts_read(exported):
+    """WalArchivingFailing reads pg_stat_archiver as postgres_exporter 0.11 exports it (counters and an age)."""
+    primary, replica = exported["postgres primary"], exported["postgres replica"]
+    for name in ("pg_stat_archiver_archived_count", "pg_stat_archiver_failed_count", "pg_stat_archiver_last_archive_age"):
+        assert name in primary and name in replica, name
+    assert "pg_replication_is_replica" in primary  # 0 there: the primary archives, a replica does not
+    assert {"pg_stat_database_tup_inserted", "pg_stat_database_tup_updated", "pg_stat_database_tup_deleted"} <= primary
+    assert "backup_last_verified_timestamp" in exported["node"]

@@ -20,24 +20,25 @@ DOCUMENT_ALERTS = (
 ALWAYS_FIRING = {"Watchdog"}
 
 
-def _rendered_rules(rendered: Path) -> dict[str, dict]:
-    """alertname -> {severity -> rule} over every rendered rule file."""
-    alerts: dict[str, dict] = {}
+def _rules_by_file(rendered: Path) -> list[tuple[str, str, str, dict]]:
+    """(alertname, severity, rule file as the test files name it, rule) for every alerting rule."""
+    rules = []
     for path in sorted((rendered / "prometheus" / "rules").glob("*.yml")):
         for group in yaml.safe_load(path.read_text())["groups"]:
             for rule in group["rules"]:
                 if "alert" in rule:
-                    alerts.setdefault(rule["alert"], {})[rule["labels"]["severity"]] = rule
-    return alerts
+                    rules.append((rule["alert"], rule["labels"]["severity"], f"rules/{path.name}", rule))
+    return rules
 
 
-def _cases() -> list[tuple[str, str, list[dict]]]:
-    """(test name, alertname, expected alerts) for every alert_rule_test of every file."""
+def _cases() -> list[tuple[str, str, list[dict], list[str]]]:
+    """(test name, alertname, expected alerts, rule files loaded) for every alert_rule_test of every file."""
     cases = []
     for path in RULE_TESTS:
-        for test in yaml.safe_load(path.read_text())["tests"]:
+        document = yaml.safe_load(path.read_text())
+        for test in document["tests"]:
             for check in test.get("alert_rule_test", []):
-                cases.append((test["name"], check["alertname"], check.get("exp_alerts") or []))
+                cases.append((test["name"], check["alertname"], check.get("exp_alerts") or [], document["rule_files"]))
     return cases
 
 
@@ -76,22 +77,27 @@ def test_every_rule_file_is_under_test(rendered):
 
 
 def test_every_alert_has_firing_and_quiet_cases(rendered):
-    """Coverage from the rendered rules: per alert and severity, a firing case, a case just under the
-    threshold, and (when it has a `for`) a breach shorter than `for`."""
+    """Coverage from the rendered rules: per alerting rule, a firing case, a case just under the
+    threshold, and (when it has a `for`) a breach shorter than `for`. Rules that share a name
+    (BackupFailed's document rule and its absent() guard) live in different files: a case counts
+    for the rule whose file its test file loads."""
     cases = _cases()
+    rules = _rules_by_file(rendered)
     missing = []
-    for name, by_severity in sorted(_rendered_rules(rendered).items()):
-        for severity, rule in by_severity.items():
-            mine = [(title, [a for a in expected if a["exp_labels"].get("severity") == severity])
-                    for title, alertname, expected in cases if alertname == name]
-            if not any(fired for _, fired in mine):
-                missing.append(f"{name}/{severity}: no firing case")
-            if name in ALWAYS_FIRING:
-                continue
-            if not any(not fired and "just under the" in title for title, fired in mine):
-                missing.append(f"{name}/{severity}: no case just under the threshold")
-            if rule.get("for") and not any(not fired and "shorter than for" in title for title, fired in mine):
-                missing.append(f"{name}/{severity}: no case of a breach shorter than for ({rule['for']})")
+    for name, severity, rule_file, rule in sorted(rules, key=lambda r: r[:3]):
+        shared = sum(1 for n, s, _, _ in rules if (n, s) == (name, severity)) > 1
+        label = f"{name}/{severity}" + (f" ({rule_file})" if shared else "")
+        mine = [(title, [a for a in expected if a["exp_labels"].get("severity") == severity])
+                for title, alertname, expected, files in cases
+                if alertname == name and (not shared or rule_file in files)]
+        if not any(fired for _, fired in mine):
+            missing.append(f"{label}: no firing case")
+        if name in ALWAYS_FIRING:
+            continue
+        if not any(not fired and "just under the" in title for title, fired in mine):
+            missing.append(f"{label}: no case just under the threshold")
+        if rule.get("for") and not any(not fired and "shorter than for" in title for title, fired in mine):
+            missing.append(f"{label}: no case of a breach shorter than for ({rule['for']})")
     assert not missing, "\n".join(missing)
 
 
@@ -110,7 +116,11 @@ def test_document_alerts_keep_names_thresholds_for_severity_team(rendered):
         "ErrorRateHigh": ("2m", "critical", "backend", "> 0.01"),
         "AvailabilitySLOBreach": ("5m", "critical", "backend", "< 0.999"),
     }
-    alerts = _rendered_rules(rendered)
+    # The document's own rules; rules/backups.yml adds BackupFailed's absent() guard under the same name.
+    alerts: dict[str, dict] = {}
+    for name, severity, rule_file, rule in _rules_by_file(rendered):
+        if rule_file != "rules/backups.yml":
+            alerts.setdefault(name, {})[severity] = rule
     assert set(DOCUMENT_ALERTS) == set(expected)
     for name, (for_, severity, team, threshold) in expected.items():
         rule = alerts[name][severity]
@@ -121,22 +131,33 @@ def test_document_alerts_keep_names_thresholds_for_severity_team(rendered):
 
 def test_ratios_aggregate_both_sides(rendered):
     """No bare rate()/rate() in any alert: numerator and denominator aggregate with the same labels."""
-    for name, by_severity in _rendered_rules(rendered).items():
-        for rule in by_severity.values():
-            assert not re.search(r"^\s*rate\(", rule["expr"]), name
-            for by_clause in re.findall(r"sum by \(([^)]*)\) \(rate", rule["expr"]):
-                assert rule["expr"].count(f"sum by ({by_clause})") >= 2, f"{name}: only one side aggregates by ({by_clause})"
+    for name, _, _, rule in _rules_by_file(rendered):
+        assert not re.search(r"^\s*rate\(", rule["expr"]), name
+        for by_clause in re.findall(r"sum by \(([^)]*)\) \(rate", rule["expr"]):
+            assert rule["expr"].count(f"sum by ({by_clause})") >= 2, f"{name}: only one side aggregates by ({by_clause})"
 
 
 def test_every_alert_links_an_existing_runbook(rendered):
-    for name, by_severity in _rendered_rules(rendered).items():
-        for rule in by_severity.values():
-            annotations = rule["annotations"]
-            assert annotations["summary"] and annotations["description"], name
-            url = annotations["runbook_url"]
-            assert url.endswith(f"docs/runbooks/{name}.md"), url
-            page = REPO / "docs" / "runbooks" / f"{name}.md"
-            assert page.is_file(), f"{url} does not resolve to {page}"
-            text = page.read_text()
-            for section in ("## What it means", "## Diagnosis", "## Mitigation", "## Escalation"):
-                assert section in text, f"{page.name} lacks {section}"
+    for name, _, _, rule in _rules_by_file(rendered):
+        annotations = rule["annotations"]
+        assert annotations["summary"] and annotations["description"], name
+        url = annotations["runbook_url"]
+        assert url.endswith(f"docs/runbooks/{name}.md"), url
+        page = REPO / "docs" / "runbooks" / f"{name}.md"
+        assert page.is_file(), f"{url} does not resolve to {page}"
+        text = page.read_text()
+        for section in ("## What it means", "## Diagnosis", "## Mitigation", "## Escalation"):
+            assert section in text, f"{page.name} lacks {section}"
+
+
+def test_backup_pipeline_alerts_route_like_backup_failed(rendered):
+    """Issue 9: the backup pipeline's alerts page the DBRE on call, as BackupFailed does (routing is by severity)."""
+    by_file = {(name, rule_file): rule for name, _, rule_file, rule in _rules_by_file(rendered)}
+    document = by_file[("BackupFailed", "rules/database.yml")]
+    guard = by_file[("BackupFailed", "rules/backups.yml")]
+    assert guard["expr"] == "absent(backup_last_success_timestamp)"
+    assert guard["for"] == "26h"  # a new cluster's first day: 25 h + the document rule's 1 h, as for a stale backup
+    for name in ("BackupFailed", "WalArchivingFailing", "BackupNotVerified"):
+        rule = by_file[(name, "rules/backups.yml")]
+        assert rule["labels"] == document["labels"], name
+    assert "pg_replication_is_replica) == 0" in by_file[("WalArchivingFailing", "rules/backups.yml")]["expr"]

@@ -154,6 +154,10 @@ VIOLATIONS = [
      "user data is 16,385 bytes raw (decoded from base64 userDataBase64)"),
     ("user-data-size", MONITORING, lambda p: (p.pop("userData"), p.update(userDataBase64="#cloud-config\n")),
      "userDataBase64 is not valid base64"),
+    # The compliant stack is dev's shape (no replica); the same bucket in prod must have its second copy.
+    ("backup-replication", BACKUPS, lambda p: p["tags"].update(Environment="prod"),
+     "no BucketReplicationConfig: the only copy is in this region"),
+    ("backup-replication", AUDIT, lambda p: p["tags"].update(Environment="prod"), "no BucketReplicationConfig"),
 ]
 
 
@@ -201,6 +205,7 @@ UNKNOWNS = [
     ("audit-log-retention", AUDIT, _set(["objectLockEnabled"], UNKNOWN_BOOLEAN)),
     ("audit-log-retention", AUDIT_LOCK, _set(["bucket"], UNKNOWN_STRING)),
     ("audit-log-retention", AUDIT_LOCK, _set(["rule"], UNKNOWN_OBJECT)),
+    ("backup-replication", BACKUPS, _set(["tags"], UNKNOWN_OBJECT)),
     ("prometheus-tsdb-volume", TSDB, _set(["size"], UNKNOWN_NUMBER)),
     ("prometheus-tsdb-volume", TSDB, _set(["type"], UNKNOWN_STRING)),
     ("data-volume-encrypted-ssd", PG_VOLUME, _set(["encrypted"], UNKNOWN_BOOLEAN)),

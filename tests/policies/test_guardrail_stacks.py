@@ -72,6 +72,16 @@ def test_a_drifted_prometheus_flag_in_the_real_bundle_is_caught(plans):
     ("monitoring-monitoring-2-prometheus-tsdb", lambda p: p.update(type="st1"), "prometheus-tsdb-volume"),
     ("postgres-pg-1-postgres-data", lambda p: p.update(encrypted=False), "data-volume-encrypted-ssd"),
     ("redis-group", lambda p: p.update(atRestEncryptionEnabled=False), "elasticache-encryption"),
+    ("backups-backups-replication", lambda p: p["rules"][0]["sourceSelectionCriteria"]["sseKmsEncryptedObjects"].update(
+        status="Disabled"), "backup-replication"),
+    ("backups-audit-replication", lambda p: p["rules"][0]["destination"]["encryptionConfiguration"].pop("replicaKmsKeyId"),
+     "backup-replication"),
+    ("backups-audit-replication", lambda p: p["rules"][0].pop("deleteMarkerReplication"), "backup-replication"),
+    ("backups-backups-replication", lambda p: p["rules"][0].update(status="Disabled"), "backup-replication"),
+    ("backups-audit-replication", lambda p: p["rules"][0]["destination"].update(
+        bucket="arn:aws:s3:::betting-prod-pg-backups-eu-central-1"), "backup-replication"),
+    ("backups-audit-replica", lambda p: p.update(objectLockEnabled=False), "backup-replication"),
+    ("backups-backups-replication", lambda p: p.update(bucket="elsewhere"), "backup-replication"),
 ])
 def test_a_change_to_the_real_prod_plan_breaks_the_rule_it_should(plans, name, change, policy):
     plan = plans["prod"]

@@ -57,8 +57,12 @@ def test_timing_sync_and_watchdog_follow_the_settings(settings, topology):
 
 def test_postgres_loads_pg_stat_statements_and_can_rewind(settings, topology):
     config, _ = _patroni(settings, topology, topology.postgres[0])
-    parameters = config["postgresql"]["parameters"]
-    assert "pg_stat_statements" in parameters["shared_preload_libraries"].split(",")
+    # Cluster-wide (DCS), so every member loads the same libraries; not overridden locally.
+    parameters = config["bootstrap"]["dcs"]["postgresql"]["parameters"]
+    assert "shared_preload_libraries" not in config["postgresql"]["parameters"]
+    assert parameters["shared_preload_libraries"].split(",") == ["pg_stat_statements", "pgaudit"]
+    assert parameters["pgaudit.log"] == "ddl, role" and parameters["pgaudit.role"] == "betting_auditor"
+    assert parameters["betting.audit_tables"] == ",".join(settings.audit.tables)
     assert config["bootstrap"]["dcs"]["postgresql"]["use_pg_rewind"] is True
     assert config["bootstrap"]["dcs"]["postgresql"]["parameters"]["wal_log_hints"] == "on"
     assert "data-checksums" in config["bootstrap"]["initdb"]
