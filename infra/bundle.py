@@ -37,6 +37,9 @@ class ChangeRule:
     path: str
     unit: str | None
     action: Action
+    # Lines starting with these change nothing the running daemon uses: a change only in them
+    # writes the file and takes no action.
+    inert_lines: tuple[str, ...] = ()
 
 
 # The least action each file needs when its bytes change (Debian's units: ExecReload sends SIGHUP).
@@ -46,7 +49,9 @@ CHANGE_RULES = (
     ChangeRule(Paths.PGBACKREST_CONFIG, None, "none"),  # read by every pgbackrest invocation
     ChangeRule(Paths.POSTGRES_EXPORTER_QUERIES, "prometheus-postgres-exporter", "restart"),
     ChangeRule("/etc/default/prometheus-postgres-exporter", "prometheus-postgres-exporter", "restart"),
-    ChangeRule(Paths.ETCD_CONFIG, "etcd", "restart"),
+    # etcd reads ETCD_INITIAL_* only when its data dir has no member: adding members changes them on
+    # every original member, and restarting those would cost quorum margin while the new ones join.
+    ChangeRule(Paths.ETCD_CONFIG, "etcd", "restart", inert_lines=("ETCD_INITIAL_",)),
     ChangeRule(Paths.PROMETHEUS_CONFIG, "prometheus", "reload"),
     ChangeRule(Paths.PROMETHEUS_RULES_DIR + "/", "prometheus", "reload"),
     ChangeRule("/etc/default/prometheus", "prometheus", "restart"),
@@ -129,8 +134,11 @@ def bundle_document(spec: HostSpec, settings: StackSettings, topology: Topology)
     entries = []
     for file in sorted(files, key=lambda f: f.path):
         rule = change_rule(file.path)
-        entries.append({"path": file.path, "mode": file.mode, "owner": file.owner, "content": file.content.decode(),
-                        "unit": rule.unit, "on_change": rule.action})
+        entry = {"path": file.path, "mode": file.mode, "owner": file.owner, "content": file.content.decode(),
+                 "unit": rule.unit, "on_change": rule.action}
+        if rule.inert_lines:
+            entry["inert_lines"] = list(rule.inert_lines)
+        entries.append(entry)
     document: dict = {
         "format": FORMAT,
         "host": spec.host.name,

@@ -234,3 +234,20 @@ def test_check_and_handover_commands_read_the_last_applied_bundle(tmp_path, monk
     finally:
         gate_server.shutdown()
         patroni_server.shutdown()
+
+
+def test_an_etcd_member_list_change_is_written_without_a_restart_but_a_timing_change_restarts(tmp_path):
+    """etcd reads ETCD_INITIAL_* only at its first start: adding members must not restart the others."""
+    bundle = _bundle("etcd-1")
+    platform = RecordingPlatform(tmp_path)
+    agent.apply(bundle, platform)
+    platform.calls.clear()
+    env = _file(bundle, "/etc/default/etcd")
+    assert env["inert_lines"] == ["ETCD_INITIAL_"]
+    env["content"] = env["content"].replace("ETCD_INITIAL_CLUSTER=", "ETCD_INITIAL_CLUSTER=etcd-9=http://x:2380,")
+    report = agent.apply(bundle, platform)
+    assert report.changed == ["/etc/default/etcd"] and "ETCD_INITIAL_CLUSTER=etcd-9" in open(platform.path(env["path"])).read()
+    assert not [c for c in platform.calls if c.split()[0] in ("restart", "reload")]
+    env["content"] = env["content"].replace("ETCD_ELECTION_TIMEOUT=1500", "ETCD_ELECTION_TIMEOUT=1600")
+    agent.apply(bundle, platform)
+    assert "restart etcd" in platform.calls

@@ -222,6 +222,25 @@ def _wait_gate(host: str, unit: str, gate: dict | None, timeout: float | None = 
         raise ApplyError(host, f"{unit} health ({gate['kind']})", str(error)) from None
 
 
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+def _only_inert(before: bytes | None, after: bytes, inert: list[str] | tuple[str, ...]) -> bool:
+    """True when the file existed and differs only in lines its rule calls inert."""
+    if before is None or not inert:
+        return False
+
+    def live(content: bytes) -> list[bytes]:
+        return [line for line in content.splitlines() if not line.startswith(tuple(p.encode() for p in inert))]
+
+    return live(before) == live(after)
+
+
 def converge_patroni(host: str, spec: dict, report: Report, timeout: float) -> None:
     """Cluster-wide settings through PATCH /config; a pending restart one member at a time (this one)."""
     api, name = spec["api"], host
@@ -292,9 +311,12 @@ def apply(bundle: dict, platform, gate_timeout: float | None = None) -> Report:
             need(environment["unit"], "restart")
     units_changed = False
     for file in bundle["files"]:
-        if converge_file(platform.path(file["path"]), file["content"].encode(), file["mode"], file["owner"]):
+        path = platform.path(file["path"])
+        before = _read(path)
+        if converge_file(path, file["content"].encode(), file["mode"], file["owner"]):
             report.changed.append(file["path"])
-            need(file["unit"], file["on_change"])
+            if not _only_inert(before, file["content"].encode(), file.get("inert_lines", ())):
+                need(file["unit"], file["on_change"])
             units_changed |= file["path"].startswith("/etc/systemd/system/")
     for command in bundle["boot_commands"]:
         platform.boot_command(command)

@@ -162,6 +162,10 @@ class SandboxHost:
 
     # ---- files and packages ----------------------------------------------------------------
     def path(self, path: str) -> str:
+        # A path read from a mapped file is under the root already (the agent's etcd join reads
+        # ETCD_DATA_DIR from /etc/default/etcd): rooting it again would miss the member's data.
+        if path.startswith(str(self.root) + "/"):
+            return path
         return str(self.layout.host_path(self.host, path))
 
     def install(self, packages: list[str]) -> list[str]:

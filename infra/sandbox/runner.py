@@ -465,8 +465,12 @@ class Sandbox:
         """Stop everything; return the names that were running. Leaves logs, removes data."""
         procs = self.processes()
         postmasters = []
-        if self.state_file.exists():
-            postmasters = [pid for pid in (self.postmaster_pid(n) for n in self.topology.postgres) if pid]
+        try:
+            topology = self.topology if self.state_file.exists() else None
+        except ValueError:  # a state written by an older version: stop what runs all the same
+            topology = None
+        if topology is not None:
+            postmasters = [pid for pid in (self.postmaster_pid(n) for n in topology.postgres) if pid]
         stopped = [p.name for p in procs if _alive(p.pid, p.exe)]
         # Patroni first, while etcd still answers, so it stops PostgreSQL cleanly and drops its keys.
         first = [p for p in procs if p.exe == Path(PATRONI_BIN).name]
@@ -488,7 +492,7 @@ class Sandbox:
         for pid_file in self.layout.pid_dir.glob("*.pid") if self.layout.pid_dir.exists() else []:
             pid_file.unlink()
         if self.state_file.exists():
-            busy = [p for p in self.layout.ports(self.topology) if port_open(p)]
+            busy = [p for p in self.layout.ports(topology) if port_open(p)] if topology is not None else []
             if busy:
                 raise SandboxError(f"still listening after down: {busy}")
             for path in self.layout.state_dir.iterdir():

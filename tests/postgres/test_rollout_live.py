@@ -170,6 +170,25 @@ def test_a_bundle_that_breaks_its_host_stops_the_rollout_there(sandbox, prod_set
     sandbox.wait_healthy(60)
 
 
+def test_adding_two_etcd_members_to_the_running_cluster(sandbox):
+    """etcd.members 3 -> 5: the new members boot by themselves and join one after the other (the
+    agent's member add under the cluster's join lock); the originals only get the new member list
+    written, which etcd ignores once it has data, so none of them restarts."""
+    current = sandbox.settings
+    more = _changed(current, etcd={"members": 5})
+    before = {m.name: sandbox.running()[m.name].pid for m in sandbox.topology.etcd}
+    reports = {r.host: r for r in sandbox.roll(more)}
+    for name in ("etcd-4", "etcd-5"):
+        assert "start etcd" in reports[name].actions and any(a.startswith("etcd member add") for a in reports[name].actions)
+    for name, pid in before.items():
+        assert reports[name].changed == ["/etc/default/etcd"] and reports[name].actions == [], name
+        assert sandbox.running()[name].pid == pid, name
+    url = f"http://127.0.0.1:{sandbox.layout.etcd_client(sandbox.topology.etcd[0])}/v3/cluster/member/list"
+    members = requests.post(url, json={}, timeout=3).json()["members"]
+    assert sorted(m["name"] for m in members if m.get("clientURLs")) == [f"etcd-{i}" for i in range(1, 6)]
+    sandbox.wait_healthy(60)
+
+
 def test_adding_a_patroni_node_to_the_running_cluster(sandbox):
     """patroni.nodes 3 -> 4: the new host boots and clones while the others roll (more WAL senders
     and slots, a restart); their agents wait for it to join before restarting anyone."""
