@@ -134,6 +134,7 @@ def bundle_document(spec: HostSpec, settings: StackSettings, topology: Topology)
         "packages": list(spec.packages),
         "volume": None if spec.volume is None else {"mount": spec.volume.mount, "owner": spec.volume.owner},
         "files": entries,
+        "directories": [{"path": d.path, "mode": d.mode, "owner": d.owner} for d in spec.directories],
         "secret_files": [
             {"path": secret_path(s.name), "parameter": ssm_parameter_name(environment, s.name), "owner": s.owner,
              "mode": s.mode}

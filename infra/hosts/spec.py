@@ -26,6 +26,15 @@ class File:
 
 
 @dataclass(frozen=True)
+class Directory:
+    """A folder whose owner and mode the host must have, e.g. a package's folder another user writes into."""
+
+    path: str
+    mode: str
+    owner: str = "root:root"
+
+
+@dataclass(frozen=True)
 class SecretFile:
     """A secret written at boot from its SSM SecureString parameter to secret_path(name)."""
 
@@ -74,6 +83,7 @@ class HostSpec:
     secret_environments: tuple[SecretEnvironment, ...] = ()
     bucket_grants: tuple[BucketGrant, ...] = ()
     boot_commands: tuple[str, ...] = ()  # run after packages and secrets, before the services start
+    directories: tuple[Directory, ...] = ()  # converged after the packages that create them
 
     @property
     def secret_names(self) -> tuple[str, ...]:
