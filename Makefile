@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The real daemons the tests run: every rendered config is checked by the binary that will read it.
 SYSTEM_PACKAGES := cloud-init prometheus prometheus-alertmanager patroni python3-etcd etcd-server etcd-client postgresql \
-	redis-server prometheus-postgres-exporter prometheus-redis-exporter prometheus-node-exporter pgbackrest curl shellcheck
+	redis-server prometheus-postgres-exporter prometheus-redis-exporter prometheus-node-exporter pgbackrest python3-boto3 \
+	shellcheck systemd
 
 .PHONY: setup system-deps test lint plan render diff snapshots preview up sandbox-up sandbox-down
 
@@ -19,9 +20,10 @@ setup: $(BIN)/infra
 # Debian/Ubuntu packages of the daemons; installs only when one is missing.
 system-deps:
 	@missing=0; for b in cloud-init promtool amtool prometheus prometheus-alertmanager patroni etcd redis-server pgbackrest \
-		prometheus-postgres-exporter prometheus-redis-exporter prometheus-node-exporter shellcheck; do \
+		prometheus-postgres-exporter prometheus-redis-exporter prometheus-node-exporter shellcheck systemd-analyze; do \
 		command -v $$b >/dev/null || missing=1; done; \
 	[ -x /usr/lib/postgresql/15/bin/postgres ] || missing=1; \
+	/usr/bin/python3 -c 'import boto3' 2>/dev/null || missing=1; \
 	if [ $$missing = 1 ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(SYSTEM_PACKAGES); \

@@ -17,6 +17,7 @@ from typing import Literal
 
 from infra.hostagent.agent import AGENT_COMMAND, AGENT_ROOT
 from infra.hosts.spec import File, HostSpec
+from infra.render.backup import SERVICE_TEMPLATE, TIMERS
 from infra.render.patroni import patroni_config
 from infra.settings import StackSettings
 from infra.topology import Paths, Ports, Topology, secret_path, ssm_parameter_name
@@ -42,7 +43,8 @@ class ChangeRule:
 CHANGE_RULES = (
     # Patroni re-reads patroni.yml on reload; its cluster-wide part goes through PATCH /config.
     ChangeRule(Paths.PATRONI_CONFIG, "patroni", "reload"),
-    ChangeRule(Paths.PGBACKREST_CONFIG, None, "none"),  # read by every pgbackrest invocation
+    # Read by every pgbackrest invocation; the TLS server re-reads it on SIGHUP (Debian's ExecReload).
+    ChangeRule(Paths.PGBACKREST_CONFIG, "pgbackrest", "reload"),
     ChangeRule(Paths.POSTGRES_EXPORTER_QUERIES, "prometheus-postgres-exporter", "restart"),
     ChangeRule("/etc/default/prometheus-postgres-exporter", "prometheus-postgres-exporter", "restart"),
     ChangeRule(Paths.ETCD_CONFIG, "etcd", "restart"),
@@ -58,9 +60,13 @@ CHANGE_RULES = (
     # Provisioning is read at start; dashboards are re-read by Grafana itself.
     ChangeRule(Paths.GRAFANA_PROVISIONING + "/", "grafana-server", "restart"),
     ChangeRule(Paths.GRAFANA_DASHBOARDS + "/", None, "none"),
-    ChangeRule("/etc/cron.d/", None, "none"),  # cron notices changed files itself
     ChangeRule("/etc/betting/", None, "none"),  # read by the jobs that use them, at each run
     ChangeRule("/usr/local/sbin/", None, "none"),
+    ChangeRule(Paths.BACKUP_LIB + "/", None, "none"),  # the backup script: its next run reads it
+    # The backup job's unit: daemon-reload (the agent does it for any unit file) is all its next run needs;
+    # a timer must restart to take a new schedule.
+    ChangeRule(f"/etc/systemd/system/{SERVICE_TEMPLATE}", None, "none"),
+    *(ChangeRule(f"/etc/systemd/system/{timer}", timer, "restart") for timer in TIMERS.values()),
     ChangeRule(AGENT_ROOT + "/", None, "none"),
     ChangeRule("/etc/postgresql-common/", None, "none"),  # only read when a package is installed
     ChangeRule("/etc/modules-load.d/", None, "none"),  # read at boot; the boot commands load it now

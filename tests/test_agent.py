@@ -126,10 +126,10 @@ def test_a_file_changed_by_hand_is_put_back_with_its_least_action(tmp_path):
 
 
 def test_a_declared_folder_gets_its_owner_and_mode_and_keeps_them(tmp_path):
-    """E.g. a package's folder that another user than its owner must write into."""
+    """pg hosts: node_exporter's textfile folder (Debian's, root's 0755) is made writable for the backup job."""
     bundle = _bundle("pg-1")
-    folder = {"path": "/var/lib/prometheus/node-exporter", "mode": "1775", "owner": "root:postgres"}
-    bundle["directories"] = [folder]
+    (folder,) = bundle["directories"]
+    assert (folder["path"], folder["mode"], folder["owner"]) == ("/var/lib/prometheus/node-exporter", "1775", "root:postgres")
     platform = RecordingPlatform(tmp_path)
     os.makedirs(platform.path(folder["path"]), mode=0o755)  # as the package leaves it
     assert folder["path"] + "/" in agent.apply(bundle, platform).changed

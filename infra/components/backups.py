@@ -13,14 +13,12 @@ import pulumi_aws as aws
 
 from infra.platforms.aws import create_private_bucket
 from infra.settings import StackSettings
-from infra.topology import Topology
+from infra.topology import BackupLayout, Topology
 
-# Prefixes inside the backup bucket (pgBackRest's repository path is the first).
-BASE_BACKUP_PREFIX = "pgbackrest/"
-VERIFICATION_PREFIX = "verification/"
-ARCHIVE_PREFIX = "archive/"
 DAYS_PER_YEAR = 365
 NONCURRENT_VERSION_DAYS = 30
+# pgBackRest leaves a multipart upload unfinished when a push or backup dies half-way; S3 bills its parts.
+ABORT_INCOMPLETE_UPLOAD_DAYS = 7
 
 
 @dataclass
@@ -50,7 +48,8 @@ class BackupStorage(pulumi.ComponentResource):
             tags=args.tags,
             opts=pulumi.ResourceOptions(parent=self, protect=protect),
         )
-        aws.kms.Alias(f"{name}-key-alias", name=f"alias/betting-{args.settings.environment}-backups",
+        # pgbackrest.conf and scripts/backup.py name the key by this alias (rendered before the key exists).
+        aws.kms.Alias(f"{name}-key-alias", name=args.topology.backup_key_alias,
                       target_key_id=self.key.key_id, opts=self._child)
 
         self.backup_bucket = self._create_bucket("backups", args.topology.backup_bucket, object_lock=False, protect=protect)
@@ -80,24 +79,27 @@ class BackupStorage(pulumi.ComponentResource):
                 rule(
                     id="backup-verification",
                     status="Enabled",
-                    filter=prefix(prefix=VERIFICATION_PREFIX),
+                    filter=prefix(prefix=BackupLayout.VERIFICATION),
                     expiration=aws.s3.BucketLifecycleConfigurationRuleExpirationArgs(days=backups.verification_retention_days),
                     noncurrent_version_expiration=aws.s3.BucketLifecycleConfigurationRuleNoncurrentVersionExpirationArgs(
                         noncurrent_days=1),
                 ),
-                # pgBackRest expires its own backups and WAL (fullBackupRetention); the bucket only cleans
-                # up the versions it leaves behind. They stay in Standard: a restore must not wait for a thaw.
+                # pgBackRest expires its own backups and WAL (retentionDays); the bucket only cleans up the
+                # versions and unfinished uploads it leaves behind. They stay in Standard: a restore must not
+                # wait for a thaw.
                 rule(
                     id="base-backups-and-wal",
                     status="Enabled",
-                    filter=prefix(prefix=BASE_BACKUP_PREFIX),
+                    filter=prefix(prefix=BackupLayout.REPOSITORY),
                     noncurrent_version_expiration=aws.s3.BucketLifecycleConfigurationRuleNoncurrentVersionExpirationArgs(
                         noncurrent_days=NONCURRENT_VERSION_DAYS),
+                    abort_incomplete_multipart_upload=aws.s3.BucketLifecycleConfigurationRuleAbortIncompleteMultipartUploadArgs(
+                        days_after_initiation=ABORT_INCOMPLETE_UPLOAD_DAYS),
                 ),
                 rule(
                     id="archive-to-glacier",
                     status="Enabled",
-                    filter=prefix(prefix=ARCHIVE_PREFIX),
+                    filter=prefix(prefix=BackupLayout.ARCHIVE),
                     transitions=[aws.s3.BucketLifecycleConfigurationRuleTransitionArgs(
                         days=backups.archive_transition_days, storage_class="GLACIER")],
                 ),

@@ -66,9 +66,16 @@ class DataVolume:
 
 @dataclass(frozen=True)
 class BucketGrant:
+    """S3 object actions on `prefix*` of `bucket`, and (`list`) listing keys under that prefix only."""
+
     bucket: str
     prefix: str
-    write: bool
+    actions: tuple[str, ...]
+    list: bool = False
+
+
+READ_WRITE_DELETE = ("s3:GetObject", "s3:PutObject", "s3:DeleteObject")
+WRITE_ONLY = ("s3:PutObject",)
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,9 @@ def ingress_rules(settings: StackSettings) -> tuple[Ingress, ...]:
         Ingress("monitoring", Ports.REDIS_EXPORTER, scrape, "redis_exporter"),
         Ingress("grafana", Ports.GRAFANA, ("clients", "monitoring"), "Grafana UI and its /metrics"),
     ]
+    if settings.patroni.nodes > 1:
+        rules.append(Ingress("postgres", Ports.PGBACKREST_TLS, ("postgres",),
+                             "pgBackRest TLS server: a backup taken on a standby starts and stops on the primary"))
     rules += [
         Ingress(role, Ports.NODE_EXPORTER, scrape, "node_exporter")
         for role in ("etcd", "postgres", "clickhouse", "monitoring", "grafana")
