@@ -381,8 +381,9 @@ class Scratch:
         return f"host={self.socket} port={self.cfg.pgport} dbname=postgres"
 
     def options(self) -> list[str]:
-        """Overrides of the restored postgresql.conf (Patroni's): a private socket, no TCP, no archiving, no
-        synchronous standby to wait for, Patroni's files in the copy, little memory."""
+        """Overrides of the restored postgresql.conf (Patroni's) and of what pgBackRest wrote in
+        postgresql.auto.conf: a private socket, no TCP, no archiving, no synchronous standby to wait for,
+        Patroni's files in the copy, little memory."""
         settings = {
             "port": self.cfg.pgport,
             "listen_addresses": "",
@@ -396,6 +397,9 @@ class Scratch:
             "shared_buffers": "128MB",
             "logging_collector": "off",
             "cluster_name": "betting-backup-verify",
+            # pgBackRest's own, but synchronous: the asynchronous queue in the spool is the live server's.
+            "restore_command": shlex.join(self.cfg.pgbackrest("--no-archive-async", f"--pg1-path={self.data}"))
+                               + ' archive-get %f "%p"',
         }
         return [f"-c {name}={shlex.quote(value)}" for name, value in settings.items()]
 
@@ -589,8 +593,8 @@ def exclusive(cfg: Config) -> Iterator[None]:
 def write_canary(cfg: Config, members: list[dict], token: str) -> list[str]:
     """A new canary row on the leader; returns [rows, md5] of the table right after it (what the backup must hold)."""
     leader = leader_of(members)
-    if leader.get("name") == cfg.node_name:
-        conninfo, password = f"host={cfg.pghost} port={cfg.pgport} dbname=postgres", None  # peer authentication
+    if leader.get("name") == cfg.node_name:  # the local socket, peer authentication (the port Patroni runs it on)
+        conninfo, password = f"host={cfg.pghost} port={leader['port']} dbname=postgres", None
     else:
         conninfo = f"host={leader['host']} port={leader['port']} dbname=postgres user=postgres connect_timeout=10"
         try:

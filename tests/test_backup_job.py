@@ -361,3 +361,13 @@ def test_a_verification_record_is_keyed_under_the_verification_prefix_by_stanza_
     when = datetime.datetime(2026, 12, 1, 2, 0, 5, tzinfo=datetime.UTC)
     key = backup.record_key(cfg, "20261201-020000F", when)
     assert key == f"verification/{topology.patroni_scope}/20261201-020000F/20261201T020005Z.json"
+
+
+def test_the_throw_away_copy_never_archives_listens_on_no_port_and_fetches_wal_itself(settings, topology):
+    cfg = backup.Config(backup_environment(settings, topology, topology.postgres[0]))
+    options = " ".join(backup.Scratch(cfg).options())
+    for setting in ("-c listen_addresses=''", "-c archive_mode=off", "-c synchronous_standby_names=''",
+                    f"-c unix_socket_directories={Paths.BACKUP_SCRATCH}/socket", "-c primary_conninfo=''"):
+        assert setting in options
+    # Synchronous archive-get: the spool's asynchronous queue belongs to the live server on this host.
+    assert "--no-archive-async" in options and f"--pg1-path={Paths.BACKUP_SCRATCH}/data archive-get %f" in options
