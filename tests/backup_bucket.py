@@ -1,5 +1,5 @@
-"""The backup bucket as the program declares it, put into moto (in-process or its server), and the IAM
-check of recorded S3 requests against a rendered policy: shared by the backup tests."""
+"""The IAM check of recorded S3 requests against a rendered policy, and (from infra/sandbox/s3.py) the backup
+bucket as the program declares it: shared by the backup tests."""
 
 from __future__ import annotations
 
@@ -8,45 +8,7 @@ import json
 import xml.etree.ElementTree as ElementTree
 from urllib.parse import parse_qs, unquote
 
-REGION = "eu-west-1"
-ACRONYMS = {"Id": "ID", "KmsMasterKeyId": "KMSMasterKeyID", "SseAlgorithm": "SSEAlgorithm"}
-
-
-def pascal(value):
-    """The provider's camelCase properties as S3's API names them."""
-    if isinstance(value, list):
-        return [pascal(v) for v in value]
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            name = key[0].upper() + key[1:]
-            out[ACRONYMS.get(name, name)] = pascal(item)
-        return out
-    return value
-
-
-def bucket_config(evaluation, bucket: str) -> dict[str, dict]:
-    return {r.type.split(":")[-1]: r.props for r in evaluation.resources
-            if r.props.get("bucket") == bucket and r.type != "aws:s3/bucket:Bucket"}
-
-
-def host_policy(evaluation, host: str) -> str:
-    return next(r.props["policy"] for r in evaluation.resources if r.name == f"postgres-{host}-access")
-
-
-def declare_bucket(s3, kms, evaluation, bucket: str, alias: str) -> str:
-    """Create the bucket with the program's versioning, encryption and lifecycle; returns its KMS key's ARN."""
-    key_arn = kms.create_key(Description="backups")["KeyMetadata"]["Arn"]
-    kms.create_alias(AliasName=alias, TargetKeyId=key_arn)
-    config = bucket_config(evaluation, bucket)
-    s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
-    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration=pascal(config["BucketVersioning"]["versioningConfiguration"]))
-    (rule,) = pascal(config["BucketServerSideEncryptionConfiguration"]["rules"])
-    rule["ApplyServerSideEncryptionByDefault"]["KMSMasterKeyID"] = key_arn  # the program's is an offline ARN
-    s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={"Rules": [rule]})
-    s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={
-        "Rules": pascal(config["BucketLifecycleConfiguration"]["rules"])})
-    return key_arn
+from infra.sandbox.s3 import REGION, bucket_config, declare_bucket, host_policy  # noqa: F401 - the tests' imports
 
 
 # ---- what a request asks of IAM, and whether a policy allows it ---------------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 from infra.sandbox.mapping import LOOPBACK, SandboxS3
 
 REGION = "eu-west-1"
+ACRONYMS = {"Id": "ID", "KmsMasterKeyId": "KMSMasterKeyID", "SseAlgorithm": "SSEAlgorithm"}
 # Header values worth keeping per request (lower-case WSGI names): what the IAM check needs to see.
 RECORDED_HEADERS = ("HTTP_X_AMZ_SERVER_SIDE_ENCRYPTION", "HTTP_X_AMZ_SERVER_SIDE_ENCRYPTION_AWS_KMS_KEY_ID",
                     "HTTP_AUTHORIZATION")
@@ -225,3 +226,66 @@ def moto_policy(policy: str) -> tuple[str, list[str]]:
             changes.append(f"allowed s3:DeleteObject on {buckets} itself (moto's multi-object delete)")
     document["Statement"] += added
     return json.dumps(document, sort_keys=True), changes
+
+
+# ---- the backup bucket as the program declares it -----------------------------------------------------
+def pascal(value):
+    """The provider's camelCase properties as S3's API names them."""
+    if isinstance(value, list):
+        return [pascal(v) for v in value]
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            name = key[0].upper() + key[1:]
+            out[ACRONYMS.get(name, name)] = pascal(item)
+        return out
+    return value
+
+
+def bucket_config(evaluation, bucket: str) -> dict[str, dict]:
+    """The program's settings resources of `bucket` (versioning, encryption, lifecycle...), by type."""
+    return {r.type.split(":")[-1]: r.props for r in evaluation.resources
+            if r.props.get("bucket") == bucket and r.type != "aws:s3/bucket:Bucket"}
+
+
+def host_policy(evaluation, host: str) -> str:
+    """The PostgreSQL host's instance-role policy as the program renders it."""
+    return next(r.props["policy"] for r in evaluation.resources if r.name == f"postgres-{host}-access")
+
+
+def declare_bucket(s3, kms, evaluation, bucket: str, alias: str) -> str:
+    """Create the bucket with the program's versioning, encryption and lifecycle; returns its KMS key's ARN."""
+    key_arn = kms.create_key(Description="backups")["KeyMetadata"]["Arn"]
+    kms.create_alias(AliasName=alias, TargetKeyId=key_arn)
+    config = bucket_config(evaluation, bucket)
+    s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration=pascal(config["BucketVersioning"]["versioningConfiguration"]))
+    (rule,) = pascal(config["BucketServerSideEncryptionConfiguration"]["rules"])
+    rule["ApplyServerSideEncryptionByDefault"]["KMSMasterKeyID"] = key_arn  # the program's is an offline ARN
+    s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={"Rules": [rule]})
+    s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={
+        "Rules": pascal(config["BucketLifecycleConfiguration"]["rules"])})
+    return key_arn
+
+
+def backup_endpoint(folder: Path, port: int, stack: str, config: dict[str, str]) -> tuple[S3Endpoint, dict, str]:
+    """An endpoint with the stack's backup bucket and a user carrying the PostgreSQL hosts' rendered policy
+    (as moto can enforce it), IAM enforced from then on: (endpoint, that user's keys, the rendered policy)."""
+    from infra.engine import evaluate
+    from infra.settings import load_settings
+    from infra.topology import build_topology
+
+    topology = build_topology(load_settings(config, stack))
+    evaluation = evaluate(stack, config)
+    policy = host_policy(evaluation, topology.postgres[0].name)  # every member's is the same but for its bundles
+    endpoint = S3Endpoint(folder, port).start()
+    try:
+        endpoint.create_admin()
+        declare_bucket(endpoint.admin("s3"), endpoint.admin("kms"), evaluation, topology.backup_bucket,
+                       topology.backup_key_alias)
+        keys = endpoint.user("pg-hosts", moto_policy(policy)[0])
+        endpoint.enforce()
+    except BaseException:
+        endpoint.stop()
+        raise
+    return endpoint, keys, policy

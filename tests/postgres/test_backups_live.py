@@ -31,13 +31,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from infra.engine import evaluate
 from infra.sandbox.runner import Sandbox, wait_for
-from infra.sandbox.s3 import S3Endpoint, moto_policy
+from infra.sandbox.s3 import S3Endpoint, backup_endpoint
 from infra.settings import load_settings
-from infra.topology import BackupLayout, Paths, build_topology
+from infra.topology import BackupLayout, Paths
 from scripts import backup
-from tests.backup_bucket import allowed, authorizations, declare_bucket, host_policy
+from tests.backup_bucket import allowed, authorizations
 from tests.conftest import stack_config
 
 pytestmark = pytest.mark.live
@@ -117,20 +116,12 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster():
     settings = load_settings(stack_config("prod"), "prod")
-    topology = build_topology(settings)
-    evaluation = evaluate("prod", stack_config("prod"))
-    policy = host_policy(evaluation, topology.postgres[0].name)
     # Not pytest's tmp_path: the postgres user must reach the state dir and the endpoint's CA file.
     state = Path(tempfile.mkdtemp(prefix="pg-backups-live-"))
     state.chmod(0o755)
-    endpoint = S3Endpoint(state / "s3", S3_PORT).start()
+    endpoint, keys, policy = backup_endpoint(state / "s3", S3_PORT, "prod", stack_config("prod"))
     sandbox = None
     try:
-        endpoint.create_admin()
-        declare_bucket(endpoint.admin("s3"), endpoint.admin("kms"), evaluation, topology.backup_bucket, topology.backup_key_alias)
-        enforceable, _ = moto_policy(policy)
-        keys = endpoint.user("pg-hosts", enforceable)
-        endpoint.enforce()
         sandbox = Sandbox(state / "sandbox", PORT_BASE, s3=endpoint.sandbox_s3(keys))
         sandbox.up(settings, services=("postgres",))
         yield Cluster(sandbox, endpoint, keys, policy, settings)
