@@ -18,6 +18,7 @@ from typing import Literal
 from infra.hostagent.agent import AGENT_COMMAND, AGENT_ROOT
 from infra.hosts.postgres import AUDIT_SQL
 from infra.hosts.spec import File, HostSpec
+from infra.render.backup import SERVICE_TEMPLATE, TIMERS
 from infra.render.patroni import patroni_config
 from infra.settings import StackSettings
 from infra.topology import Paths, Ports, Topology, secret_path, ssm_parameter_name
@@ -46,7 +47,8 @@ class ChangeRule:
 CHANGE_RULES = (
     # Patroni re-reads patroni.yml on reload; its cluster-wide part goes through PATCH /config.
     ChangeRule(Paths.PATRONI_CONFIG, "patroni", "reload"),
-    ChangeRule(Paths.PGBACKREST_CONFIG, None, "none"),  # read by every pgbackrest invocation
+    # Read by every pgbackrest invocation; the TLS server re-reads it on SIGHUP (Debian's ExecReload).
+    ChangeRule(Paths.PGBACKREST_CONFIG, "pgbackrest", "reload"),
     ChangeRule(Paths.POSTGRES_EXPORTER_QUERIES, "prometheus-postgres-exporter", "restart"),
     ChangeRule("/etc/default/prometheus-postgres-exporter", "prometheus-postgres-exporter", "restart"),
     # etcd reads ETCD_INITIAL_* only when its data dir has no member: adding members changes them on
@@ -64,9 +66,13 @@ CHANGE_RULES = (
     # Provisioning is read at start; dashboards are re-read by Grafana itself.
     ChangeRule(Paths.GRAFANA_PROVISIONING + "/", "grafana-server", "restart"),
     ChangeRule(Paths.GRAFANA_DASHBOARDS + "/", None, "none"),
-    ChangeRule("/etc/cron.d/", None, "none"),  # cron notices changed files itself
     ChangeRule("/etc/betting/", None, "none"),  # read by the jobs that use them, at each run
     ChangeRule("/usr/local/sbin/", None, "none"),
+    ChangeRule(Paths.BACKUP_LIB + "/", None, "none"),  # the backup script: its next run reads it
+    # The backup job's unit: daemon-reload (the agent does it for any unit file) is all its next run needs;
+    # a timer must restart to take a new schedule.
+    ChangeRule(f"/etc/systemd/system/{SERVICE_TEMPLATE}", None, "none"),
+    *(ChangeRule(f"/etc/systemd/system/{timer}", timer, "restart") for timer in TIMERS.values()),
     ChangeRule(AGENT_ROOT + "/", None, "none"),
     ChangeRule("/etc/postgresql-common/", None, "none"),  # only read when a package is installed
     ChangeRule("/etc/modules-load.d/", None, "none"),  # read at boot; the boot commands load it now
@@ -146,6 +152,7 @@ def bundle_document(spec: HostSpec, settings: StackSettings, topology: Topology)
         "packages": list(spec.packages),
         "volume": None if spec.volume is None else {"mount": spec.volume.mount, "owner": spec.volume.owner},
         "files": entries,
+        "directories": [{"path": d.path, "mode": d.mode, "owner": d.owner} for d in spec.directories],
         "secret_files": [
             {"path": secret_path(s.name), "parameter": ssm_parameter_name(environment, s.name), "owner": s.owner,
              "mode": s.mode}

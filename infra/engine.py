@@ -74,6 +74,10 @@ def _computed(typ: str, name: str, inputs: dict, region: str = "eu-west-1") -> d
         state["name"] = inputs.get("name", name)
     elif typ == "random:index/randomPassword:RandomPassword":
         state["result"] = "offline-" + "x" * 24
+    elif typ == "tls:index/privateKey:PrivateKey":
+        state["privateKeyPem"] = "offline-private-key"
+    elif typ == "tls:index/selfSignedCert:SelfSignedCert":
+        state["certPem"] = "offline-certificate"
     return state
 
 

@@ -47,6 +47,11 @@ MIN_PROMETHEUS_VOLUME_GIB = 50
 MAX_RETENTION_SIZE_SHARE = 0.85
 MIN_VERIFICATION_RETENTION_DAYS = 90
 MIN_AUDIT_RETENTION_YEARS = 7
+# A full backup is taken weekly: a shorter window could leave no full backup to restore from.
+MIN_BACKUP_RETENTION_DAYS = 7
+WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")  # systemd.time(7) spells them so
+# The WAL spool may take at most this share of the data volume it shares with pg_wal and the data.
+MAX_ARCHIVE_QUEUE_SHARE = 0.25
 
 
 class SettingsError(ValueError):
@@ -227,8 +232,26 @@ class BackupSettings(_Model):
     verification_retention_days: int = Field(default=MIN_VERIFICATION_RETENTION_DAYS, ge=MIN_VERIFICATION_RETENTION_DAYS, le=3650)
     audit_retention_years: int = Field(default=MIN_AUDIT_RETENTION_YEARS, ge=MIN_AUDIT_RETENTION_YEARS, le=100)
     archive_transition_days: int = Field(default=30, ge=1, le=3650)
-    full_backup_schedule: Annotated[str, Field(pattern=r"^\S+ \S+ \S+ \S+ \S+$")] = "0 2 * * *"
-    full_backup_retention: int = Field(default=7, ge=1, le=365)
+    # A full backup on this day, a differential on every other day, both at backup_time (UTC).
+    full_backup_day: Literal["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"] = "Sun"
+    backup_time: str = "02:00"
+    # Days of point-in-time recovery pgBackRest keeps (time-based retention: the backups and WAL it needs).
+    retention_days: int = Field(default=14, ge=MIN_BACKUP_RETENTION_DAYS, le=3650)
+    # WAL pgBackRest may queue while the repository is unreachable; beyond it, it drops segments so pg_wal
+    # cannot fill the data volume (point-in-time recovery then has a gap until the next backup).
+    archive_push_queue_max_gib: int = Field(default=4, ge=1, le=1024, alias="archivePushQueueMaxGiB")
+
+    @field_validator("backup_time")
+    @classmethod
+    def _time_of_day(cls, value: str) -> str:
+        if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
+            raise ValueError(f"must be a UTC time of day as HH:MM (00:00 to 23:59); found {value!r}")
+        return value
+
+    @property
+    def differential_days(self) -> tuple[str, ...]:
+        return tuple(day for day in WEEKDAYS if day != self.full_backup_day)
+
     # The second copy: the backup and audit buckets replicate to buckets in this region (required in prod).
     replica_region: str | None = None
 
@@ -327,6 +350,16 @@ class StackSettings(_Model):
                 problems.append("prod needs backups.replicaRegion: the backups' second copy, in another AWS region")
             if problems:
                 raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _archive_queue_fits_volume(self) -> StackSettings:
+        limit = int(self.patroni.data_volume.size_gib * MAX_ARCHIVE_QUEUE_SHARE)
+        if self.backups.archive_push_queue_max_gib > limit:
+            raise ValueError(
+                f"backups.archivePushQueueMaxGiB {self.backups.archive_push_queue_max_gib} would let queued WAL take more "
+                f"than {MAX_ARCHIVE_QUEUE_SHARE:.0%} of the {self.patroni.data_volume.size_gib} GiB data volume; "
+                f"allowed at most {limit}")
         return self
 
     @property

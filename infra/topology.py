@@ -19,6 +19,7 @@ class Ports:
     PATRONI_API = 8008
     POSTGRES_EXPORTER = 9187
     NODE_EXPORTER = 9100
+    PGBACKREST_TLS = 8432  # pgBackRest's TLS server: a backup from a standby reaches the other members through it
     ETCD_CLIENT = 2379
     ETCD_PEER = 2380
     REDIS = 6379
@@ -54,7 +55,8 @@ class Topology:
     redis_endpoint: str  # CNAME to the ElastiCache primary endpoint
     postgres_primary_endpoint: str  # internal NLB, healthy target = Patroni /primary
     postgres_replica_endpoint: str  # internal NLB, healthy targets = Patroni /replica
-    backup_bucket: str
+    backup_bucket: str  # laid out as BackupLayout says
+    backup_key_alias: str  # the backups' KMS key, by alias: rendered files cannot know its ARN
     audit_bucket: str
     bundle_bucket: str  # every host's bundles (infra/bundle.py)
     patroni_scope: str  # Patroni cluster name (the DCS namespace key)
@@ -94,11 +96,26 @@ def build_topology(settings: StackSettings) -> Topology:
         postgres_replica_endpoint=f"pg-replicas.{zone}",
         # Bucket names are global: environment and region keep them apart and predictable.
         backup_bucket=f"betting-{settings.environment}-pg-backups-{settings.region}",
+        backup_key_alias=f"alias/betting-{settings.environment}-backups",
         audit_bucket=f"betting-{settings.environment}-audit-logs-{settings.region}",
         bundle_bucket=f"betting-{settings.environment}-host-bundles-{settings.region}",
         patroni_scope=f"betting-{settings.environment}",
         application_targets=settings.application.metrics_targets,
     )
+
+
+class BackupLayout:
+    """Where things live in the backup bucket: the one source for pgBackRest's repo1-path, the PostgreSQL
+    hosts' IAM grants, the bucket's lifecycle rules and what the runbooks and README say."""
+
+    REPOSITORY = "pgbackrest/"  # pgBackRest's repository (repo1-path=/pgbackrest): WAL archive and base backups
+    VERIFICATION = "verification/"  # one JSON record per verified backup (scripts/backup.py), kept 90 days
+    ARCHIVE = "archive/"  # long-term copies, moved to Glacier; never the repository (a restore cannot wait for a thaw)
+
+    @classmethod
+    def repository_path(cls) -> str:
+        """pgBackRest's repo1-path for the repository prefix (pgBackRest adds archive/ and backup/ under it)."""
+        return "/" + cls.REPOSITORY.rstrip("/")
 
 
 class Paths:
@@ -118,6 +135,12 @@ class Paths:
     POSTGRES_BIN = "/usr/lib/postgresql/15/bin"
     POSTGRES_EXPORTER_QUERIES = "/etc/prometheus/postgres_exporter_queries.yaml"
     PGBACKREST_CONFIG = "/etc/pgbackrest/pgbackrest.conf"
+    PGBACKREST_SPOOL = "/var/spool/pgbackrest"  # archive-async: status files and prefetched WAL (archive-get)
+    PGBACKREST_LOCKS = "/tmp/pgbackrest"
+    BACKUP_ENV = "/etc/betting/pg-backup.env"  # per-host values of the backup job and the post_bootstrap script
+    BACKUP_LIB = "/usr/local/lib/betting-pg-backup"  # scripts/backup.py, run by /usr/bin/python3
+    POST_BOOTSTRAP = "/usr/local/sbin/betting-pg-post-bootstrap"
+    BACKUP_SCRATCH = "/var/lib/postgresql/backup-verify"  # on the data volume: a verification restores the whole cluster
     ETCD_CONFIG = "/etc/default/etcd"
     ETCD_DATA = "/var/lib/etcd"
     CLICKHOUSE_CONFIG_D = "/etc/clickhouse-server/config.d"
@@ -138,6 +161,9 @@ class SecretNames:
     REDIS_AUTH_TOKEN = "redis_auth_token"
     DEADMAN_HEARTBEAT_KEY = "deadman_heartbeat_key"  # Alertmanager Watchdog -> dead-man heartbeat API key
     SMTP_AUTH_PASSWORD = "smtp_auth_password"
+    # pgBackRest's TLS identity, shared by the PostgreSQL hosts: server and client certificate in one, its own CA.
+    PGBACKREST_TLS_KEY = "pgbackrest_tls_key"
+    PGBACKREST_TLS_CERT = "pgbackrest_tls_cert"
 
 
 def secret_path(name: str) -> str:

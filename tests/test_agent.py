@@ -125,6 +125,21 @@ def test_a_file_changed_by_hand_is_put_back_with_its_least_action(tmp_path):
         "reload prometheus", "restart prometheus-redis-exporter"]
 
 
+def test_a_declared_folder_gets_its_owner_and_mode_and_keeps_them(tmp_path):
+    """pg hosts: node_exporter's textfile folder (Debian's, root's 0755) is made writable for the backup job."""
+    bundle = _bundle("pg-1")
+    (folder,) = bundle["directories"]
+    assert (folder["path"], folder["mode"], folder["owner"]) == ("/var/lib/prometheus/node-exporter", "1775", "root:postgres")
+    platform = RecordingPlatform(tmp_path)
+    os.makedirs(platform.path(folder["path"]), mode=0o755)  # as the package leaves it
+    assert folder["path"] + "/" in agent.apply(bundle, platform).changed
+    info = os.stat(platform.path(folder["path"]))
+    assert stat.S_IMODE(info.st_mode) == 0o1775 and (info.st_uid, info.st_gid) == agent._owner_ids("root:postgres")
+    assert agent.apply(bundle, platform).changed == []
+    os.chmod(platform.path(folder["path"]), 0o755)  # a package upgrade or a hand
+    assert agent.apply(bundle, platform).changed == [folder["path"] + "/"]
+
+
 def test_the_strongest_action_wins_and_a_drop_in_reloads_systemd(tmp_path):
     bundle = _bundle("monitoring-1")
     platform = RecordingPlatform(tmp_path)

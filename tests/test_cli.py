@@ -78,7 +78,8 @@ def rendered_prod(tmp_path_factory):
 def test_render_writes_one_folder_per_service(rendered_prod):
     files = {str(p.relative_to(rendered_prod)) for p in rendered_prod.rglob("*") if p.is_file()}
     for expected in ("prometheus/prometheus.yml", "alertmanager/alertmanager.yml", "patroni/pg-1.yml", "patroni/pg-3.yml",
-                     "etcd/etcd-3.env", "pgbackrest/pgbackrest.conf", "clickhouse/config.d/prometheus.xml",
+                     "etcd/etcd-3.env", "pgbackrest/pg-3.conf",
+                     "backup/betting-pg-backup-full.timer", "clickhouse/config.d/prometheus.xml",
                      "cloud-init/monitoring-2.yaml", "postgres_exporter/queries.yaml"):
         assert expected in files, expected
     assert any(f.startswith("prometheus/rules/") for f in files)

@@ -185,11 +185,15 @@ def test_postgres_role_reads_only_its_secrets_and_writes_only_its_prefix():
     by_sid = {s.get("Sid"): s for s in statements}
     parameters = {r.rsplit("parameter", 1)[1] for r in by_sid["ReadOwnSecrets"]["Resource"]}
     assert parameters == {f"/betting/prod/{n}" for n in (
-        "postgres_superuser_password", "postgres_replication_password", "postgres_rewind_password", "postgres_exporter_password")}
-    objects = [s for s in statements if "s3:PutObject" in s["Action"]]
-    assert objects[0]["Resource"] == ["arn:aws:s3:::betting-prod-pg-backups-eu-west-1/pgbackrest/*"]
-    listing = [s for s in statements if s["Action"] == ["s3:ListBucket"]][0]
-    assert listing["Condition"] == {"StringLike": {"s3:prefix": ["pgbackrest/*"]}}
+        "postgres_superuser_password", "postgres_replication_password", "postgres_rewind_password", "postgres_exporter_password",
+        "pgbackrest_tls_key", "pgbackrest_tls_cert")}
+    objects = {s["Resource"][0]: s["Action"] for s in statements if "s3:PutObject" in s["Action"]}
+    bucket = "arn:aws:s3:::betting-prod-pg-backups-eu-west-1"
+    # pgBackRest's repository: read, write, expire; the verification records: written only, never read or deleted.
+    assert objects == {f"{bucket}/pgbackrest/*": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+                       f"{bucket}/verification/*": ["s3:PutObject"]}
+    (listing,) = [s for s in statements if s["Action"] == ["s3:ListBucket"]]
+    assert listing["Resource"] == [bucket] and listing["Condition"] == {"StringLike": {"s3:prefix": ["pgbackrest/*"]}}
 
 
 def test_monitoring_role_reads_alerting_secrets_and_nothing_of_postgres():
@@ -216,7 +220,7 @@ def test_secrets_stay_secret(stack):
         "pagerduty_routing_key", "slack_critical_webhook", "slack_warnings_webhook", "deadman_heartbeat_key",
         "grafana_admin_password",
         "postgres_superuser_password", "postgres_replication_password", "postgres_rewind_password",
-        "postgres_exporter_password", "redis_auth_token"}
+        "postgres_exporter_password", "redis_auth_token", "pgbackrest_tls_key", "pgbackrest_tls_cert"}
     for parameter in parameters:
         assert parameter.props["type"] == "SecureString" and parameter.props["value"] == SECRET_MASK
         assert parameter.props["name"].startswith(f"/betting/{stack}/")
@@ -252,6 +256,8 @@ def test_backup_bucket_is_private_encrypted_versioned_and_tls_only():
     assert rules["backup-verification"]["expiration"]["days"] == 90
     assert rules["archive-to-glacier"]["transitions"][0]["storageClass"] == "GLACIER"
     assert "transitions" not in rules["base-backups-and-wal"]  # restores must not wait for a Glacier thaw
+    assert rules["base-backups-and-wal"]["filter"]["prefix"] == "pgbackrest/"
+    assert rules["base-backups-and-wal"]["abortIncompleteMultipartUpload"]["daysAfterInitiation"] == 7
 
 
 def test_audit_bucket_keeps_seven_years_under_compliance_lock():

@@ -20,14 +20,13 @@ import pulumi_aws as aws
 
 from infra.platforms.aws import PrivateBucket, create_versioned_bucket
 from infra.settings import StackSettings
-from infra.topology import Topology, backup_key_alias
+from infra.topology import BackupLayout, Topology, backup_key_alias
 
-# Prefixes inside the backup bucket (pgBackRest's repository path is the first).
-BASE_BACKUP_PREFIX = "pgbackrest/"
-VERIFICATION_PREFIX = "verification/"
-ARCHIVE_PREFIX = "archive/"
 DAYS_PER_YEAR = 365
 NONCURRENT_VERSION_DAYS = 30
+# pgBackRest leaves a multipart upload unfinished when a push or backup dies half-way; S3 bills its parts.
+ABORT_INCOMPLETE_UPLOAD_DAYS = 7
+
 # Replicas: backups stay instantly readable (a restore in the other region must not wait for a thaw);
 # audit logs go where the source's lifecycle takes them after a day.
 BACKUP_REPLICA_STORAGE_CLASS = "STANDARD_IA"
@@ -70,7 +69,8 @@ class BackupStorage(pulumi.ComponentResource):
             tags=args.tags,
             opts=pulumi.ResourceOptions(parent=self, protect=protect),
         )
-        aws.kms.Alias(f"{name}-key-alias", name=backup_key_alias(environment),
+        # pgbackrest.conf and scripts/backup.py name the key by this alias (rendered before the key exists).
+        aws.kms.Alias(f"{name}-key-alias", name=args.topology.backup_key_alias,
                       target_key_id=self.key.key_id, opts=self._child)
 
         backups = self._create_bucket("backups", args.topology.backup_bucket, object_lock=False, protect=protect)
@@ -188,24 +188,27 @@ class BackupStorage(pulumi.ComponentResource):
                 rule(
                     id="backup-verification",
                     status="Enabled",
-                    filter=prefix(prefix=VERIFICATION_PREFIX),
+                    filter=prefix(prefix=BackupLayout.VERIFICATION),
                     expiration=aws.s3.BucketLifecycleConfigurationRuleExpirationArgs(days=backups.verification_retention_days),
                     noncurrent_version_expiration=aws.s3.BucketLifecycleConfigurationRuleNoncurrentVersionExpirationArgs(
                         noncurrent_days=1),
                 ),
-                # pgBackRest expires its own backups and WAL (fullBackupRetention); the bucket only cleans
-                # up the versions it leaves behind. They stay in Standard: a restore must not wait for a thaw.
+                # pgBackRest expires its own backups and WAL (retentionDays); the bucket only cleans up the
+                # versions and unfinished uploads it leaves behind. They stay in Standard: a restore must not
+                # wait for a thaw.
                 rule(
                     id="base-backups-and-wal",
                     status="Enabled",
-                    filter=prefix(prefix=BASE_BACKUP_PREFIX),
+                    filter=prefix(prefix=BackupLayout.REPOSITORY),
                     noncurrent_version_expiration=aws.s3.BucketLifecycleConfigurationRuleNoncurrentVersionExpirationArgs(
                         noncurrent_days=NONCURRENT_VERSION_DAYS),
+                    abort_incomplete_multipart_upload=aws.s3.BucketLifecycleConfigurationRuleAbortIncompleteMultipartUploadArgs(
+                        days_after_initiation=ABORT_INCOMPLETE_UPLOAD_DAYS),
                 ),
                 rule(
                     id="archive-to-glacier",
                     status="Enabled",
-                    filter=prefix(prefix=ARCHIVE_PREFIX),
+                    filter=prefix(prefix=BackupLayout.ARCHIVE),
                     transitions=[aws.s3.BucketLifecycleConfigurationRuleTransitionArgs(
                         days=backups.archive_transition_days, storage_class="GLACIER")],
                 ),

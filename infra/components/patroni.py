@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 import pulumi_random as random
+import pulumi_tls as tls
 
 from infra.hosts import HostSpec
 from infra.platforms.aws import AwsContext, AwsHost, create_host, create_secret_parameter
+from infra.render.pgbackrest import TLS_CLIENT_CN, uses_tls_server
 from infra.settings import StackSettings
 from infra.topology import Ports, SecretNames, Topology
 
@@ -22,6 +24,10 @@ PASSWORDS = (
     SecretNames.POSTGRES_EXPORTER_PASSWORD,
 )
 READ_PORT = Ports.POSTGRES + 1
+# pgBackRest's TLS identity: renewed by the `pulumi up` inside its last 90 days; a host takes a new one
+# with its next bundle rollout (the agent rewrites secret files on every apply).
+TLS_VALIDITY_HOURS = 5 * 365 * 24
+TLS_EARLY_RENEWAL_HOURS = 90 * 24
 
 
 @dataclass
@@ -46,6 +52,8 @@ class PatroniCluster(pulumi.ComponentResource):
         self._child = pulumi.ResourceOptions(parent=self)
 
         self.passwords, parameters = self._create_passwords()
+        if uses_tls_server(args.topology):
+            parameters += self._create_pgbackrest_tls()
         self.etcd = [create_host(name, spec, args.context, self) for spec in args.etcd_specs]
         self.nodes = [create_host(name, spec, args.context, self, boots_after=parameters) for spec in args.node_specs]
         self.load_balancer = self._create_load_balancer()
@@ -72,6 +80,29 @@ class PatroniCluster(pulumi.ComponentResource):
                 secret, pulumi.Output.secret(password.result), self._args.context.data_key_arn, self))
             passwords[secret] = pulumi.Output.secret(password.result)
         return passwords, parameters
+
+    def _create_pgbackrest_tls(self) -> list[aws.ssm.Parameter]:
+        """One key and self-signed certificate for every member's pgBackRest TLS server and client: each
+        server trusts exactly this certificate, and it names every member, so a backup on a standby reaches
+        the primary (render/pgbackrest.py)."""
+        name, args = self._name, self._args
+        key = tls.PrivateKey(f"{name}-pgbackrest-tls-key", algorithm="ECDSA", ecdsa_curve="P256", opts=self._child)
+        certificate = tls.SelfSignedCert(
+            f"{name}-pgbackrest-tls-cert",
+            private_key_pem=key.private_key_pem,
+            subject=tls.SelfSignedCertSubjectArgs(common_name=TLS_CLIENT_CN, organization=f"betting {args.settings.environment}"),
+            dns_names=[host.fqdn for host in args.topology.postgres],
+            allowed_uses=["digital_signature", "key_encipherment", "server_auth", "client_auth"],
+            validity_period_hours=TLS_VALIDITY_HOURS,
+            early_renewal_hours=TLS_EARLY_RENEWAL_HOURS,
+            opts=self._child,
+        )
+        return [
+            create_secret_parameter(f"{name}-{secret.replace('_', '-')}-parameter", args.settings.environment, secret,
+                                    pulumi.Output.secret(value), args.context.data_key_arn, self)
+            for secret, value in ((SecretNames.PGBACKREST_TLS_KEY, key.private_key_pem),
+                                  (SecretNames.PGBACKREST_TLS_CERT, certificate.cert_pem))
+        ]
 
     def _create_load_balancer(self) -> aws.lb.LoadBalancer:
         name, args = self._name, self._args

@@ -182,6 +182,20 @@ def write_atomic(path: str, content: bytes, mode: str, owner: str | None = None)
         raise
 
 
+def converge_directory(path: str, mode: str, owner: str | None) -> bool:
+    """Make the folder exist with exactly this owner and mode; True when anything had to change."""
+    changed = not os.path.isdir(path)
+    os.makedirs(path, exist_ok=True)
+    stat = os.stat(path)
+    if owner is not None and (stat.st_uid, stat.st_gid) != _owner_ids(owner):
+        os.chown(path, *_owner_ids(owner))
+        changed = True
+    if (stat.st_mode & 0o7777) != int(mode, 8):
+        os.chmod(path, int(mode, 8))
+        changed = True
+    return changed
+
+
 def converge_file(path: str, content: bytes, mode: str, owner: str | None) -> bool:
     """Make the file exactly so; True when anything (bytes, owner or mode) had to change."""
     try:
@@ -300,6 +314,9 @@ def apply(bundle: dict, platform, gate_timeout: float | None = None) -> Report:
         if unit and ACTION_ORDER[action] > ACTION_ORDER.get(pending.get(unit, "none"), 0):
             pending[unit] = action
 
+    for directory in bundle.get("directories", []):
+        if converge_directory(platform.path(directory["path"]), directory["mode"], directory["owner"]):
+            report.changed.append(directory["path"] + "/")
     for secret in bundle["secret_files"]:
         value = platform.secret(secret["parameter"]).encode()
         if converge_file(platform.path(secret["path"]), value, secret["mode"], secret["owner"]):

@@ -7,6 +7,7 @@ from infra.hosts.spec import (
     BASE_PACKAGES,
     BucketGrant,
     DataVolume,
+    Directory,
     File,
     HostSpec,
     Ingress,
@@ -20,7 +21,7 @@ from infra.settings import StackSettings
 from infra.topology import Topology
 
 __all__ = [
-    "BASE_PACKAGES", "BucketGrant", "DataVolume", "File", "HostSpec", "Ingress", "SecretEnvironment", "SecretFile",
+    "BASE_PACKAGES", "BucketGrant", "DataVolume", "Directory", "File", "HostSpec", "Ingress", "SecretEnvironment", "SecretFile",
     "SecurityRole", "env_file", "host_specs", "ingress_rules",
 ]
 

@@ -1,4 +1,10 @@
-"""A Patroni/PostgreSQL node: Patroni, pgBackRest, postgres_exporter and the nightly base backup."""
+"""A Patroni/PostgreSQL node: Patroni, pgBackRest (and its TLS server), postgres_exporter and the backup job.
+
+The backup job is scripts/backup.py, installed verbatim under Paths.BACKUP_LIB and run by
+/usr/bin/python3 from the unit betting-pg-backup@.service, which two timers fire (full weekly, a
+differential on the other days). Every per-host value the script and the post_bootstrap script read
+is in Paths.BACKUP_ENV.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,11 @@ from pathlib import Path
 
 from infra.hosts.spec import (
     BASE_PACKAGES,
+    READ_WRITE_DELETE,
+    WRITE_ONLY,
     BucketGrant,
     DataVolume,
+    Directory,
     File,
     HostSpec,
     SecretEnvironment,
@@ -17,23 +26,40 @@ from infra.hosts.spec import (
     place,
     shell_args,
 )
+from infra.render.backup import SERVICE_TEMPLATE, TIMERS, render_backup_timers
 from infra.render.exporters import render_exporters
-from infra.render.patroni import LOG_DIRECTORY, render_patroni
-from infra.render.pgbackrest import render_pgbackrest
+from infra.render.patroni import LOG_DIRECTORY, UNIX_SOCKET_DIR, render_patroni
+from infra.render.pgbackrest import PGBACKREST_BIN, render_pgbackrest, uses_tls_server
 from infra.settings import StackSettings
-from infra.topology import Host, Paths, Ports, SecretNames, Topology, audit_log_prefix, backup_key_alias, secret_path
+from infra.topology import (
+    BackupLayout,
+    Host,
+    Paths,
+    Ports,
+    SecretNames,
+    Topology,
+    audit_log_prefix,
+    backup_key_alias,
+    secret_path,
+)
 
+ROOT = Path(__file__).resolve().parents[2]
+FILES = ROOT / "infra" / "hostagent" / "files"
 PATRONI_ENVIRONMENT = (
     ("PATRONI_SUPERUSER_PASSWORD", SecretNames.POSTGRES_SUPERUSER_PASSWORD),
     ("PATRONI_REPLICATION_PASSWORD", SecretNames.POSTGRES_REPLICATION_PASSWORD),
     ("PATRONI_REWIND_PASSWORD", SecretNames.POSTGRES_REWIND_PASSWORD),
     ("POSTGRES_EXPORTER_PASSWORD", SecretNames.POSTGRES_EXPORTER_PASSWORD),
 )
-BACKUP_SCRIPT = "/usr/local/sbin/betting-pg-backup"
-BACKUP_ENV = "/etc/betting/pg-backup.env"
-BACKUP_CRON = "/etc/cron.d/betting-pg-backup"
-# The job's script has no per-stack value; it sources BACKUP_ENV (see its header).
-_BACKUP_SCRIPT_BYTES = (Path(__file__).resolve().parents[1] / "hostagent" / "files" / "betting-pg-backup").read_bytes()
+BACKUP_SCRIPT_SOURCE = ROOT / "scripts" / "backup.py"
+BACKUP_SCRIPT = f"{Paths.BACKUP_LIB}/backup.py"
+BACKUP_ENV = Paths.BACKUP_ENV
+SYSTEMD_DIR = "/etc/systemd/system"
+BACKUP_SERVICE = f"{SYSTEMD_DIR}/{SERVICE_TEMPLATE}"
+PGBACKREST_DROP_IN = f"{SYSTEMD_DIR}/pgbackrest.service.d/betting-config.conf"
+PGBACKREST_SERVER_UNIT = "pgbackrest"  # Debian's unit for `pgbackrest server`
+# What the backup job needs from Debian beyond PostgreSQL: boto3 writes the verification records.
+BACKUP_PACKAGES = ("python3-boto3",)
 # pgaudit's grants, run by the agent on the leader (infra/hostagent/agent.py converge_audit).
 AUDIT_SQL = "/etc/betting/pg-audit.sql"
 _AUDIT_SQL_BYTES = (Path(__file__).resolve().parents[1] / "hostagent" / "files" / "pg-audit.sql").read_bytes()
@@ -43,32 +69,55 @@ AUDIT_SHIP_ENV = "/etc/betting/audit-ship.env"
 AUDIT_SHIP_UNIT = "betting-audit-ship"
 AUDIT_SHIP_STATE = "/var/lib/postgresql/audit-shipped.json"  # on the data volume: a replaced host ships nothing twice
 _FILES = Path(__file__).resolve().parents[1] / "hostagent" / "files"
-# cron runs a job with PATH=/usr/bin:/bin and SHELL=/bin/sh unless its file says otherwise.
-CRON_ENVIRONMENT = (("SHELL", "/bin/sh"), ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
 
 
-def backup_environment(topology: Topology) -> dict[str, str]:
-    """What the backup script reads from BACKUP_ENV."""
+def backup_environment(settings: StackSettings, topology: Topology, host: Host) -> dict[str, str]:
+    """What scripts/backup.py and the post_bootstrap script read from BACKUP_ENV on `host`."""
     return {
         "STANZA": topology.patroni_scope,
+        "NODE_NAME": host.name,
         "PATRONI_URL": f"http://127.0.0.1:{Ports.PATRONI_API}",
+        "PGBACKREST": PGBACKREST_BIN,
+        "PGBACKREST_CONFIG": Paths.PGBACKREST_CONFIG,
+        "PGBACKREST_LOCK_PATH": Paths.PGBACKREST_LOCKS,
+        "POSTGRES_BIN": Paths.POSTGRES_BIN,
+        "PGDATA": Paths.POSTGRES_DATA,
+        "PGHOST": UNIX_SOCKET_DIR,
+        "PGPORT": str(Ports.POSTGRES),
+        "SUPERUSER_PASSWORD_FILE": secret_path(SecretNames.POSTGRES_SUPERUSER_PASSWORD),
+        "SCRATCH_DIR": Paths.BACKUP_SCRATCH,
         "TEXTFILE_DIR": Paths.NODE_EXPORTER_TEXTFILE_DIR,
-        "PGBACKREST": "/usr/bin/pgbackrest",
+        "BUCKET": topology.backup_bucket,
+        "REGION": settings.region,
+        # The regional endpoint, said explicitly (boto3's own default) so the sandbox can map it.
+        "S3_ENDPOINT": f"https://s3.{settings.region}.amazonaws.com",
+        "REPOSITORY_PREFIX": BackupLayout.REPOSITORY,
+        "VERIFICATION_PREFIX": BackupLayout.VERIFICATION,
+        "KMS_KEY": topology.backup_key_alias,
     }
 
 
 def _sourced_env_file(variables: dict[str, str]) -> bytes:
     """env_file's KEY="value" lines, read by `sh .`: a shell would expand $ and ` inside the quotes."""
     for key, value in variables.items():
-        if any(c in value for c in "$`\n"):
-            raise ValueError(f"{key}: a value sourced by sh must not contain $, ` or a newline: {value!r}")
+        if any(c in value for c in "$`\n\\\""):
+            raise ValueError(f"{key}: a value sourced by sh must not contain $, `, \\, \" or a newline: {value!r}")
     return env_file(variables)
 
 
-def _backup_cron(settings: StackSettings) -> bytes:
-    lines = [f"{name}={value}" for name, value in CRON_ENVIRONMENT]
-    lines.append(f"{settings.backups.full_backup_schedule} root {BACKUP_SCRIPT} full")
-    return ("\n".join(lines) + "\n").encode()
+def backup_files(settings: StackSettings, topology: Topology, host: Host) -> list[File]:
+    """The backup job: script, environment, unit and timers; the post_bootstrap script; the TLS server's drop-in."""
+    timers = render_backup_timers(settings)
+    files = [
+        File(BACKUP_SCRIPT, BACKUP_SCRIPT_SOURCE.read_bytes(), mode="0644"),  # run by /usr/bin/python3, not executed
+        File(BACKUP_ENV, _sourced_env_file(backup_environment(settings, topology, host))),
+        File(Paths.POST_BOOTSTRAP, (FILES / "betting-pg-post-bootstrap").read_bytes(), mode="0755"),
+        File(BACKUP_SERVICE, (FILES / SERVICE_TEMPLATE).read_bytes()),
+        *place(timers, {f"backup/{name}": f"{SYSTEMD_DIR}/{name}" for name in TIMERS.values()}),
+    ]
+    if uses_tls_server(topology):
+        files.append(File(PGBACKREST_DROP_IN, (FILES / "pgbackrest-config.conf").read_bytes()))
+    return files
 
 
 def audit_ship_environment(settings: StackSettings, topology: Topology, host: Host) -> dict[str, str]:
@@ -87,9 +136,10 @@ def audit_ship_environment(settings: StackSettings, topology: Topology, host: Ho
 def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
     patroni = render_patroni(settings, topology, host)
     exporters = render_exporters(settings, topology)
+    tls = uses_tls_server(topology)
     files = [
         *place(patroni, {f"patroni/{host.name}.yml": Paths.PATRONI_CONFIG}, owner="postgres:postgres", mode="0600"),
-        *place(render_pgbackrest(settings, topology), {"pgbackrest/pgbackrest.conf": Paths.PGBACKREST_CONFIG},
+        *place(render_pgbackrest(settings, topology, host), {f"pgbackrest/{host.name}.conf": Paths.PGBACKREST_CONFIG},
                owner="postgres:postgres", mode="0640"),
         *place({k: v for k, v in exporters.items() if k.startswith("postgres_exporter/")},
                {"postgres_exporter/queries.yaml": Paths.POSTGRES_EXPORTER_QUERIES}),
@@ -102,9 +152,7 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
             "ARGS": shell_args([f"--extend.query-path={Paths.POSTGRES_EXPORTER_QUERIES}",
                                 f"--web.listen-address=:{Ports.POSTGRES_EXPORTER}"]),
         })),
-        File(BACKUP_SCRIPT, _BACKUP_SCRIPT_BYTES, mode="0755"),
-        File(BACKUP_ENV, _sourced_env_file(backup_environment(topology))),
-        File(BACKUP_CRON, _backup_cron(settings)),
+        *backup_files(settings, topology, host),
         File(AUDIT_SQL, _AUDIT_SQL_BYTES),
         File(AUDIT_SHIPPER, (_FILES / "betting-ship-audit-logs").read_bytes(), mode="0755"),
         File(AUDIT_SHIP_ENV, env_file(audit_ship_environment(settings, topology, host))),
@@ -119,18 +167,37 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         files.append(File("/etc/modules-load.d/softdog.conf", b"softdog\n"))
         files.append(File("/etc/udev/rules.d/61-watchdog.rules", b'KERNEL=="watchdog", OWNER="postgres", GROUP="postgres"\n'))
         boot += ["modprobe softdog", "udevadm trigger --subsystem-match=misc --action=change"]
+    secret_files = [
+        SecretFile(SecretNames.POSTGRES_EXPORTER_PASSWORD, "prometheus:prometheus"),
+        # The backup job writes its canary row on the leader, which it may reach only over TCP.
+        SecretFile(SecretNames.POSTGRES_SUPERUSER_PASSWORD, "postgres:postgres"),
+    ]
+    if tls:
+        secret_files += [SecretFile(SecretNames.PGBACKREST_TLS_KEY, "postgres:postgres"),
+                         SecretFile(SecretNames.PGBACKREST_TLS_CERT, "postgres:postgres")]
     return HostSpec(
         host=host,
         instance_type=settings.patroni.instance_type,
         packages=BASE_PACKAGES + (f"postgresql-{settings.patroni.postgres_version}",
                                   f"postgresql-{settings.patroni.postgres_version}-pgaudit", "patroni", "python3-etcd",
-                                  "pgbackrest", "prometheus-postgres-exporter", "curl", "python3-boto3"),
+                                  "pgbackrest", "prometheus-postgres-exporter", *BACKUP_PACKAGES),
         files=tuple(files),
-        services=("patroni", "prometheus-postgres-exporter", "prometheus-node-exporter", "cron", f"{AUDIT_SHIP_UNIT}.timer"),
+        # The TLS server first: the member that bootstraps the cluster creates the stanza through the others.
+        services=((PGBACKREST_SERVER_UNIT,) if tls else ()) + (
+            "patroni", "prometheus-postgres-exporter", "prometheus-node-exporter", *TIMERS.values(),
+            f"{AUDIT_SHIP_UNIT}.timer"),
         volume=DataVolume("postgres-data", "/var/lib/postgresql", "postgres:postgres", settings.patroni.data_volume),
-        secret_files=(SecretFile(SecretNames.POSTGRES_EXPORTER_PASSWORD, "prometheus:prometheus"),),
+        secret_files=tuple(secret_files),
         secret_environments=(SecretEnvironment("patroni", PATRONI_ENVIRONMENT, "postgres:postgres"),),
-        bucket_grants=(BucketGrant(topology.backup_bucket, "pgbackrest/", write=True),
-                       BucketGrant(topology.audit_bucket, audit_log_prefix(host.name), write=True, put_only=True)),
+        bucket_grants=(
+            BucketGrant(topology.backup_bucket, BackupLayout.REPOSITORY, READ_WRITE_DELETE, list=True),
+            # Verification records are written once and never read or deleted by the host.
+            BucketGrant(topology.backup_bucket, BackupLayout.VERIFICATION, WRITE_ONLY),
+            # The audit logs: add objects under its own prefix; never read, list or delete them.
+            BucketGrant(topology.audit_bucket, audit_log_prefix(host.name), WRITE_ONLY),
+        ),
         boot_commands=tuple(boot),
+        # node_exporter's textfile folder is root's (Debian's package): the backup job, run as postgres, writes
+        # its metrics there too. Sticky, so neither can remove or replace the other's files.
+        directories=(Directory(Paths.NODE_EXPORTER_TEXTFILE_DIR, "1775", "root:postgres"),),
     )

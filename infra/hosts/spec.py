@@ -26,6 +26,15 @@ class File:
 
 
 @dataclass(frozen=True)
+class Directory:
+    """A folder whose owner and mode the host must have, e.g. a package's folder another user writes into."""
+
+    path: str
+    mode: str
+    owner: str = "root:root"
+
+
+@dataclass(frozen=True)
 class SecretFile:
     """A secret written at boot from its SSM SecureString parameter to secret_path(name)."""
 
@@ -57,11 +66,21 @@ class DataVolume:
 
 @dataclass(frozen=True)
 class BucketGrant:
+    """S3 object actions on `prefix*` of `bucket`, and (`list`) listing keys under that prefix only."""
+
     bucket: str
     prefix: str
-    write: bool
-    # Only s3:PutObject under the prefix: no read, no list, no delete (the audit logs).
-    put_only: bool = False
+    actions: tuple[str, ...]
+    list: bool = False
+
+    @property
+    def put_only(self) -> bool:
+        """Adds objects and never reads them: its key only encrypts (GenerateDataKey), never decrypts."""
+        return set(self.actions) == {"s3:PutObject"}
+
+
+READ_WRITE_DELETE = ("s3:GetObject", "s3:PutObject", "s3:DeleteObject")
+WRITE_ONLY = ("s3:PutObject",)
 
 
 @dataclass(frozen=True)
@@ -76,6 +95,7 @@ class HostSpec:
     secret_environments: tuple[SecretEnvironment, ...] = ()
     bucket_grants: tuple[BucketGrant, ...] = ()
     boot_commands: tuple[str, ...] = ()  # run after packages and secrets, before the services start
+    directories: tuple[Directory, ...] = ()  # converged after the packages that create them
 
     @property
     def secret_names(self) -> tuple[str, ...]:
@@ -118,6 +138,9 @@ def ingress_rules(settings: StackSettings) -> tuple[Ingress, ...]:
         Ingress("monitoring", Ports.REDIS_EXPORTER, scrape, "redis_exporter"),
         Ingress("grafana", Ports.GRAFANA, ("clients", "monitoring"), "Grafana UI and its /metrics"),
     ]
+    if settings.patroni.nodes > 1:
+        rules.append(Ingress("postgres", Ports.PGBACKREST_TLS, ("postgres",),
+                             "pgBackRest TLS server: a backup taken on a standby starts and stops on the primary"))
     rules += [
         Ingress(role, Ports.NODE_EXPORTER, scrape, "node_exporter")
         for role in ("etcd", "postgres", "clickhouse", "monitoring", "grafana")

@@ -90,20 +90,15 @@ def _access_policy(spec: HostSpec, ctx: AwsContext) -> pulumi.Output[str]:
                 "Condition": {"StringEquals": {"kms:ViaService": f"ssm.{ctx.region}.amazonaws.com"}},
             })
         for grant in grants:
-            if grant.put_only:
-                # The audit logs: add objects under its own prefix, never read, list, overwrite-delete or delete.
-                statements.append({"Sid": "PutOwnAuditLogs", "Effect": "Allow", "Action": ["s3:PutObject"],
-                                   "Resource": [f"arn:aws:s3:::{grant.bucket}/{grant.prefix}*"]})
-                continue
-            actions = ["s3:GetObject"] + (["s3:PutObject", "s3:DeleteObject"] if grant.write else [])
-            statements.append({
-                "Effect": "Allow",
-                "Action": ["s3:ListBucket"],
-                "Resource": [f"arn:aws:s3:::{grant.bucket}"],
-                "Condition": {"StringLike": {"s3:prefix": [f"{grant.prefix}*"]}},
-            })
+            if grant.list:
+                statements.append({
+                    "Effect": "Allow",
+                    "Action": ["s3:ListBucket"],
+                    "Resource": [f"arn:aws:s3:::{grant.bucket}"],
+                    "Condition": {"StringLike": {"s3:prefix": [f"{grant.prefix}*"]}},
+                })
             objects = f"arn:aws:s3:::{grant.bucket}/{grant.prefix}*"
-            statements.append({"Effect": "Allow", "Action": actions, "Resource": [objects]})
+            statements.append({"Effect": "Allow", "Action": list(grant.actions), "Resource": [objects]})
         if keys:
             statements.append({"Effect": "Allow", "Action": ["kms:Decrypt", "kms:GenerateDataKey"], "Resource": keys})
         if put_keys:

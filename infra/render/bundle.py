@@ -6,6 +6,7 @@ from __future__ import annotations
 from infra.bundle import render_bundle
 from infra.hosts import host_specs
 from infra.render.alertmanager import render_alertmanager
+from infra.render.backup import render_backup_timers
 from infra.render.clickhouse import render_clickhouse
 from infra.render.cloudinit import render_cloud_init
 from infra.render.etcd import render_etcd
@@ -28,7 +29,8 @@ def render_all(settings: StackSettings, topology: Topology) -> dict[str, bytes]:
         render_grafana(settings, topology),
         render_exporters(settings, topology),
         render_clickhouse(settings, topology),
-        render_pgbackrest(settings, topology),
+        *(render_pgbackrest(settings, topology, node) for node in topology.postgres),
+        render_backup_timers(settings),
         render_redis(settings, topology),
         *(render_patroni(settings, topology, node) for node in topology.postgres),
         *(render_etcd(settings, topology, member) for member in topology.etcd),

@@ -25,16 +25,14 @@ PASSWORD_ENV = {
     "PATRONI_REWIND_PASSWORD": SecretNames.POSTGRES_REWIND_PASSWORD,
 }
 
-# postgres_exporter's login (pg_monitor). Patroni runs post_bootstrap once, on the node that
-# initialises the cluster, with the connection string as the last argument ($0 of the shell);
-# the password comes from the environment Patroni runs in, never from this file.
+# postgres_exporter's login (pg_monitor), created by the post_bootstrap script with a password from the
+# environment Patroni runs in, never from this file.
 EXPORTER_ROLE = "postgres_exporter"
 EXPORTER_PASSWORD_ENV = "POSTGRES_EXPORTER_PASSWORD"
-# psql interpolates :'password' (quoted as a literal) in what it reads from stdin.
-POST_BOOTSTRAP = (
-    f"/bin/sh -c \"echo \\\"CREATE ROLE {EXPORTER_ROLE} LOGIN IN ROLE pg_monitor PASSWORD :'password';\\\" | "
-    f"/usr/bin/psql -X -q -v ON_ERROR_STOP=1 -v password=\\\"${EXPORTER_PASSWORD_ENV}\\\" -d \\\"$0\\\"\""
-)
+# Patroni runs post_bootstrap once, on the node that initialises the cluster, appending the superuser's
+# connection URL: the script (infra/hostagent/files/betting-pg-post-bootstrap) creates the exporter role and
+# the pgBackRest stanza, so WAL is archived from the first segment on. Its values come from the backup env file.
+POST_BOOTSTRAP = f"{Paths.POST_BOOTSTRAP} {Paths.BACKUP_ENV}"
 
 # pgaudit (Debian's postgresql-15-pgaudit): session audit of DDL and of role and privilege changes
 # on every member, and object audit of writes through the role below: pgaudit logs a statement

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.render.patroni import UNIX_SOCKET_DIR
-from infra.render.pgbackrest import PGBACKREST_BIN
+from infra.render.pgbackrest import PGBACKREST_BIN, TLS_SERVER_ADDRESS, members
 from infra.topology import Host, Paths, Ports, Topology
 
 LOOPBACK = "127.0.0.1"
@@ -24,9 +24,10 @@ DEFAULT_PORT_BASE = 25000
 SANDBOX_ROLES = ("etcd", "postgres", "monitoring")
 
 # The only replacements that are not a host, a port or a path, each with its reason.
-# There is no S3 and no instance role on a laptop: the pgBackRest binary is mapped to
-# /bin/false so WAL archiving and restores from the repository fail at once (never hang on the
-# instance-metadata endpoint); Patroni then clones replicas with its basebackup fallback.
+# There is no S3 and no instance role on a laptop: unless the sandbox is given an S3 endpoint
+# (SandboxS3), the pgBackRest binary is mapped to /bin/false so WAL archiving and restores from the
+# repository fail at once (never hang on the instance-metadata endpoint); Patroni then clones replicas
+# with its basebackup fallback, and the post_bootstrap script only warns that it made no stanza.
 NO_S3_BIN = "/bin/false"
 # No /dev/watchdog here: "required" would keep every node from taking the leader lock.
 WATCHDOG_REQUIRED = b"  mode: required\n"
@@ -39,6 +40,34 @@ HOST_FOLDERS = ("/etc/", "/var/", "/run/", "/tmp/")
 _HOST_PATH = re.compile(rb"(?<![\w.~/])(?:" + b"|".join(re.escape(f.encode()) for f in HOST_FOLDERS) + rb")")
 # Rule files name the hosts' mount points as label values of queries, not as paths of this host.
 UNROOTED_FILES = (Paths.PROMETHEUS_RULES_DIR + "/",)
+
+
+@dataclass(frozen=True)
+class SandboxS3:
+    """An S3-compatible endpoint on loopback (tests and the bench: moto over TLS, see infra/sandbox/s3.py).
+
+    With it, pgBackRest and the backup script run for real against it. What differs from AWS is declared
+    here and nowhere else: the endpoint's address and certificate authority, path-style URIs (no bucket
+    DNS names on loopback), and credentials from the environment (AWS_*, PGBACKREST_REPO1_S3_KEY*) where
+    a host has its instance role."""
+
+    port: int
+    ca_file: str
+    access_key_id: str
+    secret_access_key: str
+    host: str = LOOPBACK
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+    def environment(self) -> dict[str, str]:
+        """What every process of a PostgreSQL host gets in place of the instance role's credentials."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key_id, "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_CA_BUNDLE": self.ca_file,  # boto3: the endpoint's test certificate
+            "PGBACKREST_REPO1_S3_KEY": self.access_key_id, "PGBACKREST_REPO1_S3_KEY_SECRET": self.secret_access_key,
+        }
 
 
 @dataclass(frozen=True)
@@ -62,6 +91,9 @@ class Layout:
 
     def postgres_exporter(self, node: Host) -> int:
         return self.port_base + 40 + node.index
+
+    def pgbackrest_server(self, node: Host) -> int:
+        return self.port_base + 51 + node.index  # 52-60: redis is 51, prometheus from 61
 
     @property
     def redis(self) -> int:
@@ -91,7 +123,8 @@ class Layout:
             ports.update({Ports.ETCD_CLIENT: self.etcd_client(host), Ports.ETCD_PEER: self.etcd_peer(host)})
         elif host.role == "postgres":
             ports.update({Ports.POSTGRES: self.postgres(host), Ports.PATRONI_API: self.patroni(host),
-                          Ports.POSTGRES_EXPORTER: self.postgres_exporter(host)})
+                          Ports.POSTGRES_EXPORTER: self.postgres_exporter(host),
+                          Ports.PGBACKREST_TLS: self.pgbackrest_server(host)})
         elif host.role == "monitoring":
             ports.update({Ports.PROMETHEUS: self.prometheus(host), Ports.ALERTMANAGER: self.alertmanager(host),
                           Ports.ALERTMANAGER_CLUSTER: self.alertmanager_cluster(host),
@@ -134,7 +167,39 @@ class Layout:
         return self.host_path(node, Paths.POSTGRES_DATA)
 
 
-def host_mapping(layout: Layout, topology: Topology, host: Host) -> dict[bytes, bytes]:
+def _pgbackrest_pairs(layout: Layout, topology: Topology, host: Host, region: str, s3: SandboxS3 | None) -> dict[str, str]:
+    """pgbackrest.conf names its members by option (pgN-host=, pgN-port=, pgN-path=), not as name:port."""
+    pairs = {}
+    for index, member in members(topology, host):
+        pg = f"pg{index}"
+        pairs[f"{pg}-port={Ports.POSTGRES}"] = f"{pg}-port={layout.postgres(member)}"
+        # A member's data directory is under that member's root: its TLS server opens the files pgN-path names.
+        pairs[f"{pg}-path={Paths.POSTGRES_DATA}"] = f"{pg}-path={layout.data_dir(member)}"
+        if member.name != host.name:
+            pairs[f"{pg}-host={member.fqdn}"] = f"{pg}-host={LOOPBACK}"
+            pairs[f"{pg}-host-port={Ports.PGBACKREST_TLS}"] = f"{pg}-host-port={layout.pgbackrest_server(member)}"
+    pairs[f"tls-server-address={TLS_SERVER_ADDRESS}"] = f"tls-server-address={LOOPBACK}"
+    pairs[f"tls-server-port={Ports.PGBACKREST_TLS}"] = f"tls-server-port={layout.pgbackrest_server(host)}"
+    # The host's own programs that its daemons run by absolute path (Patroni's post_bootstrap, the backup
+    # unit's ExecStart) are its copies, under its root.
+    for program in (Paths.POST_BOOTSTRAP, Paths.BACKUP_LIB):
+        pairs[program] = str(layout.host_path(host, program))
+    if s3 is None:
+        pairs[PGBACKREST_BIN] = NO_S3_BIN
+    else:
+        if not region:
+            raise ValueError("an S3 endpoint in the sandbox needs the stack's region (the endpoint it stands for)")
+        endpoint = f"s3.{region}.amazonaws.com"
+        pairs[f"repo1-s3-endpoint={endpoint}\n"] = (
+            f"repo1-s3-endpoint={endpoint}\nrepo1-storage-host={s3.host}\nrepo1-storage-port={s3.port}\n"
+            f"repo1-storage-ca-file={s3.ca_file}\nrepo1-s3-uri-style=path\n")
+        pairs["repo1-s3-key-type=auto"] = "repo1-s3-key-type=shared"
+        pairs[f"https://{endpoint}"] = s3.url  # the backup script's boto3 endpoint
+    return pairs
+
+
+def host_mapping(layout: Layout, topology: Topology, host: Host, s3: SandboxS3 | None = None,
+                 region: str = "") -> dict[bytes, bytes]:
     """The literal tokens of `host`'s files: every host's DNS name:port, this host's listen addresses."""
     pairs: dict[str, str] = {}
     for other in topology.hosts:
@@ -146,10 +211,11 @@ def host_mapping(layout: Layout, topology: Topology, host: Host) -> dict[bytes, 
             pairs[listen] = f"{LOOPBACK}:{mapped}"
         pairs[f"-address=:{port}"] = f"-address={LOOPBACK}:{mapped}"  # exporters' --web.listen-address=:PORT
     if host.role == "postgres":
-        pairs[f"pg1-port={Ports.POSTGRES}"] = f"pg1-port={layout.postgres(host)}"  # pgbackrest.conf
+        pairs.update(_pgbackrest_pairs(layout, topology, host, region, s3))
+    else:
+        pairs[PGBACKREST_BIN] = NO_S3_BIN
     pairs[f"rediss://{topology.redis_endpoint}:{Ports.REDIS}"] = f"{PLAIN_REDIS_SCHEME}{LOOPBACK}:{layout.redis}"
     pairs[UNIX_SOCKET_DIR] = str(layout.socket_dir)
-    pairs[PGBACKREST_BIN] = NO_S3_BIN
     mapping = {k.encode(): v.encode() for k, v in pairs.items()}
     mapping[WATCHDOG_REQUIRED] = WATCHDOG_AUTOMATIC
     return mapping
@@ -192,9 +258,10 @@ def map_bytes(content: bytes, mapping: dict[bytes, bytes], root: Path | None = N
     return _pattern(mapping).sub(replace, content)
 
 
-def map_file(layout: Layout, topology: Topology, host: Host, path: str, content: bytes) -> bytes:
+def map_file(layout: Layout, topology: Topology, host: Host, path: str, content: bytes,
+             s3: SandboxS3 | None = None, region: str = "") -> bytes:
     root = None if path.startswith(UNROOTED_FILES) else layout.host_root(host)
-    return map_bytes(content, host_mapping(layout, topology, host), root)
+    return map_bytes(content, host_mapping(layout, topology, host, s3, region), root)
 
 
 def unmapped_parts(content: bytes, tokens, with_paths: bool = False) -> list[bytes]:

@@ -19,6 +19,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,18 +29,32 @@ from infra.sandbox import mapping as m
 from infra.topology import SecretNames
 
 SYSTEM_UNITS = Path("/lib/systemd/system")
+BUNDLE_UNITS = "/etc/systemd/system"  # the bundle's own units (a host path: under the host's root here)
 # What systemd gives every service (systemd.exec(5), "Environment variables in spawned processes").
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_STOP_TIMEOUT = 90.0  # systemd's DefaultTimeoutStopSec
 # Packages that only matter on EC2: the AWS CLI (SSM secrets; the sandbox keeps its own), the
-# file system tools for the EBS volume (a folder here), cron (the backup job's tests run it).
-EC2_ONLY_PACKAGES = frozenset({"awscli", "xfsprogs", "cron", "curl"})
-# Units the sandbox never starts: this machine's own cron would run the hosts' jobs for real.
-NOT_STARTED = frozenset({"cron"})
+# file system tools for the EBS volume (a folder here).
+EC2_ONLY_PACKAGES = frozenset({"awscli", "xfsprogs"})
+# Timers the sandbox never arms: the backup job's tests run its service themselves (run_oneshot), when
+# they choose, instead of on the hosts' schedule.
+NOT_STARTED_SUFFIX = ".timer"
+# The sandbox's stand-in for SSM generates these together: pgBackRest's TLS identity (key and certificate).
+TLS_PAIR = ("pgbackrest_tls_key", "pgbackrest_tls_cert")
 
 
 class UnitError(RuntimeError):
     pass
+
+
+def unit_file_name(unit: str) -> tuple[str, str]:
+    """(file name, instance) of a unit: `patroni` -> patroni.service; `x@full.service` -> x@.service, full."""
+    name = unit if "." in unit else f"{unit}.service"
+    stem, _, suffix = name.rpartition(".")
+    if "@" in stem:
+        prefix, _, instance = stem.partition("@")
+        return f"{prefix}@.{suffix}", instance
+    return name, ""
 
 
 @dataclass
@@ -132,32 +147,76 @@ def expand_command(line: str, environment: dict[str, str]) -> list[str]:
     return words
 
 
+def tls_identity(common_name: str, dns_names: list[str]) -> tuple[str, str]:
+    """A self-signed certificate and its key (PEM), for server and client authentication: the sandbox's
+    copy of what the program makes with pulumi-tls."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    return certificate.public_bytes(serialization.Encoding.PEM).decode(), key_pem
+
+
 class SecretStore:
     """The sandbox's stand-in for SSM SecureString parameters: generated once, kept in its secrets dir."""
+
+    _lock = threading.Lock()  # the hosts boot in parallel threads: one value per secret, one TLS pair
 
     def __init__(self, folder: Path, placeholders: dict[str, str]):
         self.folder, self.placeholders = folder, placeholders
 
+    def _write(self, name: str, value: str) -> None:
+        path = self.folder / name
+        path.write_text(value.rstrip("\n") + "\n")
+        path.chmod(0o400)
+
     def get(self, parameter: str) -> str:
         name = parameter.rsplit("/", 1)[-1]
         path = self.folder / name
-        if not path.exists():
-            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            value = self.placeholders.get(name, secrets.token_urlsafe(24))
-            path.write_text(value + "\n")
-            path.chmod(0o400)
-        return path.read_text().rstrip("\n")
+        with self._lock:
+            if not path.exists():
+                self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+                if name in TLS_PAIR:
+                    from infra.render.pgbackrest import TLS_CLIENT_CN
+
+                    # Every sandbox host is 127.0.0.1: pgBackRest checks the name it connects to (pgN-host).
+                    cert, key = tls_identity(TLS_CLIENT_CN, [m.LOOPBACK, "localhost"])
+                    self._write(TLS_PAIR[0], key)
+                    self._write(TLS_PAIR[1], cert)
+                else:
+                    self._write(name, self.placeholders.get(name, secrets.token_urlsafe(24)))
+            return path.read_text().rstrip("\n")
 
 
 class SandboxHost:
     """One host of the sandbox, as the agent sees it."""
 
     def __init__(self, layout: m.Layout, topology, host, secret_store: SecretStore,
-                 spawn: Callable[..., int], process: Callable[[str], int | None], mapping: dict[bytes, bytes]):
+                 spawn: Callable[..., int], process: Callable[[str], int | None], mapping: dict[bytes, bytes],
+                 role_environment: dict[str, str] | None = None):
+        """`role_environment`: what every process of the host gets where EC2 has the instance role (SandboxS3)."""
         self.layout, self.topology, self.host = layout, topology, host
         self.root = layout.host_root(host)
         self._secrets, self._spawn, self._process = secret_store, spawn, process
         self._mapping = mapping
+        self._role_environment = dict(role_environment or {})
         self.as_root = os.geteuid() == 0
 
     # ---- files and packages ----------------------------------------------------------------
@@ -170,6 +229,10 @@ class SandboxHost:
 
     def install(self, packages: list[str]) -> list[str]:
         """Packages are this machine's; their folders under /etc and /var are made in the host's root."""
+        # What the image itself has: a /tmp anyone may write to (pgBackRest's lock path is under it).
+        tmp = Path(self.path("/tmp"))
+        tmp.mkdir(parents=True, exist_ok=True)
+        tmp.chmod(0o1777)
         for package in packages:
             if package in EC2_ONLY_PACKAGES:
                 continue
@@ -225,19 +288,28 @@ class SandboxHost:
         return process_name(self.host.name, unit)
 
     def unit(self, name: str) -> Unit:
-        path = SYSTEM_UNITS / f"{name}.service"
-        if not path.exists():
-            raise UnitError(f"{self.host.name}: no unit file {path} (is its package installed?)")
-        # The unit and its drop-ins name host paths (/etc/default/NAME, data dirs): they are this
-        # host's. The bundle's drop-ins are mapped already (mapping twice changes nothing); the
-        # agent's own (etcd's join) name host paths.
-        drop_ins = Path(self.path(f"/etc/systemd/system/{name}.service.d"))
-        files = [path, *(sorted(drop_ins.glob("*.conf")) if drop_ins.is_dir() else [])]
-        texts = [m.map_bytes(file.read_bytes(), self._mapping, self.root).decode() for file in files]
-        return parse_unit(name, texts, {"H": self.host.name, "p": name, "n": f"{name}.service", "%": "%"})
+        """A unit as systemd loads it: the bundle's own file in /etc/systemd/system first (mapped with the
+        bundle), else the package's in /lib/systemd/system; then the bundle's drop-ins; templates by instance."""
+        file_name, instance = unit_file_name(name)
+        own, package = Path(self.path(f"{BUNDLE_UNITS}/{file_name}")), SYSTEM_UNITS / file_name
+        if own.exists():
+            texts = [own.read_text()]
+        elif package.exists():
+            # The package's unit names host paths (/etc/default/NAME, data dirs): they are this host's.
+            texts = [m.map_bytes(package.read_bytes(), self._mapping, self.root).decode()]
+        else:
+            raise UnitError(f"{self.host.name}: no unit file {package} (is its package installed?)")
+        full_name = name if "." in name else f"{name}.service"
+        drop_ins = Path(self.path(f"{BUNDLE_UNITS}/{full_name}.d"))
+        # The bundle's drop-ins are mapped already (mapping twice changes nothing); the agent's own
+        # (etcd's join) name host paths.
+        texts += ([m.map_bytes(p.read_bytes(), self._mapping, self.root).decode() for p in sorted(drop_ins.glob("*.conf"))]
+                  if drop_ins.is_dir() else [])
+        prefix = full_name.rpartition(".")[0].partition("@")[0]
+        return parse_unit(name, texts, {"H": self.host.name, "p": prefix, "n": full_name, "i": instance, "%": "%"})
 
     def _environment(self, unit: Unit) -> dict[str, str]:
-        env = {"PATH": SYSTEMD_PATH, "LANG": "C.UTF-8"}
+        env = {"PATH": SYSTEMD_PATH, "LANG": "C.UTF-8", **self._role_environment}
         if unit.user:
             account = pwd.getpwnam(unit.user)
             env.update(USER=unit.user, LOGNAME=unit.user, HOME=self.path(account.pw_dir), SHELL=account.pw_shell)
@@ -254,7 +326,23 @@ class SandboxHost:
         return env
 
     def active(self, unit: str) -> bool:
-        return unit in NOT_STARTED or self._process(self.process_name(unit)) is not None
+        return unit.endswith(NOT_STARTED_SUFFIX) or self._process(self.process_name(unit)) is not None
+
+    def run_oneshot(self, unit: str, timeout: float = 1800, arguments: list[str] | None = None) -> subprocess.CompletedProcess:
+        """What `systemctl start UNIT` does for a Type=oneshot service (what its timer fires): ExecStart with
+        the unit's environment, as its User=, waited for. Returns the exit status and the output.
+
+        `arguments` replace what follows ExecStart's interpreter and script (`python3 backup.py ...`): the
+        same program run by hand, e.g. `backup.py verify LABEL`, in the environment the unit gives it."""
+        spec = self.unit(unit)
+        env = self._environment(spec)
+        argv = expand_command(spec.exec_start, env)
+        if arguments is not None:
+            argv = argv[:2] + list(arguments)
+        if self.as_root and spec.user:
+            argv = ["setpriv", f"--reuid={spec.user}", f"--regid={spec.group or spec.user}", "--init-groups", "--", *argv]
+        return subprocess.run(argv, env=env, cwd="/", stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout)
 
     def start(self, unit: str) -> None:
         if self.active(unit):

@@ -11,6 +11,8 @@ their `User=` (postgres, etcd, prometheus), as Debian runs them.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -44,6 +46,7 @@ ALL_SERVICES = ("postgres", "redis", "exporters", "monitoring")
 UNIT_GROUPS = {
     "etcd": None,
     "patroni": "postgres",
+    "pgbackrest": "postgres",  # the TLS server, only with an S3 endpoint (SandboxS3): it has no other use
     "prometheus-postgres-exporter": "exporters",
     "prometheus-node-exporter": "exporters",
     "prometheus-redis-exporter": "exporters",
@@ -98,11 +101,16 @@ def wait_for(what: str, check, timeout: float, interval: float = 0.2):
 
 
 class Sandbox:
-    def __init__(self, state_dir: Path | str, port_base: int = m.DEFAULT_PORT_BASE, settings: StackSettings | None = None):
-        """`settings` only to inspect files before `up`; a running sandbox remembers its own."""
+    def __init__(self, state_dir: Path | str, port_base: int = m.DEFAULT_PORT_BASE, settings: StackSettings | None = None,
+                 s3: m.SandboxS3 | None = None):
+        """`settings` only to inspect files before `up`; a running sandbox remembers its own.
+
+        `s3`: an S3-compatible endpoint for pgBackRest and the backup job (else pgBackRest is /bin/false)."""
         self.layout = m.Layout(Path(state_dir).resolve(), port_base)
         self._settings: StackSettings | None = settings
         self._topology: Topology | None = build_topology(settings) if settings else None
+        remembered = self._read_state().get("s3")
+        self.s3 = s3 if s3 is not None or not remembered else m.SandboxS3(**remembered)
 
     # ---- state -------------------------------------------------------------------------
     @property
@@ -223,10 +231,15 @@ class Sandbox:
         proc = self.running().get(name)
         return proc.pid if proc else None
 
+    def mapping(self, host: Host, topology: Topology | None = None, settings: StackSettings | None = None) -> dict[bytes, bytes]:
+        settings = settings or self.settings
+        return m.host_mapping(self.layout, topology or self.topology, host, self.s3, settings.region)
+
     def platform(self, host: Host) -> SandboxHost:
         store = SecretStore(self.layout.secrets_dir, PLACEHOLDER_SECRETS)
-        mapping = m.host_mapping(self.layout, self.topology, host)
-        return SandboxHost(self.layout, self.topology, host, store, self._spawn, self._process_pid, mapping)
+        role = self.s3.environment() if self.s3 is not None and host.role == "postgres" else None
+        return SandboxHost(self.layout, self.topology, host, store, self._spawn, self._process_pid, self.mapping(host),
+                           role)
 
     def host_bundle(self, host: Host, services: Iterable[str] | None = None, settings: StackSettings | None = None) -> dict:
         """`host`'s bundle as EC2 gets it, with the mapping applied and only the units of `services`."""
@@ -235,7 +248,7 @@ class Sandbox:
         spec = next(s for s in host_specs(settings, topology) if s.host.name == host.name)
         document = bundle_document(spec, settings, topology)
         groups = set(self.services if services is None else services)
-        mapping, root = m.host_mapping(self.layout, topology, host), self.layout.host_root(host)
+        mapping, root = self.mapping(host, topology, settings), self.layout.host_root(host)
         keep_owners = os.geteuid() == 0  # only root can give files to postgres, etcd, prometheus
 
         def mapped(value):
@@ -248,13 +261,15 @@ class Sandbox:
             return value
 
         for file in document["files"]:
-            file["content"] = m.map_file(self.layout, topology, host, file["path"], file["content"].encode()).decode()
+            file["content"] = m.map_file(self.layout, topology, host, file["path"], file["content"].encode(),
+                                         self.s3, settings.region).decode()
             file["owner"] = file["owner"] if keep_owners else None
-        for secret in document["secret_files"] + document["secret_environments"]:
+        for secret in document["secret_files"] + document["secret_environments"] + document["directories"]:
             secret["owner"] = secret["owner"] if keep_owners else None
         document["services"] = [
             {"unit": s["unit"], "gate": mapped(s["gate"])} for s in document["services"]
             if s["unit"] in UNIT_GROUPS and (UNIT_GROUPS[s["unit"]] is None or UNIT_GROUPS[s["unit"]] in groups)
+            and (s["unit"] != "pgbackrest" or self.s3 is not None)
         ]
         if "patroni" in document:
             document["patroni"]["api"] = mapped(document["patroni"]["api"])
@@ -397,7 +412,8 @@ class Sandbox:
             self._fresh_state_dir()
         deployed = sorted(set(state.get("services", []) if running else []) | set(services))
         self.state_file.write_text(json.dumps({"stack": settings.stack, "settings": settings.model_dump_json(),
-                                               "services": deployed}))
+                                               "services": deployed,
+                                               "s3": None if self.s3 is None else dataclasses.asdict(self.s3)}))
         if "redis" in services and "redis" not in running:
             self._spawn("redis", ["/usr/bin/redis-server", str(self.layout.config_dir / "redis" / "redis.conf")],
                         {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
@@ -461,6 +477,16 @@ class Sandbox:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(m.map_bytes(content, m.redis_mapping(layout)))
 
+    def _strays(self) -> list[int]:
+        """Live processes (not ours) that run on this sandbox's files: what a host's daemons left behind."""
+        root = str(self.layout.state_dir).encode() + b"/"
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid() and root in _cmdline(int(entry.name)):
+                if _alive(int(entry.name), ""):
+                    pids.append(int(entry.name))
+        return pids
+
     def down(self, timeout: float = 30) -> list[str]:
         """Stop everything; return the names that were running. Leaves logs, removes data."""
         procs = self.processes()
@@ -489,6 +515,10 @@ class Sandbox:
             if _alive(pid, "postgres"):
                 os.kill(pid, signal.SIGQUIT)
         wait_for("the postmasters to exit", lambda: not any(_alive(pid, "postgres") for pid in postmasters), timeout)
+        # pgBackRest's asynchronous archive-push and archive-get workers detach from the postmaster.
+        for pid in self._strays():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for pid_file in self.layout.pid_dir.glob("*.pid") if self.layout.pid_dir.exists() else []:
             pid_file.unlink()
         if self.state_file.exists():
@@ -499,6 +529,13 @@ class Sandbox:
                 if path.name not in ("logs", STATE_FILE):
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
         return stopped
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _kill_group(pid: int) -> None:

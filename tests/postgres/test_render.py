@@ -9,10 +9,11 @@ import yaml
 
 from infra.render.etcd import render_etcd
 from infra.render.patroni import EXPORTER_PASSWORD_ENV, PASSWORD_ENV, render_patroni
-from infra.render.pgbackrest import render_pgbackrest
+from infra.render.pgbackrest import TLS_CLIENT_CN, render_pgbackrest
 from infra.render.redis import render_redis
 from infra.sandbox.mapping import Layout, map_file
-from infra.topology import Paths, Ports, secret_path
+from infra.topology import BackupLayout, Paths, Ports, secret_path
+from tests.conftest import ROOT
 
 SECRET_WORDS = ("password", "secret", "token")
 
@@ -93,11 +94,13 @@ def test_no_password_in_patroni_yml_they_come_from_patronis_env_vars(settings, t
     assert all(secret_path(name).startswith(Paths.SECRETS_DIR + "/") for name in PASSWORD_ENV.values())
 
 
-def test_exporter_role_is_created_at_bootstrap_with_a_password_from_the_environment(settings, topology):
+def test_exporter_role_and_stanza_are_created_at_bootstrap_by_the_shipped_script(settings, topology):
     config, _ = _patroni(settings, topology, topology.postgres[0])
-    script = config["bootstrap"]["post_bootstrap"]
+    assert config["bootstrap"]["post_bootstrap"] == f"{Paths.POST_BOOTSTRAP} {Paths.BACKUP_ENV}"
+    script = (ROOT / "infra" / "hostagent" / "files" / "betting-pg-post-bootstrap").read_text()
     assert "CREATE ROLE postgres_exporter LOGIN IN ROLE pg_monitor" in script
-    assert f"${EXPORTER_PASSWORD_ENV}" in script
+    assert f'password="${EXPORTER_PASSWORD_ENV}"' in script
+    assert 'stanza-create; then' in script  # a failed stanza-create warns; it never fails the bootstrap
 
 
 def test_pg_hba_allows_only_the_vpc_and_loopback(settings, topology):
@@ -109,18 +112,50 @@ def test_pg_hba_allows_only_the_vpc_and_loopback(settings, topology):
             assert fields[4] == "scram-sha-256"
 
 
-def test_pgbackrest_writes_to_the_backup_bucket_with_the_instance_role(settings, topology):
-    (content,) = render_pgbackrest(settings, topology).values()
+def _pgbackrest(settings, topology, node):
+    (content,) = render_pgbackrest(settings, topology, node).values()
     parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str
     parser.read_string(content.decode())
-    repo = parser["global"]
-    assert repo["repo1-type"] == "s3"
-    assert repo["repo1-s3-bucket"] == topology.backup_bucket
-    assert repo["repo1-s3-region"] == settings.region
-    assert repo["repo1-s3-key-type"] == "auto"
-    assert "repo1-s3-key" not in repo and "repo1-s3-key-secret" not in repo
-    assert int(repo["repo1-retention-full"]) == settings.backups.full_backup_retention
-    assert parser[topology.patroni_scope]["pg1-path"] == Paths.POSTGRES_DATA
+    return parser
+
+
+def test_pgbackrest_writes_to_the_repository_prefix_of_the_backup_bucket_with_the_instance_role(settings, topology):
+    for node in topology.postgres:
+        parser = _pgbackrest(settings, topology, node)
+        repo = parser["global"]
+        assert repo["repo1-type"] == "s3"
+        assert repo["repo1-s3-bucket"] == topology.backup_bucket
+        assert repo["repo1-s3-region"] == settings.region
+        assert repo["repo1-s3-key-type"] == "auto"
+        assert "repo1-s3-key" not in repo and "repo1-s3-key-secret" not in repo
+        # The prefix the host's IAM grant and the lifecycle rules name (one constant).
+        assert repo["repo1-path"] == "/" + BackupLayout.REPOSITORY.rstrip("/")
+        assert repo["repo1-s3-kms-key-id"] == topology.backup_key_alias
+        assert (repo["repo1-retention-full-type"], repo["repo1-retention-full"]) == ("time", str(settings.backups.retention_days))
+        assert repo["archive-async"] == "y" and repo["spool-path"] == Paths.PGBACKREST_SPOOL
+        assert repo["archive-push-queue-max"] == f"{settings.backups.archive_push_queue_max_gib}GiB"
+        assert parser[topology.patroni_scope]["pg1-path"] == Paths.POSTGRES_DATA
+        assert "pg1-host" not in parser[topology.patroni_scope]  # pg1 is always the host itself
+
+
+def test_each_member_backs_up_from_itself_as_a_standby_reaching_the_others_over_tls(settings, topology):
+    for node in topology.postgres:
+        parser = _pgbackrest(settings, topology, node)
+        cluster, general = parser[topology.patroni_scope], parser["global"]
+        others = [h for h in topology.postgres if h != node]
+        for index, other in enumerate(others, start=2):
+            assert cluster[f"pg{index}-host"] == other.fqdn
+            assert (cluster[f"pg{index}-host-type"], cluster[f"pg{index}-host-port"]) == ("tls", str(Ports.PGBACKREST_TLS))
+            cert = secret_path("pgbackrest_tls_cert")
+            assert cluster[f"pg{index}-host-ca-file"] == cluster[f"pg{index}-host-cert-file"] == cert
+        assert f"pg{len(others) + 2}-path" not in cluster
+        if others:
+            assert general["backup-standby"] == "y"
+            assert general["tls-server-auth"] == f"{TLS_CLIENT_CN}={topology.patroni_scope}"
+            assert general["tls-server-port"] == str(Ports.PGBACKREST_TLS)
+        else:
+            assert "backup-standby" not in general and "tls-server-port" not in general
 
 
 def test_etcd_members_form_one_cluster(settings, topology):
@@ -152,7 +187,7 @@ def test_renderers_are_deterministic(settings, topology):
     for render in (
         lambda: render_patroni(settings, topology, node),
         lambda: render_etcd(settings, topology, member),
-        lambda: render_pgbackrest(settings, topology),
+        lambda: render_pgbackrest(settings, topology, node),
         lambda: render_redis(settings, topology),
     ):
         assert render() == render()
@@ -160,11 +195,11 @@ def test_renderers_are_deterministic(settings, topology):
 
 def test_pgbackrest_accepts_every_option_of_the_rendered_conf(settings, topology, tmp_path):
     """pgBackRest itself parses the file: an unknown or misspelt option is a WARN line."""
-    (content,) = render_pgbackrest(settings, topology).values()
+    node = topology.postgres[0]
+    (content,) = render_pgbackrest(settings, topology, node).values()
     # As in the sandbox: the host's folders (log, lock, spool) move under a root in tmp_path, so the
     # check writes nothing under /var.
     layout = Layout(tmp_path)
-    node = topology.postgres[0]
     for folder in ("var/log/pgbackrest", "var/spool/pgbackrest", "tmp/pgbackrest"):
         layout.host_path(node, folder).mkdir(parents=True)
     mapped = map_file(layout, topology, node, Paths.PGBACKREST_CONFIG, content)

@@ -11,12 +11,16 @@ import yaml
 
 from infra.bundle import bundle_document
 from infra.hosts import host_specs
+from infra.render.backup import TIMERS
+from infra.render.pgbackrest import members
 from infra.sandbox import mapping as m
 from infra.sandbox.platform import SandboxHost, SecretStore, expand_command, parse_unit, read_environment_file
 from infra.sandbox.runner import ALL_SERVICES, Sandbox
+from infra.topology import Paths
 
 # Services the sandbox does not run keep their DNS names (their scrape jobs report "not deployed").
 NOT_IN_SANDBOX = ("grafana-", "clickhouse-", "api.")
+S3 = m.SandboxS3(port=25099, ca_file="/tmp/s3-ca.pem", access_key_id="AKIA", secret_access_key="secret")
 
 
 def _sandbox(settings, tmp_path) -> Sandbox:
@@ -59,14 +63,19 @@ def test_every_file_differs_from_the_rendered_one_only_in_mapped_tokens_and_host
 
 
 def test_host_paths_never_leave_the_hosts_root(settings, tmp_path):
-    """Every /etc, /var, /run or /tmp path in a mapped file is the host's own (or the shared socket dir)."""
+    """Every /etc, /var, /run or /tmp path in a mapped file is the host's own (or the shared socket dir), but for
+    the other members' data directories in pgbackrest.conf: their TLS servers open the files those name."""
     sandbox = _sandbox(settings, tmp_path)
     for host, path, _, mapped in _pairs(sandbox):
         if path.startswith(m.UNROOTED_FILES):
             continue
         allowed = (str(sandbox.layout.host_root(host)).encode(), str(sandbox.layout.socket_dir).encode())
-        for match in re.finditer(rb"(?<![\w.~/-])/(?:etc|var|run|tmp)/[^\s\"',]*", mapped):
-            assert match.group(0).startswith(allowed), (host.name, path, match.group(0))
+        others = {f"pg{i}-path={sandbox.layout.data_dir(member)}".encode()
+                  for i, member in members(sandbox.topology, host) if member != host} if host.role == "postgres" else set()
+        for match in re.finditer(rb"(?<![\w.~/-])(pg\d-path=)?(/(?:etc|var|run|tmp)/[^\s\"',]*)", mapped):
+            if match.group(1) and match.group(0) in others and path == Paths.PGBACKREST_CONFIG:
+                continue
+            assert match.group(2).startswith(allowed), (host.name, path, match.group(0))
 
 
 def test_rule_files_keep_the_hosts_mount_points(settings, tmp_path):
@@ -104,13 +113,21 @@ def test_gates_and_the_patroni_api_point_at_the_hosts_own_ports(settings, tmp_pa
             assert bundle["patroni"]["api"] == f"http://127.0.0.1:{layout.patroni(host)}"
 
 
-def test_only_the_asked_services_run_and_never_cron(settings, tmp_path):
+def test_only_the_asked_services_run_and_never_a_timer(settings, tmp_path):
     sandbox = _sandbox(settings, tmp_path)
     node = sandbox.topology.postgres[0]
     assert [s["unit"] for s in sandbox.host_bundle(node, ("postgres",))["services"]] == ["patroni"]
     units = [s["unit"] for s in sandbox.host_bundle(node, ALL_SERVICES)["services"]]
     assert units == ["patroni", "prometheus-postgres-exporter", "prometheus-node-exporter"]
     assert [s["unit"] for s in sandbox.host_bundle(sandbox.topology.etcd[0], ())["services"]] == ["etcd"]
+    # The backup timers are in the bundle but never armed here; the TLS server runs only with an S3 endpoint.
+    rendered = [s["unit"] for s in bundle_document(next(s for s in host_specs(settings, sandbox.topology)
+                                                            if s.host == node), settings, sandbox.topology)["services"]]
+    assert set(TIMERS.values()) <= set(rendered)
+    with_s3 = Sandbox(tmp_path / "s3", 25000, settings=settings, s3=S3)
+    expected = ["pgbackrest", "patroni"] if len(sandbox.topology.postgres) > 1 else ["patroni"]
+    assert [s["unit"] for s in with_s3.host_bundle(node, ("postgres",))["services"]] == expected
+    assert sandbox.platform(node).active(TIMERS["full"])  # "active": the sandbox never starts a timer
 
 
 def test_only_declared_non_address_changes(settings, tmp_path):
@@ -121,6 +138,7 @@ def test_only_declared_non_address_changes(settings, tmp_path):
         files = {f["path"]: f["content"] for f in sandbox.host_bundle(node, ALL_SERVICES)["files"]}
         mapped = files["/etc/patroni/config.yml"]
         assert "/usr/bin/pgbackrest" not in mapped and f"{m.NO_S3_BIN} --config=" in mapped
+        assert f"post_bootstrap: {sandbox.layout.host_path(node, Paths.POST_BOOTSTRAP)} " in mapped
         config = yaml.safe_load(mapped)
         expected = "automatic" if settings.patroni.watchdog == "required" else settings.patroni.watchdog
         assert config["watchdog"]["mode"] == expected
@@ -200,3 +218,50 @@ def test_secrets_are_generated_once_and_placeholders_kept(tmp_path):
     assert len(first) >= 24 and store.get("/betting/prod/postgres_superuser_password") == first
     assert store.get("/betting/prod/slack") == "http://127.0.0.1:9/x"
     assert (tmp_path / "secrets" / "postgres_superuser_password").stat().st_mode & 0o777 == 0o400
+
+
+def test_with_an_s3_endpoint_only_its_address_tls_and_credentials_differ(settings, tmp_path):
+    """The declared exceptions for pgBackRest and the backup job against a loopback S3 (SandboxS3): the real
+    binary, the endpoint's host, port and CA, path-style URIs, and credentials from the environment."""
+    sandbox = Sandbox(tmp_path / "state", 25000, settings=settings, s3=S3)
+    specs = {s.host.name: s for s in host_specs(settings, sandbox.topology)}
+    for node in sandbox.topology.postgres:
+        rendered = {f["path"]: f["content"] for f in bundle_document(specs[node.name], settings, sandbox.topology)["files"]}
+        files = {f["path"]: f["content"] for f in sandbox.host_bundle(node, ALL_SERVICES)["files"]}
+        conf = files[Paths.PGBACKREST_CONFIG]
+        assert "repo1-s3-key-type=shared\n" in conf and "repo1-s3-key=" not in conf  # the key comes from the environment
+        endpoint = f"repo1-s3-endpoint=s3.{settings.region}.amazonaws.com\n"
+        assert (endpoint + f"repo1-storage-host=127.0.0.1\nrepo1-storage-port={S3.port}\n"
+                f"repo1-storage-ca-file={S3.ca_file}\nrepo1-s3-uri-style=path\n") in conf
+        assert endpoint in rendered[Paths.PGBACKREST_CONFIG] and "repo1-storage" not in rendered[Paths.PGBACKREST_CONFIG]
+        assert "/usr/bin/pgbackrest --config=" in files[Paths.PATRONI_CONFIG]  # the real binary
+        assert f'S3_ENDPOINT="{S3.url}"' in files[Paths.BACKUP_ENV]
+        for index, member in members(sandbox.topology, node):
+            if member != node:
+                assert f"pg{index}-host=127.0.0.1\npg{index}-host-type=tls\n" in conf
+                assert f"pg{index}-host-port={sandbox.layout.pgbackrest_server(member)}\n" in conf
+                assert f"pg{index}-port={sandbox.layout.postgres(member)}\n" in conf
+        if len(sandbox.topology.postgres) > 1:
+            assert f"tls-server-address=127.0.0.1\ntls-server-port={sandbox.layout.pgbackrest_server(node)}\n" in conf
+        environment = sandbox.platform(node)._environment(sandbox.platform(node).unit("patroni"))
+        assert environment["PGBACKREST_REPO1_S3_KEY"] == S3.access_key_id and environment["AWS_CA_BUNDLE"] == S3.ca_file
+    assert "AWS_ACCESS_KEY_ID" not in sandbox.platform(sandbox.topology.etcd[0])._environment(
+        sandbox.platform(sandbox.topology.etcd[0]).unit("etcd"))
+
+
+def test_bundle_units_and_templates_are_read_from_the_hosts_etc_systemd_system(settings, tmp_path):
+    sandbox = _sandbox(settings, tmp_path)
+    node = sandbox.topology.postgres[0]
+    for file in sandbox.host_bundle(node, ALL_SERVICES)["files"]:
+        target = Path(sandbox.platform(node).path(file["path"]))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(file["content"])
+    unit = sandbox.platform(node).unit("betting-pg-backup@full.service")
+    script = str(sandbox.layout.host_path(node, "/usr/local/lib/betting-pg-backup/backup.py"))
+    assert expand_command(unit.exec_start, {}) == ["/usr/bin/python3", script, "run", "--type=full"]
+    assert unit.user == "postgres"
+    if len(sandbox.topology.postgres) > 1:
+        server = sandbox.platform(node)
+        env = server._environment(server.unit("pgbackrest"))
+        assert env["PGBACKREST_CONFIG"] == server.path(Paths.PGBACKREST_CONFIG)  # the drop-in, mapped
+        assert expand_command(server.unit("pgbackrest").exec_start, env) == [m.NO_S3_BIN, "server"]
