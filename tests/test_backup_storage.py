@@ -27,7 +27,7 @@ from moto.core import set_initial_no_auth_action_count
 from infra.engine import evaluate
 from infra.render.pgbackrest import pgbackrest_config
 from infra.settings import load_settings
-from infra.topology import BackupLayout, build_topology
+from infra.topology import BackupLayout, audit_log_prefix, build_topology
 from scripts import backup
 from tests.backup_bucket import REGION, bucket_config, declare_bucket, host_policy
 from tests.conftest import ROOT, stack_config
@@ -67,7 +67,9 @@ def test_one_constant_places_the_repository_for_pgbackrest_iam_lifecycle_and_the
     docs = [ROOT / "README.md", *sorted((ROOT / "docs" / "runbooks").glob("*.md"))]
     for doc in docs:
         for found in re.findall(r"s3://betting-[^/\s`]+/([^\s`)]*)", doc.read_text()):
-            known = (BackupLayout.REPOSITORY, BackupLayout.VERIFICATION, BackupLayout.ARCHIVE, "bundles/")
+            # ... and the audit-log bucket's per-host prefix (another bucket, its own constant).
+            known = (BackupLayout.REPOSITORY, BackupLayout.VERIFICATION, BackupLayout.ARCHIVE, "bundles/",
+                     audit_log_prefix("HOST").removesuffix("HOST/"))
             assert found.startswith(known), (doc, found)
     assert f"/{BackupLayout.REPOSITORY}" in (ROOT / "docs" / "runbooks" / "BackupFailed.md").read_text()
 

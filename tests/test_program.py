@@ -189,9 +189,11 @@ def test_postgres_role_reads_only_its_secrets_and_writes_only_its_prefix():
         "pgbackrest_tls_key", "pgbackrest_tls_cert")}
     objects = {s["Resource"][0]: s["Action"] for s in statements if "s3:PutObject" in s["Action"]}
     bucket = "arn:aws:s3:::betting-prod-pg-backups-eu-west-1"
-    # pgBackRest's repository: read, write, expire; the verification records: written only, never read or deleted.
+    # pgBackRest's repository: read, write, expire; the verification records and the host's own audit
+    # logs: written only, never read or deleted.
     assert objects == {f"{bucket}/pgbackrest/*": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
-                       f"{bucket}/verification/*": ["s3:PutObject"]}
+                       f"{bucket}/verification/*": ["s3:PutObject"],
+                       "arn:aws:s3:::betting-prod-audit-logs-eu-west-1/postgres/pg-1/*": ["s3:PutObject"]}
     (listing,) = [s for s in statements if s["Action"] == ["s3:ListBucket"]]
     assert listing["Resource"] == [bucket] and listing["Condition"] == {"StringLike": {"s3:prefix": ["pgbackrest/*"]}}
 
