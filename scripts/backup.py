@@ -38,7 +38,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -174,8 +173,10 @@ def run(step: str, argv: list[str], env: dict[str, str] | None = None, stdin: st
     ticker.start()
     if stdin is not None:
         assert process.stdin is not None
-        process.stdin.write(stdin)
-        process.stdin.close()
+        # A client that gave up at once (e.g. psql while the server still starts) closes its end first.
+        with contextlib.suppress(BrokenPipeError):
+            process.stdin.write(stdin)
+            process.stdin.close()
     lines: list[str] = []
     assert process.stdout is not None
     for line in process.stdout:
@@ -618,7 +619,8 @@ def command_run(cfg: Config, kind: str) -> int:
     with exclusive(cfg):
         check_repository(cfg)
         say("repository: reachable")
-        run("stanza-create", cfg.pgbackrest("--log-level-console=warn", "stanza-create"))  # idempotent
+        # Idempotent; from the local pg_control (--no-online): no member that is down can hold it up for minutes.
+        run("stanza-create", cfg.pgbackrest("--log-level-console=warn", "--no-online", "stanza-create"))
         token = secrets.token_hex(8)
         rows, digest = write_canary(cfg, members, token)
         say(f"canary: row {token} written on the leader ({rows} rows, md5 {digest})")

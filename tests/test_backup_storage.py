@@ -71,7 +71,9 @@ def test_one_constant_places_the_repository_for_pgbackrest_iam_lifecycle_and_the
             known = (BackupLayout.REPOSITORY, BackupLayout.VERIFICATION, BackupLayout.ARCHIVE, "bundles/",
                      audit_log_prefix("HOST").removesuffix("HOST/"))
             assert found.startswith(known), (doc, found)
-    assert f"/{BackupLayout.REPOSITORY}" in (ROOT / "docs" / "runbooks" / "BackupFailed.md").read_text()
+    repository = f"s3://betting-<env>-pg-backups-<region>/{BackupLayout.REPOSITORY}"
+    assert repository in (ROOT / "docs" / "runbooks" / "BackupFailed.md").read_text()
+    assert repository in (ROOT / "README.md").read_text()
 
 
 @mock_aws
