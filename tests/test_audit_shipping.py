@@ -39,6 +39,7 @@ from infra.hosts.postgres import AUDIT_SHIP_ENV, AUDIT_SHIP_UNIT, AUDIT_SHIPPER
 from infra.sandbox.platform import read_environment_file
 from infra.settings import load_settings
 from infra.topology import audit_log_prefix, backup_key_alias, build_topology
+from tests.aws_users import client, user_with
 from tests.conftest import ROOT, stack_config
 from tests.monitoring.harness import free_port
 
@@ -136,15 +137,6 @@ def test_shipper_fails_with_one_line_when_a_setting_is_missing(tmp_path):
     assert result.stderr.strip() == "betting-ship-audit-logs: AUDIT_BUCKET is not set (see /etc/betting/audit-ship.env)"
 
 
-def _client(service: str, keys: dict):
-    return boto3.client(service, region_name=REGION, aws_access_key_id=keys["AccessKeyId"],
-                        aws_secret_access_key=keys["SecretAccessKey"])
-
-
-def _user_with(iam, name: str, policy: str) -> dict:
-    iam.create_user(UserName=name)
-    iam.put_user_policy(UserName=name, PolicyName="policy", PolicyDocument=policy)
-    return iam.create_access_key(UserName=name)["AccessKey"]
 
 
 @mock_aws
@@ -164,13 +156,13 @@ def test_a_postgres_host_may_only_add_audit_logs_under_its_own_prefix(monkeypatc
     assert any("kms:GenerateDataKey" in s["Action"] and s["Effect"] == "Allow" for s in statements)
     assert not any(s.get("Sid") == "PutOwnAuditLogs" and set(s["Action"]) != {"s3:PutObject"} for s in statements)
 
-    admin = _user_with(boto3.client("iam", region_name=REGION), "admin", json.dumps(
+    admin = user_with(boto3.client("iam", region_name=REGION), "admin", json.dumps(
         {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-    iam, s3 = _client("iam", admin), _client("s3", admin)
+    iam, s3 = client("iam", admin), client("s3", admin)
     _audit_bucket(s3, bucket)
     s3.put_object(Bucket=bucket, Key="postgres/pg-2/postgresql-2026-12-01T10.log", Body=b"pg-2's\n",
                   ContentMD5="pFF376renoEKKLH6vVFdMg==")
-    host = _client("s3", _user_with(iam, "host-pg-1", policy))
+    host = client("s3", user_with(iam, "host-pg-1", policy))
     md5 = "6aiIFPqBW9w0sIToc1Qg5Q=="  # base64 MD5 of b"audit\n": S3 wants one on uploads under Object Lock
     host.put_object(Bucket=bucket, Key="postgres/pg-1/postgresql-2026-12-01T10.log", Body=b"audit\n", ContentMD5=md5,
                     ServerSideEncryption="aws:kms", SSEKMSKeyId=backup_key_alias("prod"))

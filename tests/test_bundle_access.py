@@ -26,6 +26,7 @@ from infra.engine import OFFLINE_ACCOUNT, evaluate
 from infra.hostagent import agent, stub
 from infra.settings import load_settings
 from infra.topology import build_topology
+from tests.aws_users import client, user_with
 from tests.conftest import stack_config
 
 REGION = "eu-west-1"
@@ -33,15 +34,6 @@ MOTO_ACCOUNT = "123456789012"  # moto's account: the offline plan's account is t
 HOSTS = ("pg-1", "etcd-1", "monitoring-1")
 
 
-def _client(service: str, keys: dict):
-    return boto3.client(service, region_name=REGION, aws_access_key_id=keys["AccessKeyId"],
-                        aws_secret_access_key=keys["SecretAccessKey"])
-
-
-def _user_with(iam, name: str, policy: str) -> dict:
-    iam.create_user(UserName=name)
-    iam.put_user_policy(UserName=name, PolicyName="policy", PolicyDocument=policy)
-    return iam.create_access_key(UserName=name)["AccessKey"]
 
 
 @pytest.fixture
@@ -63,9 +55,9 @@ def test_each_host_reads_its_own_bundle_and_digest_and_nothing_of_another_host(a
                 if r.type == "aws:iam/rolePolicy:RolePolicy"}
     objects = {r.props["tags"]["Host"]: r for r in evaluation.resources if r.type == "aws:s3/bucketObjectv2:BucketObjectv2"}
 
-    admin = _user_with(boto3.client("iam", region_name=REGION), "admin", json.dumps(
+    admin = user_with(boto3.client("iam", region_name=REGION), "admin", json.dumps(
         {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-    iam, s3, ssm = (_client(service, admin) for service in ("iam", "s3", "ssm"))
+    iam, s3, ssm = (client(service, admin) for service in ("iam", "s3", "ssm"))
     s3.create_bucket(Bucket=topology.bundle_bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
     configs = {}
     for host in HOSTS:
@@ -78,8 +70,8 @@ def test_each_host_reads_its_own_bundle_and_digest_and_nothing_of_another_host(a
 
     for host in HOSTS:
         (policy,) = [p for name, p in policies.items() if name.endswith(f"-{host}")]
-        keys = _user_with(iam, f"host-{host}", policy)
-        host_s3 = _client("s3", keys)
+        keys = user_with(iam, f"host-{host}", policy)
+        host_s3 = client("s3", keys)
         config = configs[host]
         # What the stub does at boot, then what the agent does on a rollout.
         for key in (stub.bundle_key(config, config["digest"]), agent.bundle_key(config, config["digest"])):

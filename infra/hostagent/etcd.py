@@ -38,7 +38,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -409,20 +408,10 @@ def _guard(check):
 
 
 def _write(path: str, content: bytes) -> None:
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".betting-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    # The agent's own atomic write (imported here: the agent imports this module).
+    from infra.hostagent.agent import write_atomic
+
+    write_atomic(path, content, "0644")
 
 
 def _remove_override(platform) -> bool:
