@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -68,6 +69,8 @@ def moto_server(monkeypatch):
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    # The threaded server shares moto's in-process backends with every @mock_aws test before it: start empty.
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"), timeout=10)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
