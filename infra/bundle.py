@@ -26,7 +26,7 @@ from infra.topology import Paths, Ports, Topology, secret_path, ssm_parameter_na
 FORMAT = 1
 HOSTAGENT_DIR = Path(__file__).resolve().parent / "hostagent"
 # The agent's own modules travel in every bundle: a new agent rolls like any other file.
-AGENT_MODULES = ("__init__.py", "agent.py", "etcd.py", "gates.py", "patroni.py")
+AGENT_MODULES = ("__init__.py", "agent.py", "envfile.py", "etcd.py", "gates.py", "patroni.py")
 
 Action = Literal["none", "reload", "restart"]
 

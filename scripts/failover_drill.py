@@ -154,30 +154,23 @@ class Writer:
 
 
 
-class ClusterSampler:
-    """GET /cluster every 0.2 s from the first member that answers; records who is not running
-    (members missing from /cluster included), so a rollout can show how many were down at once."""
+class Sampler:
+    """Calls `sample()` every `interval` seconds on a thread, from `with` to its end."""
 
-    def __init__(self, urls: dict[str, str], interval: float = 0.2):
-        self.urls, self.names, self.interval = urls, list(urls), interval
-        self.samples: list[tuple[float, list[str], str | None]] = []
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
+    def sample(self) -> None:
+        raise NotImplementedError
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            for url in self.urls.values():
-                try:
-                    members = {m["name"]: m for m in requests.get(f"{url}/cluster", timeout=1).json()["members"]}
-                except (requests.RequestException, ValueError, KeyError):
-                    continue
-                down = [n for n in self.names if members.get(n, {}).get("state") != "running"]
-                leader = next((n for n, m in members.items() if m["role"] == "leader"), None)
-                self.samples.append((time.monotonic(), down, leader))
-                break
+            self.sample()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> ClusterSampler:
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -185,9 +178,49 @@ class ClusterSampler:
         self._stop.set()
         self._thread.join(5)
 
+
+class ClusterSampler(Sampler):
+    """GET /cluster every 0.2 s from the first member that answers; records who is not running
+    (members missing from /cluster included), so a rollout can show how many were down at once."""
+
+    def __init__(self, urls: dict[str, str], interval: float = 0.2):
+        super().__init__(interval)
+        self.urls, self.names = urls, list(urls)
+        self.samples: list[tuple[float, list[str], str | None]] = []
+
+    def sample(self) -> None:
+        for url in self.urls.values():
+            try:
+                members = {m["name"]: m for m in requests.get(f"{url}/cluster", timeout=1).json()["members"]}
+            except (requests.RequestException, ValueError, KeyError):
+                continue
+            down = [n for n in self.names if members.get(n, {}).get("state") != "running"]
+            leader = next((n for n, m in members.items() if m["role"] == "leader"), None)
+            self.samples.append((time.monotonic(), down, leader))
+            break
+
     @property
     def most_down(self) -> int:
         return max((len(down) for _, down, _ in self.samples), default=0)
+
+
+class EtcdSampler(Sampler):
+    """How many etcd members do not answer /health as healthy, at most, while it runs."""
+
+    def __init__(self, urls: list[str], interval: float = 0.2):
+        super().__init__(interval)
+        self.urls, self.most_down = urls, 0
+
+    @staticmethod
+    def _healthy(url: str) -> bool:
+        try:
+            return requests.get(f"{url}/health", timeout=0.5).json().get("health") == "true"
+        except (requests.RequestException, ValueError):
+            return False
+
+    def sample(self) -> None:
+        self.most_down = max(self.most_down, sum(not self._healthy(url) for url in self.urls))
+
 
 def _shutdown_socket(conn) -> None:
     try:

@@ -35,9 +35,9 @@ from moto.core import set_initial_no_auth_action_count
 from moto.server import ThreadedMotoServer
 
 from infra.engine import evaluate
+from infra.hostagent.envfile import read_environment_file
 from infra.hosts import host_specs
 from infra.hosts.postgres import AUDIT_SHIP_ENV, AUDIT_SHIP_UNIT, AUDIT_SHIPPER
-from infra.sandbox.platform import read_environment_file
 from infra.settings import load_settings
 from infra.topology import audit_log_prefix, backup_key_alias, build_topology
 from tests.aws_users import client, user_with

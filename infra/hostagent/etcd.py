@@ -44,6 +44,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from infra.hostagent.envfile import read_environment_file
+
 JOIN_DROP_IN = "/etc/systemd/system/etcd.service.d/betting-join.conf"
 JOIN_ENV = "/etc/default/etcd-join"
 LOCK_NAME = "/betting-agent/etcd-join"
@@ -61,17 +63,9 @@ class JoinError(RuntimeError):
 
 # ---- what this member is, from its rendered environment file -----------------------------
 def read_env(path: str) -> dict[str, str]:
-    """A systemd EnvironmentFile of KEY=value lines (the rendered ones are unquoted)."""
-    env = {}
+    """A systemd EnvironmentFile (the rendered ones are unquoted), read as systemd reads it."""
     with open(path) as handle:
-        for line in handle:
-            line = line.strip()
-            if line and not line.startswith(("#", ";")) and "=" in line:
-                key, value = line.split("=", 1)
-                if len(value) >= 2 and value[0] == value[-1] == '"':
-                    value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
-                env[key.strip()] = value
-    return env
+        return read_environment_file(handle.read())
 
 
 def parse_initial_cluster(value: str) -> dict[str, list[str]]:

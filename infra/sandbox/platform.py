@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra.hostagent.envfile import read_environment_file
 from infra.sandbox import mapping as m
 from infra.topology import SecretNames
 
@@ -115,23 +116,6 @@ def parse_unit(name: str, texts: list[str], specifiers: dict[str, str]) -> Unit:
     if not unit.exec_start:
         raise UnitError(f"unit {name} has no ExecStart=")
     return unit
-
-
-def read_environment_file(text: str) -> dict[str, str]:
-    """systemd's EnvironmentFile= format: KEY=VALUE lines, # or ; comments, quotes removed."""
-    values: dict[str, str] = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")) or "=" not in line:
-            continue
-        key, value = line.split("=", 1)
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            quote, value = value[0], value[1:-1]
-            if quote == '"':
-                value = re.sub(r"\\(.)", r"\1", value)
-        values[key.strip()] = value
-    return values
 
 
 def expand_command(line: str, environment: dict[str, str]) -> list[str]:

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -304,33 +305,21 @@ class Sandbox:
         # Added hosts are new instances: they boot by themselves as soon as they exist, while the
         # associations roll the others (whose agents wait for them to join before a restart).
         booting = {name: self.host_bundle(self.host(name), settings=settings) for name in added}
-        booted: dict[str, object] = {}
-
-        def boot_added() -> None:
-            try:
-                booted.update(self.boot({n: b for n, b in booting.items() if b["services"]},
-                                        gate_timeout or agent.GATE_TIMEOUT["patroni"]))
-            except SandboxError as error:
-                booted["error"] = error
-
-        boot = threading.Thread(target=boot_added, daemon=True)
-        boot.start()
         reports = []
-        try:
-            for host in self.hosts():
-                if host.name in added:
-                    continue
-                bundle = self.host_bundle(host, settings=settings)
-                if not bundle["services"]:
-                    continue
-                reports.append(self.apply(host, bundle, gate_timeout))
-        finally:
-            boot.join()
-            if "error" in booted:
-                print(f"sandbox: the added hosts did not boot: {booted['error']}", file=sys.stderr, flush=True)
-        if "error" in booted:
-            raise booted["error"]
-        reports += [booted[name] for name in added if name in booted]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            booted = pool.submit(self.boot, {n: b for n, b in booting.items() if b["services"]},
+                                 gate_timeout or agent.GATE_TIMEOUT["patroni"])
+            try:
+                for host in self.hosts():
+                    bundle = self.host_bundle(host, settings=settings) if host.name not in added else None
+                    if bundle and bundle["services"]:
+                        reports.append(self.apply(host, bundle, gate_timeout))
+            except BaseException:
+                if booted.exception() is not None:  # waits: say why the added hosts failed too
+                    print(f"sandbox: the added hosts did not boot: {booted.exception()}", file=sys.stderr, flush=True)
+                raise
+            added_reports = booted.result()
+        reports += [added_reports[name] for name in added if name in added_reports]
         self._settings = settings
         state = self._read_state()
         state["settings"] = settings.model_dump_json()

@@ -8,7 +8,6 @@ Sandbox.roll here) and systemd itself (the sandbox runs Debian's unit files as p
 
 from __future__ import annotations
 
-import threading
 import time
 
 import psycopg
@@ -20,7 +19,7 @@ from infra.sandbox import cli
 from infra.sandbox.runner import Sandbox
 from infra.topology import SecretNames
 from scripts.failover_drill import TABLE as DRILL_TABLE
-from scripts.failover_drill import ClusterSampler, Writer
+from scripts.failover_drill import ClusterSampler, EtcdSampler, Writer
 from tests.postgres.conftest import running_sandbox
 
 pytestmark = pytest.mark.live
@@ -28,34 +27,6 @@ pytestmark = pytest.mark.live
 # Its own sandbox, away from a user's (25000), the bench (26000), the shared live one (26500) and
 # the Patroni rollout tests (26800).
 PORT_BASE = 27100
-
-
-class EtcdSampler:
-    """Every 0.2 s, how many etcd members do not answer /health as healthy."""
-
-    def __init__(self, urls: list[str]):
-        self.urls, self.most_down = urls, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _healthy(self, url: str) -> bool:
-        try:
-            return requests.get(f"{url}/health", timeout=0.5).json().get("health") == "true"
-        except (requests.RequestException, ValueError):
-            return False
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.most_down = max(self.most_down, sum(not self._healthy(url) for url in self.urls))
-            self._stop.wait(0.2)
-
-    def __enter__(self) -> EtcdSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 def _changed(settings, **sections):

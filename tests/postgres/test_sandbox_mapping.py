@@ -10,11 +10,12 @@ import pytest
 import yaml
 
 from infra.bundle import bundle_document
+from infra.hostagent.envfile import read_environment_file
 from infra.hosts import host_specs
 from infra.render.backup import TIMERS
 from infra.render.pgbackrest import members
 from infra.sandbox import mapping as m
-from infra.sandbox.platform import SandboxHost, SecretStore, expand_command, parse_unit, read_environment_file
+from infra.sandbox.platform import SandboxHost, SecretStore, expand_command, parse_unit
 from infra.sandbox.runner import ALL_SERVICES, Sandbox
 from infra.topology import Paths
 
