@@ -143,7 +143,11 @@ class S3Endpoint:
             def log_request(self, *args, **kwargs):  # the endpoint keeps its own record (self.requests)
                 pass
 
-        self._server = Server(LOOPBACK, self.port, self._recording_app, QuietHandler, ssl_context=context)
+        try:
+            self._server = Server(LOOPBACK, self.port, self._recording_app, QuietHandler, ssl_context=context)
+        except OSError as error:
+            raise OSError(error.errno, f"S3 endpoint: cannot listen on {LOOPBACK}:{self.port} ({error.strerror}); "
+                                       "another run of the backup tests or bench on these ports?") from None
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         return self

@@ -119,7 +119,11 @@ def cluster():
     # Not pytest's tmp_path: the postgres user must reach the state dir and the endpoint's CA file.
     state = Path(tempfile.mkdtemp(prefix="pg-backups-live-"))
     state.chmod(0o755)
-    endpoint, keys, policy = backup_endpoint(state / "s3", S3_PORT, "prod", stack_config("prod"))
+    try:
+        endpoint, keys, policy = backup_endpoint(state / "s3", S3_PORT, "prod", stack_config("prod"))
+    except BaseException:
+        shutil.rmtree(state, ignore_errors=True)
+        raise
     sandbox = None
     try:
         sandbox = Sandbox(state / "sandbox", PORT_BASE, s3=endpoint.sandbox_s3(keys))
