@@ -143,10 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # argparse's REMAINDER cannot start with an option, so `infra sandbox --help` arrives as extras.
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extras = parser.parse_known_args(argv)
     if args.command == "sandbox":
-        args.rest = [*args.rest, *extras]
+        # argparse's REMAINDER cannot start with an option (`infra sandbox --port-base 26000 up dev`
+        # would reach the sandbox reordered): everything after the command word goes as it was typed.
+        args.rest = argv[argv.index("sandbox") + 1:]
     elif extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:

@@ -156,6 +156,13 @@ def test_sandbox_options_reach_the_sandbox_command(capsys):
     assert "up" in out and "down" in out and "status" in out
 
 
+def test_sandbox_options_before_the_subcommand_arrive_in_order(capsys, tmp_path):
+    # Before the fix --state-dir landed after `status` and the value was taken for the subcommand.
+    assert main(["sandbox", "--state-dir", str(tmp_path), "--port-base", "26400", "status"]) == 1
+    captured = capsys.readouterr()
+    assert f"no sandbox running in {tmp_path}" in captured.out + captured.err
+
+
 def test_unknown_options_of_other_commands_are_refused(capsys):
     with pytest.raises(SystemExit) as leaving:
         main(["plan", "dev", "--bogus"])

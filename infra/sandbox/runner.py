@@ -489,16 +489,19 @@ class Sandbox:
         stopped = [p.name for p in procs if _alive(p.pid, p.exe)]
         # Patroni first, while etcd still answers, so it stops PostgreSQL cleanly and drops its keys.
         first = [p for p in procs if p.exe == Path(PATRONI_BIN).name]
-        for phase in (first, [p for p in procs if p not in first]):
+        # The rest gets a short grace only: its data is removed below, and a lone etcd member's
+        # leadership handover or Alertmanager's gossip leave would wait 8-10 s for peers already gone.
+        for phase, grace in ((first, timeout), ([p for p in procs if p not in first], min(timeout, 2.0))):
             for proc in phase:
                 if _alive(proc.pid, proc.exe):
                     os.kill(proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + grace
             while time.monotonic() < deadline and any(_alive(p.pid, p.exe) for p in phase):
                 time.sleep(0.1)
-            for proc in phase:
-                if _alive(proc.pid, proc.exe):
-                    _kill_group(proc.pid)
+            killed = [proc for proc in phase if _alive(proc.pid, proc.exe)]
+            for proc in killed:
+                _kill_group(proc.pid)
+            wait_for("killed processes to exit", lambda: not any(_alive(p.pid, p.exe) for p in killed), timeout)
         # A postmaster whose Patroni died (a drill) has no parent to stop it.
         for pid in postmasters:
             if _alive(pid, "postgres"):

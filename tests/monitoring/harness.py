@@ -225,6 +225,23 @@ def map_rule_intervals(files: dict[str, bytes], interval: str) -> dict[str, byte
     return mapped
 
 
+def map_rule_for(files: dict[str, bytes], alertname: str, duration: str) -> dict[str, bytes]:
+    """One alert's `for` shortened (tests only: its length is promtool's to test, not a live run's)."""
+    mapped, found = {}, False
+    for path, content in files.items():
+        if path.startswith("prometheus/rules/"):
+            document = yaml.safe_load(content)
+            for group in document["groups"]:
+                for rule in group["rules"]:
+                    if rule.get("alert") == alertname:
+                        rule["for"], found = duration, True
+            content = yaml.safe_dump(document, sort_keys=False).encode()
+        mapped[path] = content
+    if not found:
+        raise KeyError(f"no alert {alertname} in the rendered rules")
+    return mapped
+
+
 @dataclass
 class Stack:
     prometheus_url: str

@@ -31,6 +31,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from infra.sandbox.mapping import LOOPBACK
 from infra.sandbox.runner import Sandbox, wait_for
 from infra.sandbox.s3 import S3Endpoint, backup_endpoint
 from infra.settings import load_settings
@@ -38,6 +39,9 @@ from infra.topology import BackupLayout, Paths
 from scripts import backup
 from tests.backup_bucket import allowed, authorizations
 from tests.conftest import stack_config
+from tests.monitoring.conftest import binary, render_all
+from tests.monitoring.harness import (Webhook, map_rule_for, map_rule_intervals, mentions, start_stack,
+                                      wait_scraped)
 
 pytestmark = pytest.mark.live
 
@@ -127,7 +131,7 @@ def cluster():
     sandbox = None
     try:
         sandbox = Sandbox(state / "sandbox", PORT_BASE, s3=endpoint.sandbox_s3(keys))
-        sandbox.up(settings, services=("postgres",))
+        sandbox.up(settings, services=("postgres", "exporters"))
         yield Cluster(sandbox, endpoint, keys, policy, settings)
     finally:
         if sandbox is not None:
@@ -303,18 +307,51 @@ def test_with_no_healthy_replica_the_leader_backs_up_itself(cluster):
         cluster.sandbox.up(cluster.settings, services=("postgres",))
 
 
-def test_an_unreachable_repository_fails_the_backup_naming_the_step(cluster):
-    designated = cluster.designated()
+def test_an_unreachable_repository_pages_on_wal_archiving_and_fails_the_backup_naming_the_step(cluster):
+    """The seam from pgBackRest to the pager: archive_command (pgbackrest archive-push, asynchronous)
+    failing against a stopped endpoint, PostgreSQL's pg_stat_archiver, the leader's real postgres_exporter,
+    the real Prometheus with the rendered rules and the real Alertmanager with the rendered routes.
+    Mapped for the test: the scrape target (the leader's exporter on loopback), receivers (a local
+    webhook), 1 s scrape and evaluation intervals, and WalArchivingFailing's `for` (5m rendered; its
+    length has promtool cases in tests/monitoring/backups_test.yml). The expression, labels and routes are
+    as rendered."""
+    leader, designated = cluster.sandbox.leader(), cluster.designated()
     before = cluster.metrics(designated)
+    files = map_rule_for(map_rule_intervals(render_all(cluster.settings, cluster.topology), "1s"),
+                         "WalArchivingFailing", "5s")
+    exporter = f"{LOOPBACK}:{cluster.sandbox.layout.postgres_exporter(leader)}"
+    webhook, workdir = Webhook(), Path(tempfile.mkdtemp(prefix="wal-alert-"))
+    stack = start_stack(workdir, files, {"postgres": [(exporter, leader.name)]}, webhook,
+                        {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                        prometheus_bin=binary("prometheus"), alertmanager_bin=binary("prometheus-alertmanager"))
     cluster.endpoint.stop()
     try:
+        wait_scraped(stack.prometheus_url, f'pg_stat_archiver_archived_count{{instance="{leader.name}"}}')
+        cluster.sql("CREATE TABLE IF NOT EXISTS archive_probe (note text)")
+        cluster.sql("INSERT INTO archive_probe VALUES ('written while the repository is down')")
+        pending = cluster.switch_wal()
+        # pgBackRest's async push gives up after its archive-timeout (60 s): then PostgreSQL counts a failure.
+        page = webhook.wait_for(lambda n: n.path == "/pagerduty" and mentions(n, "WalArchivingFailing"), 150)
+        assert page is not None, stack.log_tail()
+        summary, details = page.body["payload"]["summary"], page.body["payload"]["custom_details"]
+        assert summary == f"WalArchivingFailing - WAL archiving is failing on {leader.name}", summary
+        assert details["runbook"].endswith("/WalArchivingFailing.md"), details
+        assert cluster.sql("SELECT last_failed_wal FROM pg_stat_archiver") == [(pending,)]
         result = cluster.service(designated, "full")
     finally:
         cluster.endpoint.start()
+        stack.stop()
+        webhook.close()
+        shutil.rmtree(workdir, ignore_errors=True)
     assert result.returncode == 1, result.stdout + result.stderr
     (line,) = result.stderr.splitlines()
     assert line.startswith("backup: repository failed: ") and "Could not connect to the endpoint URL" in line, line
     assert cluster.metrics(designated) == before
+    # With the endpoint back, the archiver catches up on the segment it kept (a new segment wakes it
+    # from its minute's wait between rounds of retries).
+    cluster.sql("INSERT INTO archive_probe VALUES ('written when the repository is back')")
+    following = cluster.switch_wal()
+    wait_for(f"{pending} and {following} archived", lambda: cluster.archived(pending) and cluster.archived(following), 120)
 
 
 def test_every_request_the_hosts_made_is_allowed_by_the_rendered_policy_and_every_write_names_the_key(cluster):
