@@ -31,6 +31,13 @@ class Ports:
     ALERTMANAGER = 9093
     ALERTMANAGER_CLUSTER = 9094
     GRAFANA = 3000
+    # The client path on every PostgreSQL node (autobase's layout): HAProxy's writer and reader ports
+    # in front of PgBouncer, which pools in front of PostgreSQL; HAProxy's stats page serves /metrics.
+    HAPROXY_PRIMARY = 5000
+    HAPROXY_REPLICAS = 5001
+    HAPROXY_STATS = 7000
+    PGBOUNCER = 6432
+    PGBOUNCER_EXPORTER = 9127
 
 
 @dataclass(frozen=True)
