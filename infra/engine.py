@@ -67,6 +67,8 @@ def _computed(typ: str, name: str, inputs: dict, region: str = "eu-west-1") -> d
         state.update(dnsName=f"{name}.elb.{region}.amazonaws.com", zoneId="ZOFFLINELB")
     elif typ == "aws:elasticache/replicationGroup:ReplicationGroup":
         state["primaryEndpointAddress"] = f"master.{name}.cache.amazonaws.com"
+    elif typ == "aws:ec2/vpcEndpoint:VpcEndpoint" and inputs.get("vpcEndpointType") == "Gateway":
+        state["prefixListId"] = f"pl-{name}"
     elif typ == "aws:kms/key:Key":
         state["keyId"] = f"{name}-key-id"
     elif typ in ("aws:iam/role:Role", "aws:iam/instanceProfile:InstanceProfile", "aws:elasticache/subnetGroup:SubnetGroup",

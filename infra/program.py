@@ -20,6 +20,7 @@ from infra.components.redis import RedisCache, RedisCacheArgs
 from infra.components.rollout import Rollout, RolloutArgs
 from infra.hosts import host_specs
 from infra.platforms.aws import AwsContext
+from infra.platforms.kms import cloudwatch_logs_statement, key_policy
 from infra.settings import PROJECT, SECRET_KEYS, SettingsError, load_settings
 from infra.topology import build_topology
 
@@ -54,16 +55,23 @@ def run() -> None:
             **settings.tags}
     protect = settings.environment == "prod"
 
-    network = Network("network", NetworkArgs(settings=settings, tags=tags))
+    account_id = aws.get_caller_identity_output().account_id
+    region = settings.region
     data_key = aws.kms.Key(
         "data-key",
-        description=f"betting {settings.environment}: EBS volumes, ElastiCache and SSM secrets",
+        description=f"betting {settings.environment}: EBS volumes, ElastiCache, SSM secrets, host bundles, flow logs",
         enable_key_rotation=True,
         deletion_window_in_days=30,
+        policy=account_id.apply(lambda account: key_policy(
+            account, settings.security.key_administrator_roles,
+            [f"{service}.{region}.amazonaws.com" for service in ("ec2", "elasticache", "ssm", "s3")],
+            [cloudwatch_logs_statement(account, region)])),
         tags=tags,
         opts=pulumi.ResourceOptions(protect=protect),
     )
-    backups = BackupStorage("backups", BackupStorageArgs(settings=settings, topology=topology, tags=tags))
+    network = Network("network", NetworkArgs(settings=settings, tags=tags, flow_log_key_arn=data_key.arn))
+    backups = BackupStorage("backups", BackupStorageArgs(settings=settings, topology=topology, tags=tags,
+                                                         account_id=account_id))
     bundles = HostBundles("bundles", HostBundlesArgs(settings=settings, topology=topology, specs=specs,
                                                    key_arn=data_key.arn, tags=tags))
     # The pinned image, looked up by id only to prove it is Debian's and the one named: no lookup picks one.
@@ -76,7 +84,7 @@ def run() -> None:
     context = AwsContext(
         environment=settings.environment,
         region=settings.region,
-        account_id=aws.get_caller_identity_output().account_id,
+        account_id=account_id,
         ami_id=image.id,
         vpc_id=network.vpc.id,
         subnet_ids=network.subnet_ids,

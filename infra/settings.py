@@ -282,6 +282,31 @@ class AuditSettings(_Model):
         return tables
 
 
+# CloudWatch Logs accepts only these retention periods (PutRetentionPolicy).
+LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653)
+# An IAM role name (IAM's own rule: letters, digits and +=,.@_-, at most 64).
+_ROLE_NAME = r"[A-Za-z0-9+=,.@_-]{1,64}"
+
+
+class SecuritySettings(_Model):
+    """Account-level controls: who administers the KMS keys, how long VPC flow logs are kept."""
+
+    # IAM roles (names, in the stack's account) that administer the KMS keys: only they may change a key's
+    # policy, disable it or schedule its deletion, and none of them may use a key. `pulumi up` must run as one
+    # (KMS refuses a key policy that would lock its own author out).
+    key_administrator_roles: tuple[Annotated[str, Field(pattern=rf"^{_ROLE_NAME}$")], ...] = Field(
+        default=("betting-platform-key-admin",), min_length=1)
+    flow_log_retention_days: int = 365
+
+    @field_validator("flow_log_retention_days")
+    @classmethod
+    def _cloudwatch_retention(cls, value: int) -> int:
+        if value not in LOG_RETENTION_DAYS:
+            raise ValueError(f"CloudWatch Logs keeps logs only for one of {', '.join(map(str, LOG_RETENTION_DAYS))} days; "
+                             f"found {value}")
+        return value
+
+
 class ImageSettings(_Model):
     """The pinned image every host of the stack boots from; a change is rolled host by host (`infra roll`)."""
 
@@ -313,6 +338,7 @@ class StackSettings(_Model):
     backups: BackupSettings = BackupSettings()
     audit: AuditSettings = AuditSettings()
     application: ApplicationSettings = ApplicationSettings()
+    security: SecuritySettings = SecuritySettings()
     tags: dict[str, str] = {}
 
     @field_validator("vpc_cidr")

@@ -66,6 +66,7 @@ class Topology:
     backup_key_alias: str  # the backups' KMS key, by alias: rendered files cannot know its ARN
     audit_bucket: str
     bundle_bucket: str  # every host's bundles (infra/bundle.py)
+    data_access_log_bucket: str  # CloudTrail's record of every object read and write in the two buckets above
     patroni_scope: str  # Patroni cluster name (the DCS namespace key)
     application_targets: tuple[str, ...]
 
@@ -106,6 +107,7 @@ def build_topology(settings: StackSettings) -> Topology:
         backup_key_alias=f"alias/betting-{settings.environment}-backups",
         audit_bucket=f"betting-{settings.environment}-audit-logs-{settings.region}",
         bundle_bucket=f"betting-{settings.environment}-host-bundles-{settings.region}",
+        data_access_log_bucket=f"betting-{settings.environment}-data-access-logs-{settings.region}",
         patroni_scope=f"betting-{settings.environment}",
         application_targets=settings.application.metrics_targets,
     )

@@ -49,7 +49,8 @@ def aws_env(monkeypatch):
 
 
 def _rule_for(rules: list[dict], key: str) -> list[dict]:
-    return [r for r in rules if r["Status"] == "Enabled" and key.startswith(r["Filter"]["Prefix"])]
+    """The prefix rules that apply to `key` (the whole-bucket abort rule applies to every key)."""
+    return [r for r in rules if r["Status"] == "Enabled" and r["Filter"]["Prefix"] and key.startswith(r["Filter"]["Prefix"])]
 
 
 def test_one_constant_places_the_repository_for_pgbackrest_iam_lifecycle_and_the_docs(prod):
@@ -61,7 +62,7 @@ def test_one_constant_places_the_repository_for_pgbackrest_iam_lifecycle_and_the
     bucket = f"arn:aws:s3:::{topology.backup_bucket}"
     assert resources == {bucket, f"{bucket}/{BackupLayout.REPOSITORY}*", f"{bucket}/{BackupLayout.VERIFICATION}*"}
     lifecycle = bucket_config(evaluation, topology.backup_bucket)["BucketLifecycleConfiguration"]
-    prefixes = {r["filter"]["prefix"] for r in lifecycle["rules"]}
+    prefixes = {r["filter"]["prefix"] for r in lifecycle["rules"]} - {""}  # "": the whole bucket aborts stale uploads
     assert prefixes == {BackupLayout.REPOSITORY, BackupLayout.VERIFICATION, BackupLayout.ARCHIVE}
     # The docs say where things are in the bucket only with these prefixes (the old `daily/`, `/betting-prod` are gone).
     docs = [ROOT / "README.md", *sorted((ROOT / "docs" / "runbooks").glob("*.md"))]
@@ -92,7 +93,9 @@ def test_the_lifecycle_covers_the_repository_and_the_verification_records_with_v
         # never moves the repository to Glacier: a restore must not wait for a thaw.
         assert "Expiration" not in rule and "Transitions" not in rule, rule
         assert rule["NoncurrentVersionExpiration"]["NoncurrentDays"] >= 1
-        assert rule["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] == 7
+    # pgBackRest leaves a multipart upload unfinished when a push dies half-way: every key's are aborted.
+    (whole,) = [r for r in rules if r["Filter"]["Prefix"] == ""]
+    assert whole["Status"] == "Enabled" and whole["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] == 7
     (rule,) = _rule_for(rules, record)
     assert rule["Expiration"]["Days"] == settings.backups.verification_retention_days == 90
     assert not _rule_for(rules, "pgbackrest.conf") and not _rule_for(rules, "verification")  # prefixes end with /

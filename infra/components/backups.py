@@ -18,14 +18,13 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from infra.platforms.aws import PrivateBucket, create_versioned_bucket
+from infra.platforms.aws import PrivateBucket, abort_incomplete_uploads_rule, create_versioned_bucket
+from infra.platforms.kms import cloudtrail_statement, key_policy
 from infra.settings import StackSettings
 from infra.topology import BackupLayout, Topology, backup_key_alias
 
 DAYS_PER_YEAR = 365
 NONCURRENT_VERSION_DAYS = 30
-# pgBackRest leaves a multipart upload unfinished when a push or backup dies half-way; S3 bills its parts.
-ABORT_INCOMPLETE_UPLOAD_DAYS = 7
 
 # Replicas: backups stay instantly readable (a restore in the other region must not wait for a thaw);
 # audit logs go where the source's lifecycle takes them after a day.
@@ -43,6 +42,23 @@ class BackupStorageArgs:
     settings: StackSettings
     topology: Topology
     tags: dict[str, str]
+    account_id: pulumi.Input[str]
+
+
+def data_access_trail_name(environment: str) -> str:
+    return f"betting-{environment}-data-access"
+
+
+def trail_bucket_statements(bucket_arn: str, account_id: str, trail_arn: str) -> list[dict]:
+    """What CloudTrail needs on its log bucket (AWS's documented policy), for this one trail only."""
+    source = {"StringEquals": {"aws:SourceArn": trail_arn}}
+    return [
+        {"Sid": "CloudTrailChecksTheBucketAcl", "Effect": "Allow", "Principal": {"Service": "cloudtrail.amazonaws.com"},
+         "Action": "s3:GetBucketAcl", "Resource": bucket_arn, "Condition": source},
+        {"Sid": "CloudTrailWritesItsLogs", "Effect": "Allow", "Principal": {"Service": "cloudtrail.amazonaws.com"},
+         "Action": "s3:PutObject", "Resource": f"{bucket_arn}/AWSLogs/{account_id}/*",
+         "Condition": {"StringEquals": {"aws:SourceArn": trail_arn, "s3:x-amz-acl": "bucket-owner-full-control"}}},
+    ]
 
 
 class BackupStorage(pulumi.ComponentResource):
@@ -61,11 +77,17 @@ class BackupStorage(pulumi.ComponentResource):
         protect = args.settings.environment == "prod"
         environment = args.settings.environment
 
+        region, admins = args.settings.region, args.settings.security.key_administrator_roles
+        account = pulumi.Output.from_input(args.account_id)
+        self.trail_arn = account.apply(
+            lambda a: f"arn:aws:cloudtrail:{region}:{a}:trail/{data_access_trail_name(environment)}")
         self.key = aws.kms.Key(
             f"{name}-key",
-            description=f"betting {environment} backups and audit logs",
+            description=f"betting {environment} backups, audit logs and their data-access logs",
             enable_key_rotation=True,
             deletion_window_in_days=30,
+            policy=pulumi.Output.all(account, self.trail_arn).apply(lambda a: key_policy(
+                a[0], admins, [f"s3.{region}.amazonaws.com"], [cloudtrail_statement(a[0], a[1])])),
             tags=args.tags,
             opts=pulumi.ResourceOptions(parent=self, protect=protect),
         )
@@ -80,7 +102,10 @@ class BackupStorage(pulumi.ComponentResource):
         self.audit_bucket = audit.bucket
         self._create_audit_retention(self.audit_bucket, "audit")
 
-        outputs = {"key_arn": self.key.arn, "backup_bucket": self.backup_bucket.bucket, "audit_bucket": self.audit_bucket.bucket}
+        self.data_access_logs = self._create_data_access_trail(account, protect)
+
+        outputs = {"key_arn": self.key.arn, "backup_bucket": self.backup_bucket.bucket, "audit_bucket": self.audit_bucket.bucket,
+                   "data_access_log_bucket": self.data_access_logs.bucket}
         if args.settings.backups.replica_region:
             self._create_replicas(backups, audit, protect)
             outputs.update(replica_key_arn=self.replica_key.arn, backup_replica=self.backup_replica.bucket,
@@ -89,10 +114,44 @@ class BackupStorage(pulumi.ComponentResource):
 
     def _create_bucket(self, purpose: str, bucket_name: str, object_lock: bool, protect: bool,
                        key_arn: pulumi.Input[str] | None = None, provider: pulumi.ProviderResource | None = None,
-                       tags: dict[str, str] | None = None) -> PrivateBucket:
+                       tags: dict[str, str] | None = None, tag_purpose: str | None = None,
+                       extra_statements=None) -> PrivateBucket:
         return create_versioned_bucket(f"{self._name}-{purpose}", bucket_name, key_arn or self.key.arn, tags or self._args.tags,
-                                       self, purpose="audit-logs" if object_lock else "backups", object_lock=object_lock,
-                                       protect=protect, provider=provider)
+                                       self, purpose=tag_purpose or ("audit-logs" if object_lock else "backups"),
+                                       object_lock=object_lock, protect=protect, provider=provider,
+                                       extra_statements=extra_statements)
+
+    def _create_data_access_trail(self, account: pulumi.Output[str], protect: bool) -> aws.s3.Bucket:
+        """CloudTrail data events: every read, write and delete of an object in the backup and audit buckets,
+        into a bucket under the audit logs' own Object Lock and retention, encrypted with the same key."""
+        environment = self._args.settings.environment
+        logs = self._create_bucket(
+            "data-access-logs", self._args.topology.data_access_log_bucket, object_lock=True, protect=protect,
+            tag_purpose="data-access-logs",
+            extra_statements=lambda arn: pulumi.Output.all(account, self.trail_arn).apply(
+                lambda a: trail_bucket_statements(arn, a[0], a[1])))
+        self._create_audit_retention(logs.bucket, "data-access-logs")
+        aws.cloudtrail.Trail(
+            f"{self._name}-data-access-trail",
+            name=data_access_trail_name(environment),
+            s3_bucket_name=logs.bucket.bucket,
+            kms_key_id=self.key.arn,
+            enable_log_file_validation=True,
+            include_global_service_events=False,
+            is_multi_region_trail=False,
+            event_selectors=[aws.cloudtrail.TrailEventSelectorArgs(
+                read_write_type="All",
+                include_management_events=False,
+                data_resources=[aws.cloudtrail.TrailEventSelectorDataResourceArgs(
+                    type="AWS::S3::Object",
+                    values=[self.backup_bucket.arn.apply(lambda a: f"{a}/"), self.audit_bucket.arn.apply(lambda a: f"{a}/")],
+                )],
+            )],
+            tags=self._args.tags,
+            # CloudTrail checks its bucket's policy and the key's when the trail is created.
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[logs.versioning, logs.policy, self.key]),
+        )
+        return logs.bucket
 
     def _create_replicas(self, backups: PrivateBucket, audit: PrivateBucket, protect: bool) -> None:
         settings = self._args.settings
@@ -105,6 +164,8 @@ class BackupStorage(pulumi.ComponentResource):
             description=f"betting {settings.environment} backup and audit-log replicas in {replica_region}",
             enable_key_rotation=True,
             deletion_window_in_days=30,
+            policy=pulumi.Output.from_input(self._args.account_id).apply(lambda account: key_policy(
+                account, settings.security.key_administrator_roles, [f"s3.{replica_region}.amazonaws.com"])),
             tags=self._args.tags,
             opts=pulumi.ResourceOptions(parent=self, provider=provider, protect=protect),
         )
@@ -202,8 +263,6 @@ class BackupStorage(pulumi.ComponentResource):
                     filter=prefix(prefix=BackupLayout.REPOSITORY),
                     noncurrent_version_expiration=aws.s3.BucketLifecycleConfigurationRuleNoncurrentVersionExpirationArgs(
                         noncurrent_days=NONCURRENT_VERSION_DAYS),
-                    abort_incomplete_multipart_upload=aws.s3.BucketLifecycleConfigurationRuleAbortIncompleteMultipartUploadArgs(
-                        days_after_initiation=ABORT_INCOMPLETE_UPLOAD_DAYS),
                 ),
                 rule(
                     id="archive-to-glacier",
@@ -212,6 +271,7 @@ class BackupStorage(pulumi.ComponentResource):
                     transitions=[aws.s3.BucketLifecycleConfigurationRuleTransitionArgs(
                         days=backups.archive_transition_days, storage_class="GLACIER")],
                 ),
+                abort_incomplete_uploads_rule(),
             ],
             opts=pulumi.ResourceOptions(parent=self, provider=provider),
         )
@@ -237,7 +297,7 @@ class BackupStorage(pulumi.ComponentResource):
                 transitions=[aws.s3.BucketLifecycleConfigurationRuleTransitionArgs(days=1, storage_class="DEEP_ARCHIVE")],
                 # Object Lock keeps every version for the full term (+2 for leap days); expiry removes what it released.
                 expiration=aws.s3.BucketLifecycleConfigurationRuleExpirationArgs(days=years * DAYS_PER_YEAR + 2),
-            )],
+            ), abort_incomplete_uploads_rule()],
             opts=opts,
         )
 

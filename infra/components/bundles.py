@@ -15,7 +15,7 @@ import pulumi_aws as aws
 
 from infra.bundle import bundle_key, digest, digest_parameter_name, render_bundle
 from infra.hosts import HostSpec
-from infra.platforms.aws import create_private_bucket
+from infra.platforms.aws import abort_incomplete_uploads_rule, create_private_bucket
 from infra.settings import StackSettings
 from infra.topology import Topology
 
@@ -51,7 +51,7 @@ class HostBundles(pulumi.ComponentResource):
                 filter=aws.s3.BucketLifecycleConfigurationRuleFilterArgs(prefix="bundles/"),
                 noncurrent_version_expiration=aws.s3.BucketLifecycleConfigurationRuleNoncurrentVersionExpirationArgs(
                     noncurrent_days=OLD_BUNDLE_DAYS),
-            )],
+            ), abort_incomplete_uploads_rule()],
             opts=child,
         )
         self.digests, self.published = {}, {}

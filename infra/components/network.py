@@ -1,12 +1,15 @@
 """Network: a VPC with one private subnet per AZ, egress through NAT, S3 and SSM endpoints,
-a private DNS zone, and one security group per role with only the rules in infra.hosts.ingress_rules.
-No data or monitoring host gets a public address; operators use SSM Session Manager.
+a private DNS zone, and one security group per role with only the rules in infra.hosts.ingress_rules
+and EGRESS. No data or monitoring host gets a public address; operators use SSM Session Manager.
+The VPC's default security group is taken over with no rules, and every flow is logged.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 from dataclasses import dataclass
+from typing import Literal
 
 import pulumi
 import pulumi_aws as aws
@@ -18,12 +21,38 @@ SECURITY_ROLES: tuple[SecurityRole, ...] = (
     "etcd", "postgres", "postgres-lb", "redis", "clickhouse", "monitoring", "grafana", "clients",
 )
 SSM_ENDPOINT_SERVICES = ("ssm", "ssmmessages", "ec2messages")
+HOST_ROLES: tuple[SecurityRole, ...] = ("etcd", "postgres", "clickhouse", "monitoring", "grafana")
+
+
+@dataclass(frozen=True)
+class Egress:
+    """Outbound traffic a role may start. The instance metadata service, the Amazon Time Sync Service
+    and the VPC's DNS resolver are link-local or the VPC's own, which security groups never filter."""
+
+    roles: tuple[SecurityRole, ...]
+    destination: Literal["vpc", "s3", "internet"]
+    port: int
+    to_port: int
+    description: str
+
+
+def egress_rules(settings: StackSettings) -> tuple[Egress, ...]:
+    smtp_port = int(settings.alerting.smtp_smarthost.rsplit(":", 1)[1])
+    return (
+        Egress(HOST_ROLES, "vpc", 0, 65535, "TCP inside the VPC: peers, load-balancer targets, interface endpoints"),
+        Egress(HOST_ROLES, "s3", 443, 443, "S3 through the gateway endpoint: bundles, backups, audit logs"),
+        Egress(HOST_ROLES, "internet", 80, 80, "Debian packages through the NAT gateway"),
+        Egress(HOST_ROLES, "internet", 443, 443, "Debian packages, PagerDuty, Slack and AWS APIs through the NAT gateway"),
+        Egress(("monitoring",), "internet", smtp_port, smtp_port, "Alertmanager's SMTP smarthost"),
+        Egress(("postgres-lb",), "vpc", 0, 65535, "the load balancer to its targets"),
+    )
 
 
 @dataclass
 class NetworkArgs:
     settings: StackSettings
     tags: dict[str, str]
+    flow_log_key_arn: pulumi.Input[str]  # encrypts the flow-log group
 
 
 class Network(pulumi.ComponentResource):
@@ -46,9 +75,14 @@ class Network(pulumi.ComponentResource):
             tags={**args.tags, "Name": f"betting-{args.settings.environment}"},
             opts=self._child,
         )
+        # AWS creates it with allow-all rules that any resource left without a group would get.
+        aws.ec2.DefaultSecurityGroup(f"{name}-default-group", vpc_id=self.vpc.id, ingress=[], egress=[],
+                                     tags={**args.tags, "Name": f"betting-{args.settings.environment}-default-unused"},
+                                     opts=self._child)
+        self._create_flow_logs()
         private_route_table = self._create_egress()
         self.subnet_ids = self._create_private_subnets(private_route_table)
-        self._create_endpoints(private_route_table)
+        self.s3_prefix_list_id = self._create_endpoints(private_route_table)
         self.zone = aws.route53.Zone(
             f"{name}-zone",
             name=args.settings.dns_zone,
@@ -120,10 +154,48 @@ class Network(pulumi.ComponentResource):
             subnet_ids[zone] = subnet.id
         return subnet_ids
 
-    def _create_endpoints(self, route_table: aws.ec2.RouteTable) -> None:
-        """Backups to S3 and Session Manager traffic stay inside the VPC."""
+    def _create_flow_logs(self) -> None:
+        """Every accepted and rejected flow of the VPC, to a log group encrypted with the data key."""
+        name, settings = self._name, self._args.settings
+        group = aws.cloudwatch.LogGroup(
+            f"{name}-flow-logs",
+            name=f"/betting/{settings.environment}/vpc-flow-logs",
+            retention_in_days=settings.security.flow_log_retention_days,
+            kms_key_id=self._args.flow_log_key_arn,
+            tags=self._args.tags,
+            opts=self._child,
+        )
+        role = aws.iam.Role(
+            f"{name}-flow-logs-role",
+            assume_role_policy=json.dumps({"Version": "2012-10-17", "Statement": [{
+                "Effect": "Allow", "Principal": {"Service": "vpc-flow-logs.amazonaws.com"}, "Action": "sts:AssumeRole"}]}),
+            tags=self._args.tags,
+            opts=self._child,
+        )
+        aws.iam.RolePolicy(
+            f"{name}-flow-logs-write",
+            role=role.id,
+            policy=group.arn.apply(lambda arn: json.dumps({"Version": "2012-10-17", "Statement": [{
+                "Effect": "Allow", "Action": ["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
+                "Resource": [arn, f"{arn}:log-stream:*"]}]}, sort_keys=True)),
+            opts=self._child,
+        )
+        aws.ec2.FlowLog(
+            f"{name}-flow-log",
+            vpc_id=self.vpc.id,
+            traffic_type="ALL",
+            log_destination_type="cloud-watch-logs",
+            log_destination=group.arn,
+            iam_role_arn=role.arn,
+            max_aggregation_interval=60,
+            tags=self._args.tags,
+            opts=self._child,
+        )
+
+    def _create_endpoints(self, route_table: aws.ec2.RouteTable) -> pulumi.Output[str]:
+        """Backups to S3 and Session Manager traffic stay inside the VPC; S3's prefix list, for egress rules."""
         name, region = self._name, self._args.settings.region
-        aws.ec2.VpcEndpoint(
+        s3 = aws.ec2.VpcEndpoint(
             f"{name}-s3",
             vpc_id=self.vpc.id,
             service_name=f"com.amazonaws.{region}.s3",
@@ -162,6 +234,7 @@ class Network(pulumi.ComponentResource):
                 tags=self._args.tags,
                 opts=self._child,
             )
+        return s3.prefix_list_id
 
     def _create_security_groups(self) -> dict[str, pulumi.Output[str]]:
         name = self._name
@@ -187,15 +260,20 @@ class Network(pulumi.ComponentResource):
                     description=rule.description,
                     opts=self._child,
                 )
-        for role, group in groups.items():
-            if role == "clients":
-                continue  # the application's own egress is its business
-            aws.vpc.SecurityGroupEgressRule(
-                f"{name}-{role}-egress",
-                security_group_id=group.id,
-                ip_protocol="-1",
-                cidr_ipv4="0.0.0.0/0",
-                description="outbound: packages through NAT, AWS APIs, peers",
-                opts=self._child,
-            )
+        # Only the rules below: Pulumi drops the allow-all egress rule AWS puts in a new group. The
+        # clients group's egress is the application's business; Redis starts no connection.
+        destinations = {"vpc": {"cidr_ipv4": self._args.settings.vpc_cidr}, "s3": {"prefix_list_id": self.s3_prefix_list_id},
+                        "internet": {"cidr_ipv4": "0.0.0.0/0"}}
+        for rule in egress_rules(self._args.settings):
+            for role in rule.roles:
+                aws.vpc.SecurityGroupEgressRule(
+                    f"{name}-{role}-egress-{rule.destination}-{rule.port}",
+                    security_group_id=groups[role].id,
+                    ip_protocol="tcp",
+                    from_port=rule.port,
+                    to_port=rule.to_port,
+                    description=rule.description,
+                    **destinations[rule.destination],
+                    opts=self._child,
+                )
         return {role: group.id for role, group in groups.items()}

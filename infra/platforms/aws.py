@@ -7,6 +7,7 @@ component's name and the host's name.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pulumi
@@ -23,6 +24,20 @@ SSM_CORE_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"  # Sess
 # Config reaches a running host as a bundle, never through user data; an image only by a deliberate roll.
 IGNORED_INSTANCE_CHANGES = ["user_data", "ami"]
 STATEFUL_ROLES = ("postgres", "etcd", "monitoring", "clickhouse")
+# A multipart upload a writer abandoned (a pgBackRest push that died, a shipper killed mid-file) is billed
+# until something aborts it; every bucket's lifecycle does, after this many days.
+ABORT_INCOMPLETE_UPLOAD_DAYS = 7
+
+
+def abort_incomplete_uploads_rule() -> aws.s3.BucketLifecycleConfigurationRuleArgs:
+    """The whole-bucket lifecycle rule every bucket carries."""
+    return aws.s3.BucketLifecycleConfigurationRuleArgs(
+        id="abort-incomplete-uploads",
+        status="Enabled",
+        filter=aws.s3.BucketLifecycleConfigurationRuleFilterArgs(prefix=""),
+        abort_incomplete_multipart_upload=aws.s3.BucketLifecycleConfigurationRuleAbortIncompleteMultipartUploadArgs(
+            days_after_initiation=ABORT_INCOMPLETE_UPLOAD_DAYS),
+    )
 
 
 @dataclass
@@ -218,6 +233,7 @@ def create_secret_parameter(resource_name: str, environment: str, secret_name: s
 class PrivateBucket:
     bucket: aws.s3.Bucket
     versioning: aws.s3.BucketVersioning  # what replication waits for: S3 refuses it on an unversioned bucket
+    policy: aws.s3.BucketPolicy  # what a service delivering logs waits for: it checks the policy on setup
 
 
 def create_private_bucket(name: str, bucket_name: str, key_arn: pulumi.Input[str], tags: dict[str, str],
@@ -229,8 +245,10 @@ def create_private_bucket(name: str, bucket_name: str, key_arn: pulumi.Input[str
 
 def create_versioned_bucket(name: str, bucket_name: str, key_arn: pulumi.Input[str], tags: dict[str, str],
                             parent: pulumi.Resource, purpose: str, object_lock: bool = False, protect: bool = False,
-                            provider: pulumi.ProviderResource | None = None) -> PrivateBucket:
-    """create_private_bucket, with the versioning resource; `provider` puts it in another region."""
+                            provider: pulumi.ProviderResource | None = None,
+                            extra_statements: Callable[[str], pulumi.Input[list[dict]]] | None = None) -> PrivateBucket:
+    """create_private_bucket, with the versioning resource; `provider` puts it in another region;
+    `extra_statements(bucket_arn)` adds to the bucket policy (e.g. a service that writes its logs there)."""
     child = pulumi.ResourceOptions(parent=parent, provider=provider)
     bucket = aws.s3.Bucket(
         name,
@@ -264,21 +282,22 @@ def create_versioned_bucket(name: str, bucket_name: str, key_arn: pulumi.Input[s
         restrict_public_buckets=True,
         opts=child,
     )
-    aws.s3.BucketPolicy(
+    policy = aws.s3.BucketPolicy(
         f"{name}-tls-only",
         bucket=bucket.id,
-        policy=bucket.arn.apply(lambda arn: json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{
-                "Sid": "DenyInsecureTransport",
-                "Effect": "Deny",
-                "Principal": "*",
-                "Action": "s3:*",
-                "Resource": [arn, f"{arn}/*"],
-                "Condition": {"Bool": {"aws:SecureTransport": "false"}},
-            }],
-        }, sort_keys=True)),
+        policy=bucket.arn.apply(lambda arn: pulumi.Output.from_input(extra_statements(arn) if extra_statements else []).apply(
+            lambda extra: json.dumps({
+                "Version": "2012-10-17",
+                "Statement": [{
+                    "Sid": "DenyInsecureTransport",
+                    "Effect": "Deny",
+                    "Principal": "*",
+                    "Action": "s3:*",
+                    "Resource": [arn, f"{arn}/*"],
+                    "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+                }, *extra],
+            }, sort_keys=True))),
         # S3 rejects a bucket policy while the public-access block is being written.
         opts=pulumi.ResourceOptions(parent=parent, depends_on=[public_access], provider=provider),
     )
-    return PrivateBucket(bucket, versioning)
+    return PrivateBucket(bucket, versioning, policy)
