@@ -87,7 +87,8 @@ class BackupStorage(pulumi.ComponentResource):
             enable_key_rotation=True,
             deletion_window_in_days=30,
             policy=pulumi.Output.all(account, self.trail_arn).apply(lambda a: key_policy(
-                a[0], admins, [f"s3.{region}.amazonaws.com"], [cloudtrail_statement(a[0], a[1])])),
+                a[0], admins, [f"s3.{region}.amazonaws.com"], [cloudtrail_statement(a[0], a[1])],
+                administrators_may_decrypt=False)),
             tags=args.tags,
             opts=pulumi.ResourceOptions(parent=self, protect=protect),
         )
@@ -165,7 +166,8 @@ class BackupStorage(pulumi.ComponentResource):
             enable_key_rotation=True,
             deletion_window_in_days=30,
             policy=pulumi.Output.from_input(self._args.account_id).apply(lambda account: key_policy(
-                account, settings.security.key_administrator_roles, [f"s3.{replica_region}.amazonaws.com"])),
+                account, settings.security.key_administrator_roles, [f"s3.{replica_region}.amazonaws.com"],
+                administrators_may_decrypt=False)),
             tags=self._args.tags,
             opts=pulumi.ResourceOptions(parent=self, provider=provider, protect=protect),
         )

@@ -34,9 +34,12 @@ def role_arn(account_id: str, role: str) -> str:
 
 
 def key_policy(account_id: str, administrators: Sequence[str], via_services: Sequence[str],
-               service_statements: Sequence[dict] = ()) -> str:
+               service_statements: Sequence[dict] = (), administrators_may_decrypt: bool = True) -> str:
     """The key policy document (JSON). `administrators` are role names; `via_services` the AWS service
-    endpoints (e.g. "s3.eu-west-1.amazonaws.com") through which the account's principals may use the key."""
+    endpoints (e.g. "s3.eu-west-1.amazonaws.com") through which the account's principals may use the key.
+    `administrators_may_decrypt` False: the administrators may not decrypt even through a service (the
+    backups key: managing it must not mean reading the backups and the audit logs). The data key must
+    allow it: `pulumi up`, run as an administrator, encrypts volumes, secrets and bundles with it."""
     if not administrators:
         raise ValueError("a key policy needs at least one administrator role")
     admins = [role_arn(account_id, role) for role in administrators]
@@ -57,6 +60,10 @@ def key_policy(account_id: str, administrators: Sequence[str], via_services: Seq
          "Action": GUARDED_ACTIONS, "Resource": "*",
          "Condition": {"ArnNotEquals": {"aws:PrincipalArn": admins}}},
     ]
+    if not administrators_may_decrypt:
+        statements.append({"Sid": "AdministratorsMayNotDecrypt", "Effect": "Deny", "Principal": "*",
+                           "Action": ["kms:Decrypt", "kms:ReEncrypt*"], "Resource": "*",
+                           "Condition": {"ArnEquals": {"aws:PrincipalArn": admins}}})
     return json.dumps({"Version": "2012-10-17", "Statement": statements}, sort_keys=True)
 
 
