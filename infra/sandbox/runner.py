@@ -501,7 +501,7 @@ class Sandbox:
             killed = [proc for proc in phase if _alive(proc.pid, proc.exe)]
             for proc in killed:
                 _kill_group(proc.pid)
-            wait_for("killed processes to exit", lambda: not any(_alive(p.pid, p.exe) for p in killed), timeout)
+            wait_for("killed processes to exit", lambda gone=killed: not any(_alive(p.pid, p.exe) for p in gone), timeout)
         # A postmaster whose Patroni died (a drill) has no parent to stop it.
         for pid in postmasters:
             if _alive(pid, "postgres"):

@@ -40,8 +40,7 @@ from scripts import backup
 from tests.backup_bucket import allowed, authorizations
 from tests.conftest import stack_config
 from tests.monitoring.conftest import binary, render_all
-from tests.monitoring.harness import (Webhook, map_rule_for, map_rule_intervals, mentions, start_stack,
-                                      wait_scraped)
+from tests.monitoring.harness import Webhook, map_rule_for, map_rule_intervals, mentions, start_stack, wait_scraped
 
 pytestmark = pytest.mark.live
 
