@@ -376,3 +376,9 @@ def test_without_smtp_login_no_password_is_provisioned():
     assert "/betting/dev/smtp_auth_password" not in parameters
     (host,) = [i for i in of_type("dev", "ec2/instance:Instance") if i.name == "monitoring-monitoring-1"]
     assert "smtp_auth_username" not in yaml.safe_load(write_files(host)["/etc/prometheus/alertmanager.yml"])["global"]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_database_load_balancer_is_protected_from_deletion_outside_dev(stack):
+    (lb,) = of_type(stack, "lb/loadBalancer:LoadBalancer")
+    assert lb.props["enableDeletionProtection"] is (stack != "dev")

@@ -113,6 +113,8 @@ class PatroniCluster(pulumi.ComponentResource):
             subnets=list(args.context.subnet_ids.values()),
             security_groups=[args.lb_security_group_id],
             enable_cross_zone_load_balancing=True,
+            # Deleting it cuts every client at once: in staging and prod only a deliberate change to this may.
+            enable_deletion_protection=args.settings.environment != "dev",
             tags=args.context.tags,
             opts=self._child,
         )
