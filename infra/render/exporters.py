@@ -63,7 +63,7 @@ POSTGRES_EXPORTER_QUERIES = {
         "master": True,
         "metrics": [
             {"datname": {"usage": "LABEL", "description": "Database"}},
-            {"age": {"usage": "GAUGE", "description": "Transaction IDs since the database's oldest unfrozen one (age(datfrozenxid))"}},
+            {"age": {"usage": "GAUGE", "description": "Transaction IDs since the oldest unfrozen one (age(datfrozenxid))"}},
         ],
     },
     "pg_replication_slot": {

@@ -341,6 +341,16 @@ def synchronous_replication_alerts(settings: StackSettings) -> tuple[Alert, ...]
 # The client path (HAProxy and PgBouncer on every PostgreSQL node, issue 10).
 CLIENT_PATH_ALERTS: tuple[Alert, ...] = (
     Alert(
+        "PgBouncerDown",
+        # The exporter answers (its target stays up) and says whether PgBouncer did. HAProxy checks
+        # Patroni's /primary, not PgBouncer: with the leader's PgBouncer down, writes fail on every node.
+        "pgbouncer_up == 0",
+        "1m", "critical", "dbre",
+        "PgBouncer on {{ $labels.instance }} is DOWN",
+        "PgBouncer's admin console on {{ $labels.instance }} does not answer its exporter: clients that HAProxy sends "
+        "to this node cannot connect.",
+    ),
+    Alert(
         "PgBouncerClientsWaiting",
         # A client waits only when every server connection of its pool is busy: the oldest has waited over
         # a second at every evaluation for 2 minutes, so transactions queue behind an exhausted pool.
