@@ -2,7 +2,8 @@
 
 postgres_exporter 0.11 exports replication lag only in bytes and only on the primary
 (`pg_stat_replication_pg_wal_lsn_diff`); the data-freshness SLI (lag < 1 s) needs seconds,
-measured on each replica. The file lands at Paths.POSTGRES_EXPORTER_QUERIES and is passed with
+measured on each replica. It has no transaction-ID age, and its replication-slot query fails on
+replicas: the cluster alerts read the queries below instead. The file lands at Paths.POSTGRES_EXPORTER_QUERIES and is passed with
 `--extend.query-path`.
 """
 
@@ -25,6 +26,28 @@ SELECT
   CASE WHEN pg_is_in_recovery() THEN 1 ELSE 0 END AS is_replica
 """
 
+# Transaction-ID age per database (pg_database is shared: one query per server). postgres_exporter
+# 0.11 has no such metric; TransactionIdWraparoundApproaching compares it with autovacuum_freeze_max_age
+# and with 2^31.
+DATFROZENXID_AGE_QUERY = """\
+SELECT datname, age(datfrozenxid) AS age FROM pg_database WHERE datallowconn
+"""
+
+# Every replication slot, on a replica too: the exporter's own pg_replication_slots query calls
+# pg_current_wal_lsn(), which fails during recovery. Retained WAL is measured from the position the
+# server has reached (written on a primary, replayed on a replica); a slot that never reserved WAL
+# retains none.
+REPLICATION_SLOT_QUERY = """\
+SELECT
+  slot_name,
+  slot_type,
+  active::int AS active,
+  COALESCE(pg_wal_lsn_diff(
+    CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END,
+    restart_lsn), 0) AS retained_wal_bytes
+FROM pg_replication_slots
+"""
+
 POSTGRES_EXPORTER_QUERIES = {
     "pg_replication": {
         "query": REPLICATION_LAG_QUERY,
@@ -33,6 +56,24 @@ POSTGRES_EXPORTER_QUERIES = {
         "metrics": [
             {"lag_seconds": {"usage": "GAUGE", "description": "Replication lag behind the primary in seconds (0 on a primary)"}},
             {"is_replica": {"usage": "GAUGE", "description": "1 when this server is a replica (in recovery)"}},
+        ],
+    },
+    "pg_database_datfrozenxid": {
+        "query": DATFROZENXID_AGE_QUERY,
+        "master": True,
+        "metrics": [
+            {"datname": {"usage": "LABEL", "description": "Database"}},
+            {"age": {"usage": "GAUGE", "description": "Transaction IDs since the oldest unfrozen one (age(datfrozenxid))"}},
+        ],
+    },
+    "pg_replication_slot": {
+        "query": REPLICATION_SLOT_QUERY,
+        "master": True,
+        "metrics": [
+            {"slot_name": {"usage": "LABEL", "description": "Replication slot"}},
+            {"slot_type": {"usage": "LABEL", "description": "physical or logical"}},
+            {"active": {"usage": "GAUGE", "description": "1 while a receiver streams through the slot"}},
+            {"retained_wal_bytes": {"usage": "GAUGE", "description": "WAL the slot keeps in pg_wal, in bytes"}},
         ],
     },
 }

@@ -11,7 +11,9 @@ severity and team):
 - PostgreSQLDown covers every PostgreSQL node, not an instance named "postgres-primary": with
   Patroni the primary moves, and a down replica is also a lost failover target;
 - availability counts 5xx as failures (the document counted every non-200, 201 and 404 included);
-- ConnectionPoolNearLimit counts every backend, idle ones hold a slot too, and prints a percentage.
+- ConnectionPoolNearLimit counts every backend, idle ones hold a slot too, and prints a percentage;
+  with PgBouncer in front of PostgreSQL it also watches the pool itself (server connections busy in
+  a transaction against `pool_size`, clients against `max_client_conn`), each clause naming its `limit`.
 """
 
 from __future__ import annotations
@@ -75,6 +77,26 @@ def _latency_alert_expr() -> str:
     return "\n  or\n".join(parts)
 
 
+def _limit(expr: str, limit: str) -> str:
+    """`expr` with a `limit` label naming what its ratio is measured against."""
+    return f'label_replace({expr}, "limit", "{limit}", "", "")'
+
+
+def _connection_pool_expr() -> str:
+    """ConnectionPoolNearLimit: PostgreSQL's max_connections (every backend holds a slot, PgBouncer's
+    idle server connections too), and PgBouncer's pool: server connections linked to a client (in a
+    transaction) against the pool's `pool_size`, and client connections against `max_client_conn`."""
+    return "\nor\n".join((
+        _limit("sum by (instance) (pg_stat_activity_count)"
+               " / on (instance) max by (instance) (pg_settings_max_connections)", "max_connections") + " > 0.8",
+        _limit("max by (instance, database, user) (pgbouncer_pools_server_active_connections)"
+               " / on (instance, database) group_left max by (instance, database) (pgbouncer_databases_pool_size > 0)",
+               "pool_size") + " > 0.8",
+        _limit("max by (instance) (pgbouncer_used_clients)"
+               " / on (instance) max by (instance) (pgbouncer_config_max_client_connections > 0)", "max_client_conn") + " > 0.8",
+    ))
+
+
 # The document's 11 alerts, by rule group.
 DOCUMENT_ALERTS: dict[str, tuple[Alert, ...]] = {
     "database-liveness": (
@@ -108,11 +130,10 @@ DOCUMENT_ALERTS: dict[str, tuple[Alert, ...]] = {
             "Last successful backup: {{ $value | humanizeDuration }} ago",
         ),
         Alert(
-            "ConnectionPoolNearLimit",
-            "sum by (instance) (pg_stat_activity_count) / on (instance) max by (instance) (pg_settings_max_connections) > 0.8",
-            "5m", "warning", "dbre",
-            "PostgreSQL connections > 80% of max on {{ $labels.instance }}",
-            "{{ $value | humanizePercentage }} of max_connections in use",
+            "ConnectionPoolNearLimit", _connection_pool_expr(), "5m", "warning", "dbre",
+            "Connections > 80% of {{ $labels.limit }} on {{ $labels.instance }}",
+            "{{ $value | humanizePercentage }} of {{ $labels.limit }} in use"
+            "{{ if $labels.database }} by the pool {{ $labels.database }}/{{ $labels.user }}{{ end }}",
         ),
         Alert(
             "DiskSpaceLow",
@@ -203,6 +224,177 @@ BACKUP_ALERTS: tuple[Alert, ...] = (
         "The newest PostgreSQL backup has not been verified",
         "The newest backup finished {{ $value | humanizeDuration }} ago and no verification (scripts/backup.py verify) "
         "has succeeded since: a restore from it is unproven.",
+    ),
+)
+
+# The cluster at pgmonitor's level (issue 10): what breaks a Patroni cluster slowly or silently.
+# Wraparound and slots read our custom queries (infra/render/exporters.py), the rest Patroni's and
+# etcd's own /metrics. "Only on the primary": a replica's pg_database mirrors the primary's, and a
+# newer Patroni keeps inactive copies of permanent slots on replicas by design.
+_ON_PRIMARY = "and on (instance) max by (instance) (pg_replication_is_replica) == 0"
+# PostgreSQL refuses new transaction IDs shortly before 2^31 of them separate the oldest unfrozen one.
+XID_WRAPAROUND_LIMIT = 2**31
+
+CLUSTER_ALERTS: tuple[Alert, ...] = (
+    Alert(
+        "TransactionIdWraparoundApproaching",
+        # Anti-wraparound autovacuum starts at autovacuum_freeze_max_age: a quarter beyond it, for
+        # half an hour, it is not keeping up (a long transaction, a stale slot or prepared
+        # transaction holds the horizon, or the cost limit is too low).
+        "max by (instance, datname) (pg_database_datfrozenxid_age)\n"
+        "  / on (instance) group_left max by (instance) (pg_settings_autovacuum_freeze_max_age) > 1.25\n"
+        + _ON_PRIMARY,
+        "30m", "warning", "dbre",
+        "Autovacuum is not freezing {{ $labels.datname }} on {{ $labels.instance }}",
+        "The oldest unfrozen transaction ID of {{ $labels.datname }} is {{ $value | humanizePercentage }} of "
+        "autovacuum_freeze_max_age old: anti-wraparound vacuum is not keeping up.",
+    ),
+    Alert(
+        "TransactionIdWraparoundApproaching",
+        # Half-way to the hard stop: about a day left at 10,000 transaction IDs a second.
+        f"max by (instance, datname) (pg_database_datfrozenxid_age) / {XID_WRAPAROUND_LIMIT} > 0.5\n" + _ON_PRIMARY,
+        "5m", "critical", "dbre",
+        "Transaction ID wraparound approaching in {{ $labels.datname }} on {{ $labels.instance }}",
+        "{{ $labels.datname }} has used {{ $value | humanizePercentage }} of the 2^31 transaction IDs before "
+        "wraparound: at 100 % PostgreSQL stops accepting writes until the database is vacuumed.",
+    ),
+    Alert(
+        "ReplicationSlotInactive",
+        # Patroni drops a member's slot once its member key expires, so an inactive slot means a member
+        # that is registered but not streaming: rebuilding, crash-looping, or replaying from the archive.
+        "max by (instance, slot_name) (pg_replication_slot_active) == 0\n" + _ON_PRIMARY,
+        "15m", "warning", "dbre",
+        "Replication slot {{ $labels.slot_name }} on {{ $labels.instance }} is inactive",
+        "No standby has streamed through slot {{ $labels.slot_name }} for 15 minutes: that member is not a "
+        "failover target, and the primary keeps its WAL (up to max_slot_wal_keep_size).",
+    ),
+    Alert(
+        "ReplicationSlotRetainingWal",
+        # At max_slot_wal_keep_size PostgreSQL invalidates the slot: its standby can no longer stream
+        # and must fetch WAL from the archive, or be rebuilt. Any node: slots on replicas retain WAL too.
+        "max by (instance, slot_name) (pg_replication_slot_retained_wal_bytes)\n"
+        "  / on (instance) group_left max by (instance) (pg_settings_max_slot_wal_keep_size_bytes > 0) > 0.5",
+        "5m", "warning", "dbre",
+        "Replication slot {{ $labels.slot_name }} on {{ $labels.instance }} retains too much WAL",
+        "Slot {{ $labels.slot_name }} retains {{ $value | humanizePercentage }} of max_slot_wal_keep_size in pg_wal: "
+        "at 100 % PostgreSQL invalidates it and its standby stops streaming.",
+    ),
+    Alert(
+        "PatroniPendingRestart",
+        # A roll restarts members one at a time within minutes: half an hour means it stopped half-way.
+        "max by (instance, scope) (patroni_pending_restart) > 0",
+        "30m", "warning", "dbre",
+        "PostgreSQL on {{ $labels.instance }} runs with settings pending a restart",
+        "Patroni reports settings on {{ $labels.instance }} that take effect only after a restart: the running "
+        "values differ from the configuration (and maybe from the other members).",
+    ),
+    Alert(
+        "PatroniPaused",
+        # Maintenance mode is deliberate; a failure while paused pages by itself (PostgreSQLDown,
+        # PatroniNoLeader): this is the reminder that nothing fails over.
+        "max by (scope) (patroni_is_paused) > 0",
+        "30m", "warning", "dbre",
+        "Patroni cluster {{ $labels.scope }} is paused",
+        "Patroni's maintenance mode has been on for 30 minutes: no automatic failover happens until "
+        "`patronictl resume`.",
+    ),
+    Alert(
+        "EtcdDatabaseNearQuota",
+        "max by (instance) (etcd_mvcc_db_total_size_in_bytes)\n"
+        "  / on (instance) max by (instance) (etcd_server_quota_backend_bytes > 0) > 0.8",
+        "10m", "warning", "dbre",
+        "etcd on {{ $labels.instance }} is near its database quota",
+        "The etcd database file is {{ $value | humanizePercentage }} of --quota-backend-bytes: at 100 % etcd raises "
+        "NOSPACE and refuses writes, and Patroni cannot renew its leader key.",
+    ),
+    Alert(
+        "EtcdDatabaseNearQuota",
+        "max by (instance) (etcd_mvcc_db_total_size_in_bytes)\n"
+        "  / on (instance) max by (instance) (etcd_server_quota_backend_bytes > 0) > 0.95",
+        "2m", "critical", "dbre",
+        "etcd on {{ $labels.instance }} is about to reach its database quota",
+        "The etcd database file is {{ $value | humanizePercentage }} of --quota-backend-bytes: compact and defragment "
+        "now, before etcd refuses writes.",
+    ),
+)
+
+
+def synchronous_replication_alerts(settings: StackSettings) -> tuple[Alert, ...]:
+    """Only for stacks in synchronous mode: Patroni 3.0.2 exports patroni_sync_standby 0 on every member
+    when synchronous_mode is off, and no metric of the mode itself, so the rule cannot tell by itself."""
+    if not settings.patroni.synchronous_mode:
+        return ()
+    return (
+        Alert(
+            "PatroniNoSynchronousStandby",
+            # With a leader: without one PatroniNoLeader pages. Two minutes cover the sync standby's own
+            # restart in a roll, after which Patroni picks it or another streaming replica again.
+            "max by (scope) (patroni_sync_standby) < 1\n  and on (scope) max by (scope) (patroni_primary) == 1",
+            "2m", "critical", "dbre",
+            "Patroni cluster {{ $labels.scope }} has no synchronous standby",
+            "synchronous_mode is on but no member is the synchronous standby: the primary acknowledges writes no "
+            "standby has, which a failover now loses (with synchronous_mode_strict, writes wait instead).",
+        ),
+    )
+
+
+# The client path (HAProxy and PgBouncer on every PostgreSQL node, issue 10).
+CLIENT_PATH_ALERTS: tuple[Alert, ...] = (
+    Alert(
+        "PgBouncerDown",
+        # The exporter answers (its target stays up) and says whether PgBouncer did. HAProxy checks
+        # Patroni's /primary, not PgBouncer: with the leader's PgBouncer down, writes fail on every node.
+        "pgbouncer_up == 0",
+        "1m", "critical", "dbre",
+        "PgBouncer on {{ $labels.instance }} is DOWN",
+        "PgBouncer's admin console on {{ $labels.instance }} does not answer its exporter: clients that HAProxy sends "
+        "to this node cannot connect.",
+    ),
+    Alert(
+        "PgBouncerClientsWaiting",
+        # A client waits only when every server connection of its pool is busy: the oldest has waited over
+        # a second at every evaluation for 2 minutes, so transactions queue behind an exhausted pool.
+        "max by (instance, database, user) (pgbouncer_pools_client_maxwait_seconds) > 1",
+        "2m", "critical", "dbre",
+        "PgBouncer pool {{ $labels.database }}/{{ $labels.user }} on {{ $labels.instance }} is exhausted",
+        "Clients of {{ $labels.database }}/{{ $labels.user }} wait for a server connection, the oldest "
+        "{{ $value | humanizeDuration }}: every connection of the pool is busy.",
+    ),
+    Alert(
+        "HAProxyNoPrimary",
+        # Only while Patroni has a leader: without one PatroniNoLeader pages, and every HAProxy is
+        # right to have no primary. Then the writer port is broken between HAProxy and the leader.
+        'max by (instance) (haproxy_backend_active_servers{proxy="primary"}) == 0\n'
+        "  unless on () (max(patroni_primary) < 1)",
+        "1m", "critical", "dbre",
+        "HAProxy on {{ $labels.instance }} has no primary",
+        "HAProxy's writer backend on {{ $labels.instance }} has no server up, although Patroni has a leader: "
+        "writes through this node's writer port fail.",
+    ),
+)
+
+# Time on every host: node_exporter's timex figures come from the kernel, which chrony updates.
+HOST_ALERTS: tuple[Alert, ...] = (
+    Alert(
+        "ClockSkew",
+        # The host's clock against the Prometheus server's at the scrape (both chrony-synced to the Amazon
+        # Time Sync Service). Not node_timex_offset_seconds: chrony never uses the kernel's PLL offset,
+        # so it stays 0 however far the clock is off.
+        "abs(node_time_seconds - timestamp(node_time_seconds)) > 0.05",
+        "10m", "warning", "platform",
+        "The clock of {{ $labels.instance }} is off",
+        "The clock of {{ $labels.instance }} differs from the Prometheus server's by {{ $value | humanizeDuration }} "
+        "(every host's do: then Prometheus' own clock is off).",
+    ),
+    Alert(
+        "ClockNotSynchronised",
+        # The kernel caps its maximum-error estimate at 16 s once no time daemon has disciplined the clock;
+        # sync_status alone is not enough: chrony clears the kernel's unsync flag only with `rtcsync`.
+        "min_over_time(node_timex_sync_status[5m]) == 0 and node_timex_maxerror_seconds >= 16",
+        "10m", "warning", "platform",
+        "The clock of {{ $labels.instance }} is not synchronised",
+        "No time daemon has synchronised the clock of {{ $labels.instance }} (chrony down or the time source "
+        "unreachable): it drifts freely.",
     ),
 )
 
@@ -361,13 +553,20 @@ def rule_groups(settings: StackSettings) -> dict[str, dict]:
             group = {"interval": FAST_EVALUATION_INTERVAL, **group}
         groups[name] = group
     groups["backups"] = {"rules": [a.rule() for a in BACKUP_ALERTS]}
+    groups["cluster"] = {"rules": [a.rule() for a in CLUSTER_ALERTS]}
+    # Its own file, rendered only in synchronous mode: its unit tests run where it exists.
+    if synchronous := synchronous_replication_alerts(settings):
+        groups["synchronous-replication"] = {"rules": [a.rule() for a in synchronous]}
+    groups["client-path"] = {"rules": [a.rule() for a in CLIENT_PATH_ALERTS]}
+    groups["hosts"] = {"rules": [a.rule() for a in HOST_ALERTS]}
     groups["platform"] = {"rules": [a.rule() for a in PLATFORM_ALERTS]}
     return groups
 
 
-def all_alerts() -> tuple[Alert, ...]:
+def all_alerts(settings: StackSettings) -> tuple[Alert, ...]:
     burn = tuple(a for slo in SLOS if slo.burn_rate_alerts for a in burn_rate_alerts(slo))
-    return tuple(a for alerts in DOCUMENT_ALERTS.values() for a in alerts) + BACKUP_ALERTS + burn + PLATFORM_ALERTS
+    return (tuple(a for alerts in DOCUMENT_ALERTS.values() for a in alerts) + BACKUP_ALERTS + CLUSTER_ALERTS
+            + synchronous_replication_alerts(settings) + CLIENT_PATH_ALERTS + HOST_ALERTS + burn + PLATFORM_ALERTS)
 
 
 def _dump(document: dict) -> bytes:
@@ -396,6 +595,9 @@ def scrape_configs(topology: Topology) -> list[dict]:
         {"job_name": "node", "static_configs": _static(topology.hosts, Ports.NODE_EXPORTER)},
         {"job_name": "postgres", **fast, "static_configs": _static(topology.postgres, Ports.POSTGRES_EXPORTER)},
         {"job_name": "patroni", **fast, "static_configs": _static(topology.postgres, Ports.PATRONI_API)},
+        # The client path on every PostgreSQL node: PgBouncer's exporter, HAProxy's built-in /metrics.
+        {"job_name": "pgbouncer", "static_configs": _static(topology.postgres, Ports.PGBOUNCER_EXPORTER)},
+        {"job_name": "haproxy", "static_configs": _static(topology.postgres, Ports.HAPROXY_STATS)},
         {"job_name": "etcd", "static_configs": _static(topology.etcd, Ports.ETCD_CLIENT)},
         {"job_name": "clickhouse", "static_configs": _static(topology.clickhouse, Ports.CLICKHOUSE_METRICS)},
         {

@@ -116,6 +116,13 @@ class Layout:
         """Every host runs its own: etcd 81-85, PostgreSQL 86-94, monitoring 95-97 (adding a host moves no other)."""
         return self.port_base + {"etcd": 80, "postgres": 85, "monitoring": 94}[host.role] + host.index
 
+    # The client path's metrics (Prometheus scrapes them on every PostgreSQL node): past the node_exporters.
+    def haproxy_stats(self, node: Host) -> int:
+        return self.port_base + 100 + node.index
+
+    def pgbouncer_exporter(self, node: Host) -> int:
+        return self.port_base + 110 + node.index
+
     def host_ports(self, host: Host, topology: Topology) -> dict[int, int]:
         """{port on the host: port in the sandbox} of the daemons a host runs."""
         ports = {Ports.NODE_EXPORTER: self.node_exporter(host, topology)}
@@ -124,7 +131,8 @@ class Layout:
         elif host.role == "postgres":
             ports.update({Ports.POSTGRES: self.postgres(host), Ports.PATRONI_API: self.patroni(host),
                           Ports.POSTGRES_EXPORTER: self.postgres_exporter(host),
-                          Ports.PGBACKREST_TLS: self.pgbackrest_server(host)})
+                          Ports.PGBACKREST_TLS: self.pgbackrest_server(host),
+                          Ports.HAPROXY_STATS: self.haproxy_stats(host), Ports.PGBOUNCER_EXPORTER: self.pgbouncer_exporter(host)})
         elif host.role == "monitoring":
             ports.update({Ports.PROMETHEUS: self.prometheus(host), Ports.ALERTMANAGER: self.alertmanager(host),
                           Ports.ALERTMANAGER_CLUSTER: self.alertmanager_cluster(host),

@@ -111,6 +111,11 @@ def test_prometheus_config_scrapes_the_topology(settings, topology):
     assert instances("etcd") == [h.name for h in topology.etcd]
     targets = [t for group in jobs["patroni"]["static_configs"] for t in group["targets"]]
     assert targets == [f"{h.fqdn}:{Ports.PATRONI_API}" for h in topology.postgres]
+    # The client path runs on every PostgreSQL node: PgBouncer's exporter and HAProxy's /metrics.
+    for job, port in (("pgbouncer", Ports.PGBOUNCER_EXPORTER), ("haproxy", Ports.HAPROXY_STATS)):
+        assert instances(job) == [h.name for h in topology.postgres], job
+        assert [t for g in jobs[job]["static_configs"] for t in g["targets"]] == [f"{h.fqdn}:{port}" for h in topology.postgres]
+        assert jobs[job].get("metrics_path", "/metrics") == "/metrics"
     if topology.application_targets:
         assert [t for g in jobs["app"]["static_configs"] for t in g["targets"]] == list(topology.application_targets)
 
@@ -124,6 +129,16 @@ def test_postgres_exporter_queries_export_lag_in_seconds(settings, topology):
     queries = yaml.safe_load(render_exporters(settings, topology)["postgres_exporter/queries.yaml"])
     metrics = [name for metric in queries["pg_replication"]["metrics"] for name in metric]
     assert "lag_seconds" in metrics  # -> pg_replication_lag_seconds, read by the data-freshness SLI
+
+
+def test_cluster_alert_queries_run_once_per_server_and_on_replicas(settings, topology):
+    """The wraparound and slot queries read shared catalogs (once per server, not per database), and the slot
+    query must not call pg_current_wal_lsn() unguarded: it fails during recovery, as the exporter's own does."""
+    queries = yaml.safe_load(render_exporters(settings, topology)["postgres_exporter/queries.yaml"])
+    for name in ("pg_database_datfrozenxid", "pg_replication_slot"):
+        assert queries[name]["master"] is True, name
+    slot = queries["pg_replication_slot"]["query"]
+    assert "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END" in slot
 
 
 def test_grafana_provisioning(settings, topology):
