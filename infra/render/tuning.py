@@ -15,10 +15,11 @@ one member at a time, the leader last, and a new leader runs what the old one di
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from infra.instance_types import Hardware
 from infra.pg_parameters import memory_mib
+from infra.settings import StackSettings
 
 HUGE_PAGE_MIB = 2  # x86_64's default huge page (Hugepagesize), the only size EC2's amd64 images use
 # Below this much memory shared_buffers stays under 2 GiB: page tables for it are small, and a rigid
@@ -74,7 +75,6 @@ class Tuning:
     parameters: dict  # every derived PostgreSQL parameter, overrides applied
     sysctl: dict  # kernel settings for /etc/sysctl.d, in file order
     shared_memory_mib: int  # PostgreSQL's shared memory estimate (what the huge pages hold)
-    inputs: dict = field(default_factory=dict)
 
     @property
     def local(self) -> dict:
@@ -188,12 +188,10 @@ def _with_kernel(parameters: dict, hardware: Hardware, volume: Volume, max_conne
         "vm.dirty_bytes": max(64, mibps * 2) * 1024**2,
         "vm.nr_hugepages": huge_pages,
     }
-    inputs = {"vcpus": hardware.vcpus, "memory_mib": memory, "volume": volume.type, "iops": volume.effective_iops,
-              "mibps": mibps, "size_gib": volume.size_gib, "max_connections": max_connections}
-    return Tuning(parameters, sysctl, shared, inputs)
+    return Tuning(parameters, sysctl, shared)
 
 
-def stack_tuning(settings) -> Tuning:
+def stack_tuning(settings: StackSettings) -> Tuning:
     """The tuning of a stack's PostgreSQL hosts, its `patroni.parameters` overrides applied."""
     patroni = settings.patroni
     disk = patroni.data_volume

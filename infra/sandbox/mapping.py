@@ -20,6 +20,7 @@ from infra.hosts.system import CHRONY_UNIT, POSTGRES_HOST_UNITS
 from infra.render.patroni import UNIX_SOCKET_DIR
 from infra.render.pgbackrest import PGBACKREST_BIN, TLS_SERVER_ADDRESS, members
 from infra.render.tuning import stack_tuning
+from infra.settings import StackSettings
 from infra.topology import Host, Paths, Ports, Topology
 
 LOOPBACK = "127.0.0.1"
@@ -210,7 +211,7 @@ def _pgbackrest_pairs(layout: Layout, topology: Topology, host: Host, region: st
     return pairs
 
 
-def _memory_pairs(settings) -> dict[str, str]:
+def _memory_pairs(settings: StackSettings) -> dict[str, str]:
     """The host-memory parameters of patroni.yml, as rendered -> the sandbox's (see SANDBOX_SHARED_BUFFERS)."""
     local = stack_tuning(settings).local
 
@@ -224,7 +225,7 @@ def _memory_pairs(settings) -> dict[str, str]:
 
 
 def host_mapping(layout: Layout, topology: Topology, host: Host, s3: SandboxS3 | None = None,
-                 region: str = "", settings=None) -> dict[bytes, bytes]:
+                 region: str = "", settings: StackSettings | None = None) -> dict[bytes, bytes]:
     """The literal tokens of `host`'s files: every host's DNS name:port, this host's listen addresses
     (and with `settings`, a PostgreSQL host's memory parameters)."""
     pairs: dict[str, str] = {}
@@ -287,7 +288,7 @@ def map_bytes(content: bytes, mapping: dict[bytes, bytes], root: Path | None = N
 
 
 def map_file(layout: Layout, topology: Topology, host: Host, path: str, content: bytes,
-             s3: SandboxS3 | None = None, region: str = "", settings=None) -> bytes:
+             s3: SandboxS3 | None = None, region: str = "", settings: StackSettings | None = None) -> bytes:
     root = None if path.startswith(UNROOTED_FILES) else layout.host_root(host)
     return map_bytes(content, host_mapping(layout, topology, host, s3, region, settings), root)
 
