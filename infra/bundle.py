@@ -18,8 +18,9 @@ from typing import Literal
 from infra.hostagent.agent import AGENT_COMMAND, AGENT_ROOT
 from infra.hosts.postgres import AUDIT_SQL
 from infra.hosts.spec import File, HostSpec
+from infra.hosts.system import CHRONY_UNIT, SYSCTL_UNIT, THP_UNIT
 from infra.render.backup import SERVICE_TEMPLATE, TIMERS
-from infra.render.patroni import patroni_config
+from infra.render.patroni import EXTENSIONS_SQL, patroni_config
 from infra.settings import StackSettings
 from infra.topology import Paths, Ports, Topology, secret_path, ssm_parameter_name
 
@@ -80,6 +81,11 @@ CHANGE_RULES = (
     # A oneshot started by its timer: the next run reads the new unit (the agent daemon-reloads first).
     ChangeRule("/etc/systemd/system/betting-audit-ship.service", None, "none"),
     ChangeRule("/etc/systemd/system/betting-audit-ship.timer", "betting-audit-ship.timer", "restart"),
+    # Kernel settings apply at once (systemd-sysctl re-reads every file, as at boot), never by a reboot;
+    # its gate checks the kernel took them (huge pages may not fit in fragmented memory).
+    ChangeRule("/etc/sysctl.d/", SYSCTL_UNIT, "restart"),
+    ChangeRule(f"/etc/systemd/system/{THP_UNIT}.service", THP_UNIT, "restart"),
+    ChangeRule("/etc/chrony/", CHRONY_UNIT, "restart"),
 )
 
 
@@ -107,6 +113,8 @@ def _gate(spec: HostSpec, topology: Topology, unit: str) -> dict | None:
     if unit == "prometheus":
         rules = sorted(f.path for f in spec.files if f.path.startswith(Paths.PROMETHEUS_RULES_DIR + "/"))
         return {"kind": "prometheus", "url": f"{local}:{Ports.PROMETHEUS}", "rule_files": rules}
+    if unit == SYSCTL_UNIT:
+        return {"kind": "sysctl", "files": sorted(f.path for f in spec.files if f.path.startswith("/etc/sysctl.d/"))}
     if unit == "prometheus-alertmanager":
         return {"kind": "alertmanager", "url": f"{local}:{Ports.ALERTMANAGER}", "peers": len(topology.monitoring)}
     http = {
@@ -172,7 +180,9 @@ def bundle_document(spec: HostSpec, settings: StackSettings, topology: Topology)
         document["patroni"] = {"api": f"http://127.0.0.1:{Ports.PATRONI_API}", "dynamic": dynamic,
                                "members": len(topology.postgres),
                                # pgaudit's object audit grants, run on the leader after Patroni is healthy.
-                               "audit": {"database": settings.audit.database, "sql": AUDIT_SQL}}
+                               "audit": {"database": settings.audit.database, "sql": AUDIT_SQL},
+                               # pg_stat_statements in the exporter's database, created on the leader likewise.
+                               "extensions": {"database": "postgres", "sql": EXTENSIONS_SQL}}
     if spec.host.role == "etcd":
         # Before its first start with an empty data dir the agent asks the other members whether a
         # cluster runs already, and joins it (infra/hostagent/etcd.py); the rest it reads from env_file.

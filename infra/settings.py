@@ -9,6 +9,7 @@ of the settings: they stay Pulumi secrets (see `SECRET_KEYS`).
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import re
@@ -26,7 +27,10 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from infra import pg_parameters
+from infra.instance_types import INSTANCE_TYPES, Hardware
 from infra.units import GIB, duration_seconds, size_bytes
 
 # The aws partition's regions as the AWS SDK lists them (botocore's endpoint data, offline).
@@ -114,6 +118,73 @@ class PatroniSettings(_Model):
     synchronous_mode_strict: bool = False
     watchdog: Literal["off", "automatic", "required"] = "off"
     max_connections: int = Field(default=200, ge=20, le=10000)
+    # The host's figures for tuning (infra/render/tuning.py) when instanceType is not in infra/instance_types.py,
+    # or to tune for less than the instance has.
+    memory_mib: int | None = Field(default=None, ge=1024, le=24 * 1024 * 1024, alias="memoryMiB")
+    vcpus: int | None = Field(default=None, ge=1, le=448)
+    # PostgreSQL parameters laid over the derived ones (name -> value), checked against PostgreSQL 15's catalog.
+    parameters: dict[str, bool | int | float | str] = {}
+
+    @field_validator("parameters")
+    @classmethod
+    def _known_parameters(cls, parameters: dict) -> dict:
+        problems, checked = [], {}
+        for name, value in parameters.items():
+            canonical = pg_parameters.canonical_name(name)
+            if name in pg_parameters.OWNED or canonical in pg_parameters.OWNED:
+                problems.append((name, {name: value}, f"set by the program ({pg_parameters.OWNED[canonical or name]}); "
+                                                      "it cannot be overridden"))
+            elif canonical is None:
+                close = difflib.get_close_matches(name.lower(), pg_parameters.SETTINGS, n=1)
+                hint = f"; did you mean {close[0]}?" if close else "; see pg_settings"
+                problems.append((name, {name: value}, f"not a PostgreSQL 15 parameter{hint}"))
+            else:
+                try:
+                    checked[canonical] = pg_parameters.check_value(canonical, value)
+                except pg_parameters.ParameterError as error:
+                    problems.append((name, value, str(error)))
+        if problems:
+            raise ValidationError.from_exception_data("parameters", [
+                InitErrorDetails(type=PydanticCustomError("parameter", message), loc=(name,), input=found)
+                for name, found, message in problems])
+        return checked
+
+    @property
+    def hardware(self) -> Hardware:
+        """vCPUs and memory the parameters are derived for: memoryMiB and vcpus if set, else the instance table's."""
+        known = INSTANCE_TYPES.get(self.instance_type)
+        return Hardware(self.vcpus or known.vcpus, self.memory_mib or known.memory_mib)
+
+    @model_validator(mode="after")
+    def _hardware_known(self) -> PatroniSettings:
+        known = INSTANCE_TYPES.get(self.instance_type)
+        problems = []
+        if (self.memory_mib is None) != (self.vcpus is None):
+            given = {"memoryMiB": self.memory_mib, "vcpus": self.vcpus}
+            problems.append(("memoryMiB" if self.memory_mib is None else "vcpus", given,
+                             "patroni.memoryMiB and patroni.vcpus go together: set both"))
+        elif known is None and self.memory_mib is None:
+            families = sorted({name.split(".")[0] for name in INSTANCE_TYPES})
+            problems.append(("instanceType", self.instance_type,
+                             f"not in the instance table (infra/instance_types.py: {', '.join(families)}); add it there, or "
+                             f"set patroni.memoryMiB and patroni.vcpus to tune PostgreSQL for it"))
+        elif known is not None and self.memory_mib is not None and (
+                self.memory_mib > known.memory_mib or self.vcpus > known.vcpus):
+            problems.append(("memoryMiB", self.memory_mib,
+                             f"memoryMiB {self.memory_mib} and vcpus {self.vcpus} must not exceed what {self.instance_type} has "
+                             f"({known.memory_mib} MiB, {known.vcpus} vCPUs)"))
+        if not problems and "shared_buffers" in self.parameters:
+            shared = pg_parameters.memory_mib(self.parameters["shared_buffers"], "shared_buffers")
+            if shared > self.hardware.memory_mib / 2:
+                problems.append((("parameters", "shared_buffers"), self.parameters["shared_buffers"],
+                                 f"at most half of the host's {self.hardware.memory_mib} MiB: the page cache, the backends "
+                                 f"and autovacuum need the rest"))
+        if problems:
+            raise ValidationError.from_exception_data("patroni", [
+                InitErrorDetails(type=PydanticCustomError("hardware", message),
+                                 loc=where if isinstance(where, tuple) else (where,), input=found)
+                for where, found, message in problems])
+        return self
 
     @model_validator(mode="after")
     def _timing(self) -> PatroniSettings:

@@ -384,7 +384,7 @@ class Scratch:
     def options(self) -> list[str]:
         """Overrides of the restored postgresql.conf (Patroni's) and of what pgBackRest wrote in
         postgresql.auto.conf: a private socket, no TCP, no archiving, no synchronous standby to wait for,
-        Patroni's files in the copy, little memory."""
+        Patroni's files in the copy, little memory and no huge pages."""
         settings = {
             "port": self.cfg.pgport,
             "listen_addresses": "",
@@ -396,6 +396,8 @@ class Scratch:
             "hba_file": os.path.join(self.data, "pg_hba.conf"),
             "ident_file": os.path.join(self.data, "pg_ident.conf"),
             "shared_buffers": "128MB",
+            # The live server holds the huge pages the kernel reserves (vm.nr_hugepages): none are left for the copy.
+            "huge_pages": "off",
             "logging_collector": "off",
             "cluster_name": "betting-backup-verify",
             # pgBackRest's own, but synchronous: the asynchronous queue in the spool is the live server's.

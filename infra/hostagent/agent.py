@@ -255,8 +255,11 @@ def _only_inert(before: bytes | None, after: bytes, inert: list[str] | tuple[str
     return live(before) == live(after)
 
 
-def converge_patroni(host: str, spec: dict, report: Report, timeout: float) -> None:
-    """Cluster-wide settings through PATCH /config; a pending restart one member at a time (this one)."""
+def converge_patroni(host: str, spec: dict, report: Report, timeout: float, reloaded: bool = False) -> None:
+    """Cluster-wide settings through PATCH /config; a pending restart one member at a time (this one).
+
+    `reloaded`: patroni.yml changed and Patroni was sent a reload, which it applies at its next HA loop;
+    a local parameter that needs a restart shows as pending only then."""
     api, name = spec["api"], host
     try:
         patroni.wait_healthy(api, timeout, name, allow_pending=True)
@@ -264,6 +267,8 @@ def converge_patroni(host: str, spec: dict, report: Report, timeout: float) -> N
         if patch:
             report.actions.append(f"PATCH /config {json.dumps(patch, sort_keys=True)}")
             report.log(f"patroni dynamic configuration changed: {json.dumps(patch, sort_keys=True)}")
+        elif reloaded:  # (a PATCH waits for an HA loop already)
+            patroni.wait_reload_applied(api, int(spec["dynamic"].get("loop_wait", 10)))
         # A leader restarts the other pending members first, one at a time, then hands over once.
         if patroni.restart_if_pending(api, timeout, name, expected_members=spec["members"]):
             report.actions.append("restart postgresql (pending restart)")
@@ -293,6 +298,20 @@ def converge_audit(host: str, spec: dict, platform, report: Report) -> None:
     except subprocess.CalledProcessError as error:
         raise ApplyError(host, "audit", (error.stderr or str(error)).strip().splitlines()[-1]) from None
     report.log(f"audit: grants of {database} match betting.audit_tables")
+
+
+def converge_extensions(host: str, spec: dict, platform, report: Report) -> None:
+    """On the Patroni leader: the extensions the monitoring reads (the bundle's SQL file, idempotent); a cluster
+    bootstrapped before they were added gets them here, its replicas by replication."""
+    api, extensions = spec["api"], spec["extensions"]
+    try:
+        if patroni.member(api).get("role") not in patroni.LEADER_ROLES:
+            return
+        platform.psql(extensions["database"], "-f", platform.path(extensions["sql"]))
+    except patroni.PatroniError as error:
+        raise ApplyError(host, "extensions", str(error)) from None
+    except subprocess.CalledProcessError as error:
+        raise ApplyError(host, "extensions", (error.stderr or str(error)).strip().splitlines()[-1]) from None
 
 
 def apply(bundle: dict, platform, gate_timeout: float | None = None) -> Report:
@@ -343,6 +362,7 @@ def apply(bundle: dict, platform, gate_timeout: float | None = None) -> Report:
     for service in bundle["services"]:
         unit, gate = service["unit"], service["gate"]
         action = pending.get(unit, "none")
+        reloaded = False
         if not platform.active(unit):
             _first_start(host, bundle, unit, platform, report, gate_timeout or GATE_TIMEOUT.get(unit, DEFAULT_GATE_TIMEOUT))
         elif action == "restart":
@@ -353,11 +373,14 @@ def apply(bundle: dict, platform, gate_timeout: float | None = None) -> Report:
         elif action == "reload":
             platform.reload(unit)
             report.actions.append(f"reload {unit}")
+            reloaded = True
         if unit == "patroni" and "patroni" in bundle:
-            converge_patroni(host, bundle["patroni"], report, gate_timeout or GATE_TIMEOUT["patroni"])
+            converge_patroni(host, bundle["patroni"], report, gate_timeout or GATE_TIMEOUT["patroni"], reloaded)
         _wait_gate(host, unit, gate, gate_timeout)
         if unit == "patroni" and "audit" in bundle.get("patroni", {}):
             converge_audit(host, bundle["patroni"], platform, report)
+        if unit == "patroni" and "extensions" in bundle.get("patroni", {}):
+            converge_extensions(host, bundle["patroni"], platform, report)
     return report
 
 

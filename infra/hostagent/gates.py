@@ -92,6 +92,36 @@ def check_alertmanager(gate: dict) -> tuple[bool, str]:
     return True, "ready"
 
 
+PROC_SYS = "/proc/sys"
+
+
+def sysctl_settings(content: str) -> dict[str, str]:
+    """key = value lines of a sysctl.d file (sysctl.d(5)), values with their whitespace collapsed."""
+    settings = {}
+    for line in content.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            settings[key.strip().lstrip("-")] = " ".join(value.split())
+    return settings
+
+
+def check_sysctl(gate: dict) -> tuple[bool, str]:
+    """The kernel runs every value of the bundle's sysctl.d files. systemd-sysctl applies them but the kernel may
+    give less than asked: vm.nr_hugepages only gets the huge pages free memory can still form."""
+    for path in gate["files"]:
+        with open(path) as handle:
+            wanted = sysctl_settings(handle.read())
+        for key, value in wanted.items():
+            with open(f"{PROC_SYS}/{key.replace('.', '/')}") as current:
+                have = " ".join(current.read().split())
+            if have != value:
+                hint = " (memory too fragmented for the huge pages at run time: reboot the host)" \
+                    if key == "vm.nr_hugepages" else ""
+                return False, f"{key} is {have}, {path} asks {value}{hint}"
+    return True, "kernel settings applied"
+
+
 def check_patroni(gate: dict) -> tuple[bool, str]:
     return patroni.health(gate["api"], gate["name"])
 
@@ -102,6 +132,7 @@ CHECKS = {
     "prometheus": check_prometheus,
     "alertmanager": check_alertmanager,
     "patroni": check_patroni,
+    "sysctl": check_sysctl,
 }
 
 

@@ -373,6 +373,18 @@ def restart_if_pending(api: str, timeout: float = 300, name: str | None = None,
     return True
 
 
+def wait_reload_applied(api: str, loop_wait: int) -> bool:
+    """After a reload (SIGHUP or POST /reload), until Patroni has applied it: it does at the start of its next
+    HA loop and flags pending_restart a second later. 3.0.2 reports no config version, so without a pending
+    restart to show, this waits out loop_wait plus that second and the loop's own work. True if one is pending."""
+    deadline = time.monotonic() + loop_wait + 3
+    while time.monotonic() < deadline:
+        if member(api).get("pending_restart"):
+            return True
+        time.sleep(POLL)
+    return bool(member(api).get("pending_restart"))
+
+
 def reload(api: str) -> None:
     """POST /reload: Patroni re-reads its local patroni.yml and reloads PostgreSQL (202 "reload scheduled").
 

@@ -17,6 +17,7 @@ from infra.hosts.spec import (
     env_file,
     ingress_rules,
 )
+from infra.hosts.system import with_time_sync
 from infra.settings import StackSettings
 from infra.topology import Topology
 
@@ -27,10 +28,10 @@ __all__ = [
 
 
 def host_specs(settings: StackSettings, topology: Topology) -> tuple[HostSpec, ...]:
-    return (
+    return tuple(with_time_sync(spec) for spec in (
         *(etcd.spec(settings, topology, h) for h in topology.etcd),
         *(postgres.spec(settings, topology, h) for h in topology.postgres),
         *(clickhouse.spec(settings, topology, h) for h in topology.clickhouse),
         *(monitoring.spec(settings, topology, h) for h in topology.monitoring),
         *(grafana.spec(settings, topology, h) for h in topology.grafana),
-    )
+    ))

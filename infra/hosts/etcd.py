@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from infra.hosts.spec import BASE_PACKAGES, DataVolume, HostSpec, node_exporter_file, place
+from infra.hosts.system import data_volume_drop_in
 from infra.render.etcd import render_etcd
 from infra.settings import StackSettings
 from infra.topology import Host, Paths, Topology
@@ -10,11 +11,13 @@ from infra.topology import Host, Paths, Topology
 
 def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
     rendered = render_etcd(settings, topology, host)
+    volume = DataVolume("etcd-data", Paths.ETCD_DATA, "etcd:etcd", settings.etcd.data_volume)
     return HostSpec(
         host=host,
         instance_type=settings.etcd.instance_type,
         packages=BASE_PACKAGES + ("etcd-server",),
-        files=(*place(rendered, {f"etcd/{host.name}.env": Paths.ETCD_CONFIG}), node_exporter_file()),
+        files=(*place(rendered, {f"etcd/{host.name}.env": Paths.ETCD_CONFIG}), node_exporter_file(),
+               data_volume_drop_in("etcd", volume)),
         services=("etcd", "prometheus-node-exporter"),
-        volume=DataVolume("etcd-data", Paths.ETCD_DATA, "etcd:etcd", settings.etcd.data_volume),
+        volume=volume,
     )

@@ -26,9 +26,10 @@ from infra.hosts.spec import (
     place,
     shell_args,
 )
+from infra.hosts.system import POSTGRES_HOST_UNITS, postgres_host_files
 from infra.render.backup import SERVICE_TEMPLATE, TIMERS, render_backup_timers
 from infra.render.exporters import render_exporters
-from infra.render.patroni import LOG_DIRECTORY, UNIX_SOCKET_DIR, render_patroni
+from infra.render.patroni import EXTENSIONS_SQL, LOG_DIRECTORY, UNIX_SOCKET_DIR, render_patroni
 from infra.render.pgbackrest import PGBACKREST_BIN, render_pgbackrest, uses_tls_server
 from infra.settings import StackSettings
 from infra.topology import (
@@ -137,6 +138,7 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
     patroni = render_patroni(settings, topology, host)
     exporters = render_exporters(settings, topology)
     tls = uses_tls_server(topology)
+    volume = DataVolume("postgres-data", "/var/lib/postgresql", "postgres:postgres", settings.patroni.data_volume)
     files = [
         *place(patroni, {f"patroni/{host.name}.yml": Paths.PATRONI_CONFIG}, owner="postgres:postgres", mode="0600"),
         *place(render_pgbackrest(settings, topology, host), {f"pgbackrest/{host.name}.conf": Paths.PGBACKREST_CONFIG},
@@ -154,6 +156,8 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         })),
         *backup_files(settings, topology, host),
         File(AUDIT_SQL, _AUDIT_SQL_BYTES),
+        File(EXTENSIONS_SQL, (_FILES / "pg-extensions.sql").read_bytes()),
+        *postgres_host_files(settings, volume),
         File(AUDIT_SHIPPER, (_FILES / "betting-ship-audit-logs").read_bytes(), mode="0755"),
         File(AUDIT_SHIP_ENV, env_file(audit_ship_environment(settings, topology, host))),
         *(File(f"/etc/systemd/system/{AUDIT_SHIP_UNIT}.{kind}", (_FILES / f"{AUDIT_SHIP_UNIT}.{kind}").read_bytes())
@@ -183,10 +187,10 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
                                   "pgbackrest", "prometheus-postgres-exporter", *BACKUP_PACKAGES),
         files=tuple(files),
         # The TLS server first: the member that bootstraps the cluster creates the stanza through the others.
-        services=((PGBACKREST_SERVER_UNIT,) if tls else ()) + (
+        services=POSTGRES_HOST_UNITS + ((PGBACKREST_SERVER_UNIT,) if tls else ()) + (
             "patroni", "prometheus-postgres-exporter", "prometheus-node-exporter", *TIMERS.values(),
             f"{AUDIT_SHIP_UNIT}.timer"),
-        volume=DataVolume("postgres-data", "/var/lib/postgresql", "postgres:postgres", settings.patroni.data_volume),
+        volume=volume,
         secret_files=tuple(secret_files),
         secret_environments=(SecretEnvironment("patroni", PATRONI_ENVIRONMENT, "postgres:postgres"),),
         bucket_grants=(

@@ -185,4 +185,4 @@ def place(rendered: dict[str, bytes], locations: dict[str, str], owner: str = "r
     return files
 
 
-BASE_PACKAGES = ("awscli", "prometheus-node-exporter", "xfsprogs")
+BASE_PACKAGES = ("awscli", "chrony", "prometheus-node-exporter", "xfsprogs")

@@ -1,5 +1,8 @@
 """Exporter configuration: postgres_exporter's custom queries. Pure: settings + topology in, bytes out.
 
+The top statements of pg_stat_statements (`pg_stat_statements_top_*`, see TOP_STATEMENTS) come from the
+extension the post_bootstrap script and the agent create in the postgres database.
+
 postgres_exporter 0.11 exports replication lag only in bytes and only on the primary
 (`pg_stat_replication_pg_wal_lsn_diff`); the data-freshness SLI (lag < 1 s) needs seconds,
 measured on each replica. It has no transaction-ID age, and its replication-slot query fails on
@@ -48,6 +51,18 @@ SELECT
 FROM pg_replication_slots
 """
 
+# pg_stat_statements' heaviest statements by total execution time: at most TOP_STATEMENTS series per metric
+# and server, labelled by queryid alone (no query text, user or database: bounded cardinality, nothing
+# sensitive). A statement's rows for several users or databases are summed under its queryid. The set changes
+# as statements climb in and out of the top: read them as counters with rate(), per queryid.
+TOP_STATEMENTS = 20
+TOP_STATEMENTS_QUERY = f"""\
+SELECT queryid::text AS queryid, sum(calls) AS calls, sum(total_exec_time) / 1000 AS exec_seconds,
+  sum(rows) AS rows, sum(shared_blks_read) AS shared_blks_read, sum(temp_blks_written) AS temp_blks_written
+FROM pg_stat_statements WHERE queryid IS NOT NULL
+GROUP BY queryid ORDER BY sum(total_exec_time) DESC LIMIT {TOP_STATEMENTS}
+"""
+
 POSTGRES_EXPORTER_QUERIES = {
     "pg_replication": {
         "query": REPLICATION_LAG_QUERY,
@@ -74,6 +89,20 @@ POSTGRES_EXPORTER_QUERIES = {
             {"slot_type": {"usage": "LABEL", "description": "physical or logical"}},
             {"active": {"usage": "GAUGE", "description": "1 while a receiver streams through the slot"}},
             {"retained_wal_bytes": {"usage": "GAUGE", "description": "WAL the slot keeps in pg_wal, in bytes"}},
+        ],
+    },
+    "pg_stat_statements_top": {
+        "query": TOP_STATEMENTS_QUERY,
+        "master": True,
+        # Read every 30 s, not at each 5 s scrape: the view sorts up to pg_stat_statements.max entries.
+        "cache_seconds": 30,
+        "metrics": [
+            {"queryid": {"usage": "LABEL", "description": "pg_stat_statements' queryid"}},
+            {"calls": {"usage": "COUNTER", "description": "Times the statement ran"}},
+            {"exec_seconds": {"usage": "COUNTER", "description": "Time spent executing the statement, in seconds"}},
+            {"rows": {"usage": "COUNTER", "description": "Rows the statement returned or affected"}},
+            {"shared_blks_read": {"usage": "COUNTER", "description": "Blocks read from outside shared_buffers"}},
+            {"temp_blks_written": {"usage": "COUNTER", "description": "Temporary blocks written (work_mem too small)"}},
         ],
     },
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import yaml
 
 from infra.render.pgbackrest import PGBACKREST_BIN, stanza
+from infra.render.tuning import LOCAL, stack_tuning
 from infra.settings import StackSettings
 from infra.topology import Host, Paths, Ports, SecretNames, Topology
 
@@ -29,10 +30,13 @@ PASSWORD_ENV = {
 # environment Patroni runs in, never from this file.
 EXPORTER_ROLE = "postgres_exporter"
 EXPORTER_PASSWORD_ENV = "POSTGRES_EXPORTER_PASSWORD"
+# The extensions the monitoring reads (pg_stat_statements): post_bootstrap and the agent on the leader run it.
+EXTENSIONS_SQL = "/etc/betting/pg-extensions.sql"
 # Patroni runs post_bootstrap once, on the node that initialises the cluster, appending the superuser's
-# connection URL: the script (infra/hostagent/files/betting-pg-post-bootstrap) creates the exporter role and
-# the pgBackRest stanza, so WAL is archived from the first segment on. Its values come from the backup env file.
-POST_BOOTSTRAP = f"{Paths.POST_BOOTSTRAP} {Paths.BACKUP_ENV}"
+# connection URL: the script (infra/hostagent/files/betting-pg-post-bootstrap) creates the exporter role, the
+# extensions and the pgBackRest stanza, so WAL is archived from the first segment on. Its values come from the
+# backup env file.
+POST_BOOTSTRAP = f"{Paths.POST_BOOTSTRAP} {Paths.BACKUP_ENV} {EXTENSIONS_SQL}"
 
 # pgaudit (Debian's postgresql-15-pgaudit): session audit of DDL and of role and privilege changes
 # on every member, and object audit of writes through the role below: pgaudit logs a statement
@@ -102,6 +106,18 @@ def _local_parameters(settings: StackSettings, topology: Topology) -> dict:
     }
 
 
+def _parameters(settings: StackSettings, topology: Topology) -> tuple[dict, dict]:
+    """(DCS, local) parameters: the program's, then the derived ones and the stack's overrides (infra/render/tuning.py).
+
+    A derived or overridden parameter goes where the program renders it: shared_buffers and huge_pages, and the
+    program's own local ones, in this node's patroni.yml (Patroni lets a local value win over the DCS); the rest
+    in the DCS."""
+    cluster, local = _cluster_parameters(settings, len(topology.postgres)), _local_parameters(settings, topology)
+    for name, value in stack_tuning(settings).parameters.items():
+        (local if name in local or name in LOCAL else cluster)[name] = value
+    return cluster, local
+
+
 def _pg_hba(settings: StackSettings) -> list[str]:
     vpc = settings.vpc_cidr
     return [
@@ -120,6 +136,7 @@ def patroni_config(settings: StackSettings, topology: Topology, node: Host) -> d
         raise ValueError(f"{node.name} is not a PostgreSQL host of this topology")
     patroni = settings.patroni
     backrest = f"{PGBACKREST_BIN} --config={Paths.PGBACKREST_CONFIG} --stanza={stanza(topology)}"
+    cluster_parameters, local_parameters = _parameters(settings, topology)
     config: dict = {
         "scope": topology.patroni_scope,
         "namespace": "/service/",
@@ -144,7 +161,7 @@ def patroni_config(settings: StackSettings, topology: Topology, node: Host) -> d
                 "postgresql": {
                     "use_pg_rewind": True,
                     "use_slots": True,
-                    "parameters": _cluster_parameters(settings, len(topology.postgres)),
+                    "parameters": cluster_parameters,
                 },
             },
             "initdb": [{"encoding": "UTF8"}, {"locale": "C.UTF-8"}, "data-checksums"],
@@ -163,7 +180,7 @@ def patroni_config(settings: StackSettings, topology: Topology, node: Host) -> d
                 "replication": {"username": REPLICATION_USER},
                 "rewind": {"username": REWIND_USER},
             },
-            "parameters": _local_parameters(settings, topology),
+            "parameters": local_parameters,
             "recovery_conf": {"restore_command": f"{backrest} archive-get %f %p"},
             "pg_hba": _pg_hba(settings),
             # A new replica restores from the S3 backups first (no load on the primary), else streams a base backup.

@@ -14,8 +14,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from infra.hosts.system import CHRONY_UNIT, POSTGRES_HOST_UNITS
 from infra.render.patroni import UNIX_SOCKET_DIR
 from infra.render.pgbackrest import PGBACKREST_BIN, TLS_SERVER_ADDRESS, members
+from infra.render.tuning import stack_tuning
+from infra.settings import StackSettings
 from infra.topology import Host, Paths, Ports, Topology
 
 LOOPBACK = "127.0.0.1"
@@ -34,6 +39,14 @@ WATCHDOG_REQUIRED = b"  mode: required\n"
 WATCHDOG_AUTOMATIC = b"  mode: automatic\n"
 # The sandbox's Redis is a plain local redis-server: no TLS and no AUTH (ElastiCache has both).
 PLAIN_REDIS_SCHEME = "redis://"
+# Every sandbox host shares this machine's kernel and clock: their units never start here (no sysctl applied to
+# this machine, no transparent-huge-page switch, no chronyd setting its clock); their files are still written.
+SHARED_MACHINE_UNITS = (CHRONY_UNIT, *POSTGRES_HOST_UNITS)
+# ... and its memory: each PostgreSQL keeps PostgreSQL's default shared_buffers (a quarter of a prod host's
+# memory, three times over, may be more than this machine has), and takes huge pages only if there are any
+# (`try`: no sysctl reserves them here).
+SANDBOX_SHARED_BUFFERS = "128MB"
+SANDBOX_HUGE_PAGES = "try"
 
 # Where a path starts (not inside a longer path or a URL), these folders are the host's own.
 HOST_FOLDERS = ("/etc/", "/var/", "/run/", "/tmp/")
@@ -206,9 +219,23 @@ def _pgbackrest_pairs(layout: Layout, topology: Topology, host: Host, region: st
     return pairs
 
 
+def _memory_pairs(settings: StackSettings) -> dict[str, str]:
+    """The host-memory parameters of patroni.yml, as rendered -> the sandbox's (see SANDBOX_SHARED_BUFFERS)."""
+    local = stack_tuning(settings).local
+
+    def line(key: str, value) -> str:  # the line exactly as patroni.yml renders it
+        return yaml.safe_dump({key: value})
+
+    pairs = {line("shared_buffers", local["shared_buffers"]): line("shared_buffers", SANDBOX_SHARED_BUFFERS)}
+    if local["huge_pages"] != "off":
+        pairs[line("huge_pages", local["huge_pages"])] = line("huge_pages", SANDBOX_HUGE_PAGES)
+    return pairs
+
+
 def host_mapping(layout: Layout, topology: Topology, host: Host, s3: SandboxS3 | None = None,
-                 region: str = "") -> dict[bytes, bytes]:
-    """The literal tokens of `host`'s files: every host's DNS name:port, this host's listen addresses."""
+                 region: str = "", settings: StackSettings | None = None) -> dict[bytes, bytes]:
+    """The literal tokens of `host`'s files: every host's DNS name:port, this host's listen addresses
+    (and with `settings`, a PostgreSQL host's memory parameters)."""
     pairs: dict[str, str] = {}
     for other in topology.hosts:
         if other.role in SANDBOX_ROLES:
@@ -220,6 +247,8 @@ def host_mapping(layout: Layout, topology: Topology, host: Host, s3: SandboxS3 |
         pairs[f"-address=:{port}"] = f"-address={LOOPBACK}:{mapped}"  # exporters' --web.listen-address=:PORT
     if host.role == "postgres":
         pairs.update(_pgbackrest_pairs(layout, topology, host, region, s3))
+        if settings is not None:
+            pairs.update(_memory_pairs(settings))
     else:
         pairs[PGBACKREST_BIN] = NO_S3_BIN
     pairs[f"rediss://{topology.redis_endpoint}:{Ports.REDIS}"] = f"{PLAIN_REDIS_SCHEME}{LOOPBACK}:{layout.redis}"
@@ -267,9 +296,9 @@ def map_bytes(content: bytes, mapping: dict[bytes, bytes], root: Path | None = N
 
 
 def map_file(layout: Layout, topology: Topology, host: Host, path: str, content: bytes,
-             s3: SandboxS3 | None = None, region: str = "") -> bytes:
+             s3: SandboxS3 | None = None, region: str = "", settings: StackSettings | None = None) -> bytes:
     root = None if path.startswith(UNROOTED_FILES) else layout.host_root(host)
-    return map_bytes(content, host_mapping(layout, topology, host, s3, region), root)
+    return map_bytes(content, host_mapping(layout, topology, host, s3, region, settings), root)
 
 
 def unmapped_parts(content: bytes, tokens, with_paths: bool = False) -> list[bytes]:

@@ -234,7 +234,7 @@ class Sandbox:
 
     def mapping(self, host: Host, topology: Topology | None = None, settings: StackSettings | None = None) -> dict[bytes, bytes]:
         settings = settings or self.settings
-        return m.host_mapping(self.layout, topology or self.topology, host, self.s3, settings.region)
+        return m.host_mapping(self.layout, topology or self.topology, host, self.s3, settings.region, settings)
 
     def platform(self, host: Host) -> SandboxHost:
         store = SecretStore(self.layout.secrets_dir, PLACEHOLDER_SECRETS)
@@ -263,13 +263,14 @@ class Sandbox:
 
         for file in document["files"]:
             file["content"] = m.map_file(self.layout, topology, host, file["path"], file["content"].encode(),
-                                         self.s3, settings.region).decode()
+                                         self.s3, settings.region, settings).decode()
             file["owner"] = file["owner"] if keep_owners else None
         for secret in document["secret_files"] + document["secret_environments"] + document["directories"]:
             secret["owner"] = secret["owner"] if keep_owners else None
         document["services"] = [
             {"unit": s["unit"], "gate": mapped(s["gate"])} for s in document["services"]
-            if s["unit"] in UNIT_GROUPS and (UNIT_GROUPS[s["unit"]] is None or UNIT_GROUPS[s["unit"]] in groups)
+            if s["unit"] in UNIT_GROUPS and s["unit"] not in m.SHARED_MACHINE_UNITS
+            and (UNIT_GROUPS[s["unit"]] is None or UNIT_GROUPS[s["unit"]] in groups)
             and (s["unit"] != "pgbackrest" or self.s3 is not None)
         ]
         if "patroni" in document:

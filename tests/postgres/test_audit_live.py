@@ -30,7 +30,9 @@ pytestmark = pytest.mark.live
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PGAUDIT = Path("/usr/lib/postgresql/15/lib/pgaudit.so")
-HOST_SPECIFIC = ("unix_socket_directories", "archive_mode", "archive_command", "log_directory")
+# The host's memory too: prod's shared_buffers and huge pages need prod's memory and its kernel's reservation
+# (tests/postgres/test_tuning_live.py starts the tuned parameters scaled to this machine).
+HOST_SPECIFIC = ("unix_socket_directories", "archive_mode", "archive_command", "log_directory", "shared_buffers", "huge_pages")
 
 
 def _as_postgres(*command: str) -> str:

@@ -51,7 +51,7 @@ def test_every_file_differs_from_the_rendered_one_only_in_mapped_tokens_and_host
     sandbox = _sandbox(settings, tmp_path)
     changed = 0
     for host, path, content, mapped in _pairs(sandbox):
-        mapping = m.host_mapping(sandbox.layout, sandbox.topology, host)
+        mapping = m.host_mapping(sandbox.layout, sandbox.topology, host, settings=sandbox.settings)
         root = str(sandbox.layout.host_root(host)).encode()
         rooted = not path.startswith(m.UNROOTED_FILES)
         used = {key: value for key, value in mapping.items() if key in content}
