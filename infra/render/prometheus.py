@@ -411,8 +411,11 @@ PLATFORM_ALERTS: tuple[Alert, ...] = (
     ),
     Alert(
         "PatroniTimelineSwitch",
-        # The cluster's highest timeline grew in the last 15 minutes: a failover or switchover happened.
-        "max by (scope) (patroni_postgres_timeline) > max by (scope) (patroni_postgres_timeline offset 15m)",
+        # The cluster's highest timeline is above the lowest any member reported in the last 15 minutes: a
+        # failover or switchover happened. A window, not `offset 15m`, so it fires on a Prometheus younger
+        # than 15 minutes too; a restarting member reports 0, which is not a timeline.
+        "max by (scope) (patroni_postgres_timeline)\n"
+        "  > min by (scope) (min_over_time((patroni_postgres_timeline > 0)[15m:]))",
         "0s", "warning", "dbre",
         "Patroni cluster {{ $labels.scope }} switched timeline",
         "The cluster is on timeline {{ $value }}: a failover or switchover happened in the last 15 minutes.",

@@ -177,3 +177,20 @@ def test_backup_pipeline_alerts_route_like_backup_failed(rendered):
         rule = by_file[(name, "rules/backups.yml")]
         assert rule["labels"] == document["labels"], name
     assert "pg_replication_is_replica) == 0" in by_file[("WalArchivingFailing", "rules/backups.yml")]["expr"]
+
+
+def test_no_rule_looks_back_with_offset():
+    """An `offset` sees nothing on a Prometheus younger than it (a new stack, a replaced monitoring
+    host): PatroniTimelineSwitch stayed silent after a real failover that way. Windows instead."""
+    from infra.render.prometheus import render_prometheus
+    from infra.settings import load_settings
+    from infra.topology import build_topology
+    from tests.conftest import stack_config
+
+    for stack in ("dev", "staging", "prod"):
+        settings = load_settings(stack_config(stack), stack)
+        for path, content in render_prometheus(settings, build_topology(settings)).items():
+            if path.startswith("prometheus/rules/"):
+                for group in yaml.safe_load(content)["groups"]:
+                    for rule in group["rules"]:
+                        assert not re.search(r"\boffset\b", rule["expr"]), (stack, rule.get("alert") or rule.get("record"))
