@@ -1,4 +1,5 @@
-"""Network: every VPC's flows logged, its default security group closed, egress to the internet only where needed."""
+"""Network: every VPC's flows logged, its default security group closed, egress to the internet only where needed,
+load balancers protected from deletion where clients depend on them."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ SECURITY_GROUP = "aws:ec2/securityGroup:SecurityGroup"
 INGRESS_RULE = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
 EGRESS_RULE = "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule"
 LEGACY_RULE = "aws:ec2/securityGroupRule:SecurityGroupRule"
+LOAD_BALANCER_TYPES = ("aws:lb/loadBalancer:LoadBalancer", "aws:alb/loadBalancer:LoadBalancer")
 
 # The provider's default destination of a flow log.
 DEFAULT_FLOW_LOG_DESTINATION = "cloud-watch-logs"
@@ -25,6 +27,8 @@ MIN_FLOW_LOG_RETENTION_DAYS = 365
 # Packages (HTTP, HTTPS), AWS APIs, PagerDuty and Slack (HTTPS), Alertmanager's SMTP submission port.
 INTERNET_EGRESS_PORTS = [80, 443, 587]
 INTERNET_EGRESS_PROTOCOLS = ["tcp"]
+# Where deleting the database load balancer would cut every client at once.
+PROTECTED_ENVIRONMENTS = ["staging", "prod"]
 PROTOCOL_NAMES = {"-1": "all", "all": "all", "6": "tcp", "17": "udp", "1": "icmp", "58": "icmpv6"}
 
 
@@ -176,6 +180,18 @@ def check_sg_egress_narrow(resource: Resource, config: Mapping[str, Any]) -> Ite
             yield Finding(resource, message(resource, f"{shown}/{protocol} to {to}", rule, requirement))
 
 
+def check_lb_deletion_protection(resource: Resource, config: Mapping[str, Any]) -> Iterator[Finding]:
+    rule, environments = "lb-deletion-protection", list(config["environments"])
+    requirement = f"in {', '.join(environments)} (by the Environment tag), every load balancer has enableDeletionProtection true"
+    tags = resource.props.get("tags")
+    if tags is UNKNOWN or resource.tags.get("Environment") not in environments:
+        return
+    protected = resource.get("enableDeletionProtection")
+    if protected is not UNKNOWN and protected is not True:
+        yield Finding(resource, message(resource, f"{resource.tags['Environment']}: enableDeletionProtection is {protected!r}",
+                                        rule, requirement))
+
+
 RULES = (
     Rule(
         name="vpc-flow-logs",
@@ -203,5 +219,14 @@ RULES = (
             "internetEgressPorts": {"type": "array", "items": {"type": "integer"}, "default": INTERNET_EGRESS_PORTS},
             "internetEgressProtocols": {"type": "array", "items": {"type": "string"}, "default": INTERNET_EGRESS_PROTOCOLS},
         },
+    ),
+    Rule(
+        name="lb-deletion-protection",
+        category="security",
+        description="In staging and prod, every load balancer has deletion protection.",
+        kind="resource",
+        check=check_lb_deletion_protection,
+        resource_types=LOAD_BALANCER_TYPES,
+        config_schema={"environments": {"type": "array", "items": {"type": "string"}, "default": PROTECTED_ENVIRONMENTS}},
     ),
 )

@@ -130,6 +130,11 @@ def _network() -> list[dict[str, Any]]:
             "logDestination": f"arn:aws:logs:eu-west-1:{ACCOUNT}:log-group:{FLOW_LOG_GROUP}",
             "iamRoleArn": f"arn:aws:iam::{ACCOUNT}:role/network-flow-logs-role",
         }, parent="network"),
+        # Dev's: deletion protection only where clients depend on it (staging, prod).
+        _res("aws:lb/loadBalancer:LoadBalancer", "postgres-lb", {
+            "loadBalancerType": "network", "internal": True, "enableDeletionProtection": False,
+            "securityGroups": ["network-postgres-lb_id"], "tags": {"Environment": "dev"},
+        }, parent="postgres"),
         egress("postgres", "vpc", 0, 65535, {"cidrIpv4": VPC_CIDR}),
         egress("postgres", "s3", 443, 443, {"prefixListId": "pl-network-s3"}),
         egress("postgres", "internet", 443, 443, {"cidrIpv4": "0.0.0.0/0"}),

@@ -343,6 +343,11 @@ VIOLATIONS = [
     ("s3-data-events-logged", TRAIL, lambda p: p.update(enableLogging=False), "enableLogging is False: it records nothing"),
     ("s3-data-events-logged", TRAIL, lambda p: p.update(s3BucketName="someone-elses-logs"),
      "it delivers to 'someone-elses-logs', no bucket of this stack"),
+    # lb-deletion-protection: the compliant stack is dev's; the same load balancer in staging or prod must be protected.
+    ("lb-deletion-protection", "postgres-lb", lambda p: p["tags"].update(Environment="staging"),
+     "LoadBalancer 'postgres-lb': staging: enableDeletionProtection is False"),
+    ("lb-deletion-protection", "postgres-lb", lambda p: (p.pop("enableDeletionProtection"), p["tags"].update(Environment="prod")),
+     "prod: enableDeletionProtection is None"),
 ]
 
 
@@ -435,6 +440,10 @@ UNKNOWNS = [
     ("s3-data-events-logged", TRAIL, _set(["s3BucketName"], UNKNOWN_STRING)),
     ("s3-data-events-logged", BACKUPS, _set(["bucket"], UNKNOWN_STRING)),
     ("s3-data-events-logged", BACKUPS, _set(["tags"], UNKNOWN_OBJECT)),
+    ("lb-deletion-protection", "postgres-lb", lambda p: p.update(tags=UNKNOWN_OBJECT, enableDeletionProtection=False)),
+    ("lb-deletion-protection", "postgres-lb", lambda p: p.update(tags={"Environment": UNKNOWN_STRING})),
+    ("lb-deletion-protection", "postgres-lb", lambda p: p.update(tags={"Environment": "prod"},
+                                                                 enableDeletionProtection=UNKNOWN_BOOLEAN)),
 ]
 
 
@@ -741,3 +750,9 @@ def test_one_good_trail_is_enough_and_other_buckets_need_none():
     assert run_policy("s3-data-events-logged", compliant_stack(), config={"purposes": ["backups"]}) == []
     assert [m for _, m in run_policy("s3-data-events-logged", compliant_stack(), config={"purposes": ["data-access-logs"]})
             if "Bucket 'backups-data-access-logs': no trail" in m]
+
+
+def test_a_protected_load_balancer_in_prod_passes_and_the_environments_are_configurable():
+    prod = changed("postgres-lb", lambda p: (p.update(enableDeletionProtection=True), p["tags"].update(Environment="prod")))
+    assert run_policy("lb-deletion-protection", prod) == []
+    assert run_policy("lb-deletion-protection", compliant_stack(), config={"environments": ["dev", "staging", "prod"]})
