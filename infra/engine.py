@@ -71,6 +71,9 @@ def _computed(typ: str, name: str, inputs: dict, region: str = "eu-west-1") -> d
         state["prefixListId"] = f"pl-{name}"
     elif typ == "aws:kms/key:Key":
         state["keyId"] = f"{name}-key-id"
+    elif typ == "aws:cloudwatch/logGroup:LogGroup":
+        # AWS's shape (the provider drops the trailing ":*"): a flow log names its group by this ARN.
+        state["arn"] = f"arn:aws:logs:{region}:{OFFLINE_ACCOUNT}:log-group:{inputs.get('name', name)}"
     elif typ in ("aws:iam/role:Role", "aws:iam/instanceProfile:InstanceProfile", "aws:elasticache/subnetGroup:SubnetGroup",
                  "aws:elasticache/parameterGroup:ParameterGroup"):
         state["name"] = inputs.get("name", name)

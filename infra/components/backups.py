@@ -103,14 +103,14 @@ class BackupStorage(pulumi.ComponentResource):
         self.audit_bucket = audit.bucket
         self._create_audit_retention(self.audit_bucket, "audit")
 
-        self.data_access_logs = self._create_data_access_trail(account, protect)
-
-        outputs = {"key_arn": self.key.arn, "backup_bucket": self.backup_bucket.bucket, "audit_bucket": self.audit_bucket.bucket,
-                   "data_access_log_bucket": self.data_access_logs.bucket}
+        outputs = {"key_arn": self.key.arn, "backup_bucket": self.backup_bucket.bucket, "audit_bucket": self.audit_bucket.bucket}
         if args.settings.backups.replica_region:
             self._create_replicas(backups, audit, protect)
             outputs.update(replica_key_arn=self.replica_key.arn, backup_replica=self.backup_replica.bucket,
                            audit_replica=self.audit_replica.bucket)
+        # After the replicas: they hold the same data, so their reads are logged too.
+        self.data_access_logs = self._create_data_access_trail(account, protect)
+        outputs["data_access_log_bucket"] = self.data_access_logs.bucket
         self.register_outputs(outputs)
 
     def _create_bucket(self, purpose: str, bucket_name: str, object_lock: bool, protect: bool,
@@ -123,9 +123,10 @@ class BackupStorage(pulumi.ComponentResource):
                                        extra_statements=extra_statements)
 
     def _create_data_access_trail(self, account: pulumi.Output[str], protect: bool) -> aws.s3.Bucket:
-        """CloudTrail data events: every read, write and delete of an object in the backup and audit buckets,
-        into a bucket under the audit logs' own Object Lock and retention, encrypted with the same key."""
+        """CloudTrail data events: every read, write and delete of an object in the backup and audit buckets and
+        their replicas, into a bucket under the audit logs' own Object Lock and retention, encrypted with the same key."""
         environment = self._args.settings.environment
+        logged = [b for b in (self.backup_bucket, self.audit_bucket, self.backup_replica, self.audit_replica) if b is not None]
         logs = self._create_bucket(
             "data-access-logs", self._args.topology.data_access_log_bucket, object_lock=True, protect=protect,
             tag_purpose="data-access-logs",
@@ -138,14 +139,16 @@ class BackupStorage(pulumi.ComponentResource):
             s3_bucket_name=logs.bucket.bucket,
             kms_key_id=self.key.arn,
             enable_log_file_validation=True,
-            include_global_service_events=False,
-            is_multi_region_trail=False,
+            # Multi-region, for the replicas' region; CloudTrail requires global service events with it, but
+            # with management events off the trail records only these buckets' data events.
+            include_global_service_events=True,
+            is_multi_region_trail=True,
             event_selectors=[aws.cloudtrail.TrailEventSelectorArgs(
                 read_write_type="All",
                 include_management_events=False,
                 data_resources=[aws.cloudtrail.TrailEventSelectorDataResourceArgs(
                     type="AWS::S3::Object",
-                    values=[self.backup_bucket.arn.apply(lambda a: f"{a}/"), self.audit_bucket.arn.apply(lambda a: f"{a}/")],
+                    values=[bucket.arn.apply(lambda a: f"{a}/") for bucket in logged],
                 )],
             )],
             tags=self._args.tags,

@@ -6,7 +6,8 @@ unreadable. Here:
 
 - the key administrators (the roles `security.keyAdministratorRoles` names) manage the key and
   nobody else may change its policy, disable it, stop its rotation or schedule its deletion (an
-  explicit Deny, which no IAM policy can outweigh); they cannot encrypt or decrypt with it;
+  explicit Deny, which no IAM policy can outweigh); they cannot encrypt or decrypt with it, nor create
+  the grants that would let them;
 - principals of the account use the key only through the AWS services that need it (`kms:ViaService`),
   as their own IAM policies allow (the hosts' roles name the keys they use); AWS services that
   act on their own behalf (CloudWatch Logs, CloudTrail) get a statement each, scoped by encryption
@@ -18,9 +19,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-# AWS's key-administrator actions (the console's "key administrators" set): no cryptographic use.
+# AWS's key-administrator actions (the console's "key administrators" set), but kms:CreateAlias for its
+# kms:Create*: that would include kms:CreateGrant, with which an administrator could give anyone, itself
+# included, the key's use. No cryptographic use.
 ADMIN_ACTIONS = [
-    "kms:Create*", "kms:Describe*", "kms:Enable*", "kms:List*", "kms:Put*", "kms:Update*", "kms:Revoke*",
+    "kms:CreateAlias", "kms:Describe*", "kms:Enable*", "kms:List*", "kms:Put*", "kms:Update*", "kms:Revoke*",
     "kms:Disable*", "kms:Get*", "kms:Delete*", "kms:TagResource", "kms:UntagResource", "kms:ScheduleKeyDeletion",
     "kms:CancelKeyDeletion", "kms:RotateKeyOnDemand",
 ]

@@ -6,10 +6,11 @@ engine (`policies.rules.pack`), `policies.engine` runs them over the offline pla
 
 from __future__ import annotations
 
-from policies.rules import compute, retention, security, storage
+from policies.rules import compute, kms, network, retention, security, storage, trails
 from policies.rules.model import UNKNOWN, Finding, Resource, Rule
 
-RULES: tuple[Rule, ...] = retention.RULES + storage.RULES + security.RULES + compute.RULES
+RULES: tuple[Rule, ...] = (retention.RULES + storage.RULES + security.RULES + kms.RULES + network.RULES + trails.RULES
+                           + compute.RULES)
 RULES_BY_NAME: dict[str, Rule] = {rule.name: rule for rule in RULES}
 
 __all__ = ["RULES", "RULES_BY_NAME", "UNKNOWN", "Finding", "Resource", "Rule"]

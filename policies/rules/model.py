@@ -11,6 +11,7 @@ so a rule skips what it cannot see instead of crashing or reporting a false viol
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,3 +231,23 @@ def attached_to(target: Resource, resources: Sequence[Resource], resource_type: 
     if not matched and undetermined:
         return UNKNOWN
     return matched
+
+
+def policy_document(value: Any) -> Mapping[str, Any] | None | Any:
+    """A policy given as JSON text or a mapping, as a mapping; None when it is no JSON object, UNKNOWN when unknown."""
+    if value is UNKNOWN:
+        return UNKNOWN
+    if isinstance(value, Mapping):
+        return value
+    if isinstance(value, str):
+        try:
+            document = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+        return document if isinstance(document, Mapping) else None
+    return None
+
+
+def policy_statements(document: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The statements of a policy document (one statement or a list)."""
+    return [s for s in as_list(document.get("Statement")) if isinstance(s, Mapping)]

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from policies.rules.model import UNKNOWN, Finding, Resource, Rule, as_list, attached_to, by_type, dig, message
+from policies.rules.model import (
+    UNKNOWN,
+    Finding,
+    Resource,
+    Rule,
+    as_list,
+    attached_to,
+    by_type,
+    dig,
+    message,
+    policy_document,
+    policy_statements,
+)
 
 BUCKET = "aws:s3/bucket:Bucket"
 PUBLIC_ACCESS_BLOCK = "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock"
@@ -95,24 +106,6 @@ def check_s3_versioning(resources: Sequence[Resource], config: Mapping[str, Any]
                 yield Finding(part, message(part, f"bucket {bucket.name!r}: versioning status {status!r}", rule, requirement))
 
 
-def _policy_document(value: Any) -> Mapping[str, Any] | None | Any:
-    if value is UNKNOWN:
-        return UNKNOWN
-    if isinstance(value, Mapping):
-        return value
-    if isinstance(value, str):
-        try:
-            document = json.loads(value)
-        except json.JSONDecodeError:
-            return None
-        return document if isinstance(document, Mapping) else None
-    return None
-
-
-def _statements(document: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    return [s for s in as_list(document.get("Statement")) if isinstance(s, Mapping)]
-
-
 def _denies_plain_http(statement: Mapping[str, Any]) -> bool:
     condition = dig(statement, "Condition", "Bool", "aws:SecureTransport")
     principal = statement.get("Principal")
@@ -132,10 +125,10 @@ def check_s3_deny_non_tls(resources: Sequence[Resource], config: Mapping[str, An
         parts = list(_bucket_parts(bucket, resources, BUCKET_POLICY, "BucketPolicy", rule, requirement))
         findings = [p for p in parts if isinstance(p, Finding)]
         yield from findings
-        documents = [_policy_document(p.get("policy")) for p in parts if isinstance(p, Resource)]
+        documents = [policy_document(p.get("policy")) for p in parts if isinstance(p, Resource)]
         if findings or not documents or UNKNOWN in documents:
             continue
-        if not any(_denies_plain_http(s) for d in documents if d for s in _statements(d)):
+        if not any(_denies_plain_http(s) for d in documents if d for s in policy_statements(d)):
             names = ", ".join(repr(p.name) for p in parts)
             yield Finding(bucket, message(bucket, f"policy {names} has no Deny on aws:SecureTransport=false", rule, requirement))
 
@@ -196,9 +189,9 @@ def _covers(pattern: str, action: str) -> bool:
 
 def _iam_documents(resource: Resource) -> list[tuple[str, Any]]:
     if resource.type == "aws:iam/role:Role":
-        return [(f"inline policy {dig(p, 'name')!r}", _policy_document(dig(p, "policy")))
+        return [(f"inline policy {dig(p, 'name')!r}", policy_document(dig(p, "policy")))
                 for p in as_list(resource.get("inlinePolicies")) if p is not UNKNOWN]
-    return [("policy", _policy_document(resource.get("policy")))]
+    return [("policy", policy_document(resource.get("policy")))]
 
 
 def check_iam_least_privilege(resource: Resource, config: Mapping[str, Any]) -> Iterator[Finding]:
@@ -208,7 +201,7 @@ def check_iam_least_privilege(resource: Resource, config: Mapping[str, Any]) -> 
     for where, document in _iam_documents(resource):
         if document is UNKNOWN or not document:
             continue
-        for index, statement in enumerate(_statements(document)):
+        for index, statement in enumerate(policy_statements(document)):
             if statement.get("Effect") != "Allow":
                 continue
             sid = statement.get("Sid", f"#{index}")

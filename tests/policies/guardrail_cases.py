@@ -45,6 +45,21 @@ PROMETHEUS_ARGS = ("--config.file=/etc/prometheus/prometheus.yml --storage.tsdb.
                    "--storage.tsdb.retention.time=30d --storage.tsdb.retention.size=42GB --web.listen-address=:9090")
 
 
+ACCOUNT = "123456789012"
+KEY_ADMIN = f"arn:aws:iam::{ACCOUNT}:role/betting-platform-key-admin"
+KEY_ADMIN_ACTIONS = [
+    "kms:CreateAlias", "kms:Describe*", "kms:Enable*", "kms:List*", "kms:Put*", "kms:Update*", "kms:Revoke*", "kms:Disable*",
+    "kms:Get*", "kms:Delete*", "kms:TagResource", "kms:UntagResource", "kms:ScheduleKeyDeletion", "kms:CancelKeyDeletion",
+]
+GUARDED_KEY_ACTIONS = ["kms:ScheduleKeyDeletion", "kms:DisableKey", "kms:DisableKeyRotation", "kms:PutKeyPolicy"]
+VPC_CIDR = "10.10.0.0/16"
+FLOW_LOG_GROUP = "/betting/dev/vpc-flow-logs"
+BACKUP_BUCKET = "betting-dev-pg-backups-eu-west-1"
+AUDIT_BUCKET = "betting-dev-audit-logs-eu-west-1"
+DATA_ACCESS_BUCKET = "betting-dev-data-access-logs-eu-west-1"
+TRAIL_ARN = f"arn:aws:cloudtrail:eu-west-1:{ACCOUNT}:trail/betting-dev-data-access"
+
+
 def _res(type_: str, name: str, props: dict[str, Any], parent: str | None = None) -> dict[str, Any]:
     return {"type": type_, "name": name, "parent": parent, "props": props}
 
@@ -72,6 +87,68 @@ def _bucket(name: str, bucket: str, purpose: str, object_lock: bool) -> list[dic
               "restrictPublicBuckets": True}),
         _res("aws:s3/bucketPolicy:BucketPolicy", f"{name}-tls-only", {"bucket": ref, "policy": _tls_policy(bucket)}),
     ]
+
+
+def key_policy(*service_statements: dict[str, Any]) -> str:
+    """A key policy as infra/platforms/kms.py writes one: administrators manage, the account uses through services."""
+    return json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Sid": "KeyAdministration", "Effect": "Allow", "Principal": {"AWS": [KEY_ADMIN]}, "Action": KEY_ADMIN_ACTIONS,
+         "Resource": "*"},
+        {"Sid": "UseThroughAwsServices", "Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"},
+         "Action": ["kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:DescribeKey"],
+         "Resource": "*",
+         "Condition": {"StringEquals": {"kms:ViaService": ["ec2.eu-west-1.amazonaws.com"], "kms:CallerAccount": ACCOUNT}}},
+        {"Sid": "GrantsForAwsResources", "Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"},
+         "Action": ["kms:CreateGrant", "kms:ListGrants", "kms:RevokeGrant"], "Resource": "*",
+         "Condition": {"StringEquals": {"kms:ViaService": ["ec2.eu-west-1.amazonaws.com"], "kms:CallerAccount": ACCOUNT},
+                       "Bool": {"kms:GrantIsForAWSResource": "true"}}},
+        *service_statements,
+        {"Sid": "OnlyAdministratorsMayDisableOrDelete", "Effect": "Deny", "Principal": "*", "Action": GUARDED_KEY_ACTIONS,
+         "Resource": "*", "Condition": {"ArnNotEquals": {"aws:PrincipalArn": [KEY_ADMIN]}}},
+    ]})
+
+
+ABORT_RULE = {"id": "abort-incomplete-uploads", "status": "Enabled", "filter": {"prefix": ""},
+              "abortIncompleteMultipartUpload": {"daysAfterInitiation": 7}}
+
+
+def _network() -> list[dict[str, Any]]:
+    """The VPC as network.py builds it: flow logs, the default group closed, egress per destination."""
+    def egress(role: str, destination: str, port: int, to_port: int, target: dict[str, str]) -> dict[str, Any]:
+        return _res("aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule", f"network-{role}-egress-{destination}-{port}", {
+            "ipProtocol": "tcp", "fromPort": port, "toPort": to_port, "securityGroupId": f"network-{role}_id", **target,
+        }, parent="network")
+
+    return [
+        _res("aws:ec2/vpc:Vpc", "network-vpc", {"cidrBlock": VPC_CIDR, "enableDnsSupport": True}, parent="network"),
+        _res("aws:ec2/defaultSecurityGroup:DefaultSecurityGroup", "network-default-group",
+             {"vpcId": "network-vpc_id", "ingress": [], "egress": []}, parent="network"),
+        _res("aws:cloudwatch/logGroup:LogGroup", "network-flow-logs",
+             {"name": FLOW_LOG_GROUP, "retentionInDays": 365, "kmsKeyId": "arn:aws:kms:key"}, parent="network"),
+        _res("aws:ec2/flowLog:FlowLog", "network-flow-log", {
+            "vpcId": "network-vpc_id", "trafficType": "ALL", "logDestinationType": "cloud-watch-logs",
+            "logDestination": f"arn:aws:logs:eu-west-1:{ACCOUNT}:log-group:{FLOW_LOG_GROUP}",
+            "iamRoleArn": f"arn:aws:iam::{ACCOUNT}:role/network-flow-logs-role",
+        }, parent="network"),
+        # Dev's: deletion protection only where clients depend on it (staging, prod).
+        _res("aws:lb/loadBalancer:LoadBalancer", "postgres-lb", {
+            "loadBalancerType": "network", "internal": True, "enableDeletionProtection": False,
+            "securityGroups": ["network-postgres-lb_id"], "tags": {"Environment": "dev"},
+        }, parent="postgres"),
+        egress("postgres", "vpc", 0, 65535, {"cidrIpv4": VPC_CIDR}),
+        egress("postgres", "s3", 443, 443, {"prefixListId": "pl-network-s3"}),
+        egress("postgres", "internet", 443, 443, {"cidrIpv4": "0.0.0.0/0"}),
+        egress("monitoring", "internet", 587, 587, {"cidrIpv4": "0.0.0.0/0"}),
+    ]
+
+
+def data_access_trail(*buckets: str) -> dict[str, Any]:
+    return _res("aws:cloudtrail/trail:Trail", "backups-data-access-trail", {
+        "name": "betting-dev-data-access", "s3BucketName": DATA_ACCESS_BUCKET, "kmsKeyId": "arn:aws:kms:backups-key",
+        "enableLogFileValidation": True, "isMultiRegionTrail": True, "includeGlobalServiceEvents": True,
+        "eventSelectors": [{"readWriteType": "All", "includeManagementEvents": False, "dataResources": [
+            {"type": "AWS::S3::Object", "values": [f"arn:aws:s3:::{b}/" for b in buckets]}]}],
+    }, parent="backups")
 
 
 def compliant_stack() -> list[dict[str, Any]]:
@@ -129,8 +206,15 @@ def compliant_stack() -> list[dict[str, Any]]:
             "transitEncryptionEnabled": True, "atRestEncryptionEnabled": True, "authToken": "[secret]",
             "nodeType": "cache.t4g.micro",
         }, parent="redis"),
+        _res("aws:kms/key:Key", "data-key", {"enableKeyRotation": True, "deletionWindowInDays": 30, "policy": key_policy()}),
+        _res("aws:kms/key:Key", "backups-key", {"enableKeyRotation": True, "deletionWindowInDays": 30, "policy": key_policy({
+            "Sid": "CloudTrailEncryptsItsLogs", "Effect": "Allow", "Principal": {"Service": "cloudtrail.amazonaws.com"},
+            "Action": ["kms:GenerateDataKey*", "kms:DescribeKey"], "Resource": "*",
+            "Condition": {"StringEquals": {"aws:SourceArn": TRAIL_ARN}},
+        })}, parent="backups"),
+        *_network(),
     ]
-    resources += _bucket("backups-backups", "betting-dev-pg-backups-eu-west-1", "backups", object_lock=False)
+    resources += _bucket("backups-backups", BACKUP_BUCKET, "backups", object_lock=False)
     resources.append(_res("aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration", "backups-backups-lifecycle", {
         "bucket": "betting-dev-pg-backups-eu-west-1",
         "rules": [
@@ -139,9 +223,10 @@ def compliant_stack() -> list[dict[str, Any]]:
              "noncurrentVersionExpiration": {"noncurrentDays": 30}},
             {"id": "archive-to-glacier", "status": "Enabled", "filter": {"prefix": "archive/"},
              "transitions": [{"days": 30, "storageClass": "GLACIER"}]},
+            copy.deepcopy(ABORT_RULE),
         ],
     }))
-    resources += _bucket("backups-audit", "betting-dev-audit-logs-eu-west-1", "audit-logs", object_lock=True)
+    resources += _bucket("backups-audit", AUDIT_BUCKET, "audit-logs", object_lock=True)
     resources += [
         _res("aws:s3/bucketObjectLockConfiguration:BucketObjectLockConfiguration", "backups-audit-object-lock", {
             "bucket": "betting-dev-audit-logs-eu-west-1",
@@ -150,8 +235,17 @@ def compliant_stack() -> list[dict[str, Any]]:
         _res("aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration", "backups-audit-lifecycle", {
             "bucket": "betting-dev-audit-logs-eu-west-1",
             "rules": [{"id": "audit-to-deep-archive", "status": "Enabled", "filter": {"prefix": ""},
-                       "transitions": [{"days": 30, "storageClass": "DEEP_ARCHIVE"}], "expiration": {"days": 2557}}],
+                       "transitions": [{"days": 30, "storageClass": "DEEP_ARCHIVE"}], "expiration": {"days": 2557}},
+                      copy.deepcopy(ABORT_RULE)],
         }),
+    ]
+    # CloudTrail's record of every object read and write in the two buckets above.
+    resources += _bucket("backups-data-access-logs", DATA_ACCESS_BUCKET, "data-access-logs", object_lock=True)
+    resources += [
+        _res("aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration", "backups-data-access-logs-lifecycle", {
+            "bucket": DATA_ACCESS_BUCKET, "rules": [copy.deepcopy(ABORT_RULE)],
+        }),
+        data_access_trail(BACKUP_BUCKET, AUDIT_BUCKET),
     ]
     return resources
 
