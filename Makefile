@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The real daemons the tests run: every rendered config is checked by the binary that will read it.
 SYSTEM_PACKAGES := cloud-init prometheus prometheus-alertmanager patroni python3-etcd etcd-server etcd-client postgresql \
 	postgresql-15-pgaudit redis-server prometheus-postgres-exporter prometheus-redis-exporter prometheus-node-exporter pgbackrest python3-boto3 \
-	curl shellcheck systemd
+	curl shellcheck systemd pgbouncer haproxy prometheus-pgbouncer-exporter
 
 .PHONY: setup system-deps test lint plan render diff snapshots preview up sandbox-up sandbox-down
 
@@ -20,7 +20,8 @@ setup: $(BIN)/infra
 # Debian/Ubuntu packages of the daemons; installs only when one is missing.
 system-deps:
 	@missing=0; for b in cloud-init promtool amtool prometheus prometheus-alertmanager patroni etcd redis-server pgbackrest \
-		prometheus-postgres-exporter prometheus-redis-exporter prometheus-node-exporter shellcheck systemd-analyze; do \
+		prometheus-postgres-exporter prometheus-redis-exporter prometheus-node-exporter shellcheck systemd-analyze \
+		pgbouncer haproxy prometheus-pgbouncer-exporter; do \
 		command -v $$b >/dev/null || missing=1; done; \
 	[ -x /usr/lib/postgresql/15/bin/postgres ] || missing=1; \
 	[ -f /usr/lib/postgresql/15/lib/pgaudit.so ] || missing=1; \
