@@ -79,6 +79,7 @@ class Writer:
     errors: int = 0
     sync_cancel_warnings: int = 0
     renew_every: int = 0  # open a new connection after this many writes on one (0: keep it while it works)
+    failures: list[float] = field(default_factory=list)  # when a write or a connection failed
 
     def __post_init__(self):
         self._stop = threading.Event()
@@ -129,6 +130,7 @@ class Writer:
                 except (psycopg.Error, requests.RequestException, OSError, StopIteration, KeyError):
                     conn = None
                 if conn is None:
+                    self.failures.append(time.monotonic())
                     time.sleep(0.05)
                     continue
             next_id += 1
@@ -146,6 +148,7 @@ class Writer:
                     conn = None
             except psycopg.Error:
                 self.errors += 1
+                self.failures.append(time.monotonic())
                 _close_quietly(conn)
                 conn = None
                 time.sleep(0.02)
@@ -167,8 +170,12 @@ class Writer:
         self._thread.join(WRITE_TIMEOUT_S + 5)
 
     def first_ack_after(self, since: float, not_member: str | None = None) -> Ack | None:
+        """The first write acknowledged on a connection opened after the outage began: after the first failed
+        write or connection since `since` (through PgBouncer a new client connection may still be served by
+        a backend of the crashed server for a moment), or after `since` if none failed."""
+        outage = next((t for t in list(self.failures) if t >= since), since)
         for ack in list(self.acks):
-            if ack.connected_at >= since and ack.at >= since and (not_member is None or ack.member != not_member):
+            if ack.connected_at >= outage and ack.at >= since and (not_member is None or ack.member != not_member):
                 return ack
         return None
 
