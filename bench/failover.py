@@ -8,7 +8,12 @@ differs) and runs every scenario `--drills` times: node loss (leader's Patroni a
 SIGKILL), PostgreSQL crash (postmaster SIGKILL), planned switchover, and split brain (only
 the leader's Patroni SIGKILLed). Then the node-loss curve over the leader key's ttl (10, 20,
 30 s; 10 is below Patroni's documented minimum of 20 and shown only for the curve).
-RTO = fault -> first acknowledged write on a new connection to the new primary.
+RTO = fault -> first acknowledged write on a new connection to the new primary, measured twice in
+every drill: straight at PostgreSQL (the node whose Patroni answers /primary) and through the
+writer endpoint as a client sees it (each node's HAProxy in turn, then PgBouncer, as an
+application role). The last line is the client-visible RTO of the stack's own timing:
+
+    client RTO via writer endpoint: node-loss p95 N s, switchover p95 S s, writes misrouted 0
 """
 
 from __future__ import annotations
@@ -82,27 +87,57 @@ def run_config(label: str, settings, scenarios, drills: int, sandbox: Sandbox) -
                     print(f"  {scenario} {i}/{drills}: {result.line()}", flush=True)
                 results.append(result)
             rtos = [r.rto_s for r in results if r.rto_s is not None]
+            client = [r.endpoint_rto_s for r in results if r.endpoint_rto_s is not None]
             rows.append({
                 "timing": label, "scenario": scenario, "drills": drills, "failed": drills - len(rtos),
                 "p50": percentile(rtos, 0.5) if rtos else None, "p95": percentile(rtos, 0.95) if rtos else None,
                 "max": max(rtos) if rtos else None, "acknowledged": sum(r.acknowledged for r in results),
-                "lost": sum(r.lost for r in results), "results": [asdict(r) for r in results],
+                "lost": sum(r.lost for r in results),
+                "client_failed": drills - len(client),
+                "client_p50": percentile(client, 0.5) if client else None,
+                "client_p95": percentile(client, 0.95) if client else None,
+                "client_max": max(client) if client else None,
+                "client_acknowledged": sum(r.endpoint_acknowledged for r in results),
+                "client_lost": sum(r.endpoint_lost for r in results),
+                "misrouted": sum(r.endpoint_misrouted for r in results),
+                "reads_without_primary": sum(r.reads_without_primary for r in results),
+                "reader_longest_gap": max((r.reader_longest_gap_s or 0.0 for r in results), default=0.0),
+                "results": [asdict(r) for r in results],
             })
     finally:
         sandbox.down()
     return rows
 
 
+def _s(value) -> str:
+    return f"{value:.1f} s" if value is not None else "-"
+
+
 def print_table(rows: list[dict]) -> None:
-    print("\n| timing (ttl/loop_wait/retry_timeout) | scenario | drills | RTO p50 | RTO p95 | RTO max "
-          "| writes acknowledged | lost |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| timing (ttl/loop_wait/retry_timeout) | scenario | drills | RTO p50 | RTO p95 | RTO max | writes acknowledged "
+          "| lost | via writer endpoint: RTO p50 | p95 | max | acknowledged | lost | misrouted "
+          "| reader: answers without a primary, longest gap |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        def s(value):
-            return f"{value:.1f} s" if value is not None else "-"
         failed = f" ({row['failed']} without a new primary)" if row["failed"] else ""
-        print(f"| {row['timing']} | {row['scenario']}{failed} | {row['drills']} | {s(row['p50'])} | {s(row['p95'])} | "
-              f"{s(row['max'])} | {row['acknowledged']} | {row['lost']} |")
+        client_failed = f" ({row['client_failed']} none)" if row.get("client_failed") else ""
+        print(f"| {row['timing']} | {row['scenario']}{failed} | {row['drills']} | {_s(row['p50'])} | {_s(row['p95'])} | "
+              f"{_s(row['max'])} | {row['acknowledged']} | {row['lost']} | {_s(row.get('client_p50'))}{client_failed} | "
+              f"{_s(row.get('client_p95'))} | {_s(row.get('client_max'))} | {row.get('client_acknowledged', 0)} | "
+              f"{row.get('client_lost', 0)} | {row.get('misrouted', 0)} | {row.get('reads_without_primary', 0)}, "
+              f"{_s(row.get('reader_longest_gap'))} |")
+
+
+def client_line(rows: list[dict], timing: str) -> str:
+    """The bench's last line: the client-visible RTO of `timing` (the stack's own), misrouted writes of every row."""
+    p95 = {row["scenario"]: row.get("client_p95") for row in rows if row["timing"] == timing}
+
+    def figure(scenario: str) -> str:
+        return f"{p95[scenario]:.1f} s" if p95.get(scenario) is not None else "n/a"
+
+    misrouted = sum(row.get("misrouted", 0) for row in rows)
+    return (f"client RTO via writer endpoint: node-loss p95 {figure('node-loss')}, "
+            f"switchover p95 {figure('switchover')}, writes misrouted {misrouted}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,14 +173,15 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows += run_config(label, with_timing(base, timing), ["node-loss"], args.drills, sandbox)
     print_table(rows)
-    lost = any(row["lost"] or row["failed"] for row in rows)
-    if lost:
+    bad = any(row["lost"] or row["failed"] or row.get("client_lost") or row.get("misrouted") for row in rows)
+    if bad:
         print(f"\nlogs of the drills: {sandbox.layout.log_dir}")
     else:
         shutil.rmtree(sandbox.layout.state_dir, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
-    return 1 if any(row["lost"] for row in rows) else 0
+    print(client_line(rows, parse_timing(args.timings[0], base)[0]))
+    return 1 if any(row["lost"] or row.get("client_lost") or row.get("misrouted") for row in rows) else 0
 
 
 if __name__ == "__main__":

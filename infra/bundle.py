@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Literal
 
 from infra.hostagent.agent import AGENT_COMMAND, AGENT_ROOT
-from infra.hosts.postgres import AUDIT_SQL
+from infra.hosts.postgres import AUDIT_SQL, PGBOUNCER_EXPORTER_ENV, PGBOUNCER_EXPORTER_UNIT
 from infra.hosts.spec import File, HostSpec
 from infra.hosts.system import CHRONY_UNIT, SYSCTL_UNIT, THP_UNIT
 from infra.render.backup import SERVICE_TEMPLATE, TIMERS
+from infra.render.haproxy import HEALTH_WRITER
 from infra.render.patroni import EXTENSIONS_SQL, patroni_config
 from infra.settings import StackSettings
 from infra.topology import Paths, Ports, Topology, secret_path, ssm_parameter_name
@@ -63,6 +64,15 @@ CHANGE_RULES = (
     ChangeRule("/etc/default/prometheus-alertmanager", "prometheus-alertmanager", "restart"),
     ChangeRule("/etc/default/prometheus-redis-exporter", "prometheus-redis-exporter", "restart"),
     ChangeRule("/etc/default/prometheus-node-exporter", "prometheus-node-exporter", "restart"),
+    # PgBouncer re-reads its files on SIGHUP (Debian's ExecReload): pools, limits, users; its clients stay.
+    ChangeRule(Paths.PGBOUNCER_CONFIG, "pgbouncer", "reload"),
+    ChangeRule(Paths.PGBOUNCER_HBA, "pgbouncer", "reload"),
+    ChangeRule(Paths.PGBOUNCER_USERS, "pgbouncer", "reload"),
+    # HAProxy's master starts new workers with the new file (Debian's ExecReload); old sessions finish on the old.
+    ChangeRule(Paths.HAPROXY_CONFIG, "haproxy", "reload"),
+    ChangeRule(Paths.PGBOUNCER_EXPORTER, PGBOUNCER_EXPORTER_UNIT, "restart"),
+    ChangeRule(f"/etc/systemd/system/{PGBOUNCER_EXPORTER_UNIT}.service", PGBOUNCER_EXPORTER_UNIT, "restart"),
+    ChangeRule(PGBOUNCER_EXPORTER_ENV, PGBOUNCER_EXPORTER_UNIT, "restart"),
     ChangeRule(Paths.CLICKHOUSE_CONFIG_D + "/", "clickhouse-server", "restart"),
     # Provisioning is read at start; dashboards are re-read by Grafana itself.
     ChangeRule(Paths.GRAFANA_PROVISIONING + "/", "grafana-server", "restart"),
@@ -117,7 +127,12 @@ def _gate(spec: HostSpec, topology: Topology, unit: str) -> dict | None:
         return {"kind": "sysctl", "files": sorted(f.path for f in spec.files if f.path.startswith("/etc/sysctl.d/"))}
     if unit == "prometheus-alertmanager":
         return {"kind": "alertmanager", "url": f"{local}:{Ports.ALERTMANAGER}", "peers": len(topology.monitoring)}
+    if unit == "pgbouncer":  # no HTTP: it listens, and takes logins (the exporter's gate shows its console answers)
+        return {"kind": "tcp", "address": f"127.0.0.1:{Ports.PGBOUNCER}"}
     http = {
+        # HAProxy sees the Patroni leader: this node forwards writes (what the load balancer's check asks).
+        "haproxy": f"{local}:{Ports.HAPROXY_STATS}{HEALTH_WRITER}",
+        PGBOUNCER_EXPORTER_UNIT: f"{local}:{Ports.PGBOUNCER_EXPORTER}/metrics",
         "prometheus-node-exporter": f"{local}:{Ports.NODE_EXPORTER}/metrics",
         "prometheus-postgres-exporter": f"{local}:{Ports.POSTGRES_EXPORTER}/metrics",
         "prometheus-redis-exporter": f"{local}:{Ports.REDIS_EXPORTER}/metrics",
@@ -182,7 +197,9 @@ def bundle_document(spec: HostSpec, settings: StackSettings, topology: Topology)
                                # pgaudit's object audit grants, run on the leader after Patroni is healthy.
                                "audit": {"database": settings.audit.database, "sql": AUDIT_SQL},
                                # pg_stat_statements in the exporter's database, created on the leader likewise.
-                               "extensions": {"database": "postgres", "sql": EXTENSIONS_SQL}}
+                               "extensions": {"database": "postgres", "sql": EXTENSIONS_SQL},
+                               # PgBouncer's auth function, in every database, on the leader after Patroni is healthy.
+                               "pgbouncer_auth": {"sql": Paths.PGBOUNCER_AUTH_SQL}}
     if spec.host.role == "etcd":
         # Before its first start with an empty data dir the agent asks the other members whether a
         # cluster runs already, and joins it (infra/hostagent/etcd.py); the rest it reads from env_file.

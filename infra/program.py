@@ -129,8 +129,9 @@ def run() -> None:
     pulumi.export("vpc_id", network.vpc.id)
     pulumi.export("clients_security_group_id", network.security_group_ids["clients"])
     pulumi.export("dns_zone", settings.dns_zone)
-    pulumi.export("postgres_writer", f"{topology.postgres_primary_endpoint}:5432")
-    pulumi.export("postgres_reader", f"{topology.postgres_replica_endpoint}:5433")
+    # Through the load balancer, every node's HAProxy and PgBouncer (transaction pooling): README, Connecting.
+    pulumi.export("postgres_writer", postgres.writer_endpoint)
+    pulumi.export("postgres_reader", postgres.reader_endpoint)
     pulumi.export("postgres_nodes", [s.host.fqdn for s in by_role["postgres"]])
     pulumi.export("redis_endpoint", f"{topology.redis_endpoint}:6379")
     pulumi.export("clickhouse_hosts", [s.host.fqdn for s in by_role["clickhouse"]])

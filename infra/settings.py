@@ -378,6 +378,44 @@ class SecuritySettings(_Model):
         return value
 
 
+# PgBouncer logs in with the auth role (auth_user) through each database's own pool to run its auth_query:
+# that connection counts against the database's limit, so every pooled database keeps one for it.
+AUTH_CONNECTIONS_PER_DATABASE = 1
+
+
+class ClientPathSettings(_Model):
+    """The client path on every PostgreSQL node: HAProxy's writer and reader ports in front of PgBouncer,
+    which pools in front of PostgreSQL (transaction pooling)."""
+
+    # The databases PgBouncer pools; a client of another database is refused. Each gets its own limit,
+    # so the total of server connections is known (PgBouncer 1.18 has no limit across databases).
+    databases: tuple[Annotated[str, Field(pattern=rf"^{_SQL_NAME}$")], ...] = ("postgres",)
+    # Server connections each database's pool may hold open on a node (PgBouncer's default_pool_size).
+    pool_size: int = Field(default=20, ge=1, le=5000)
+    # Client connections each node's PgBouncer accepts (max_client_conn); HAProxy on each node takes its share.
+    max_client_connections: int = Field(default=1000, ge=10, le=50000)
+    # PostgreSQL connections kept outside the pools: Patroni, the exporters, the backup job, the agent,
+    # pgBackRest, operators (and superuser_reserved_connections' 3).
+    reserved_connections: int = Field(default=20, ge=10, le=1000)
+    # A replica further behind the leader than this (bytes of WAL, Patroni's /replica?lag=) leaves the reader port.
+    reader_max_lag_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
+
+    @field_validator("databases")
+    @classmethod
+    def _distinct_databases(cls, databases: tuple[str, ...]) -> tuple[str, ...]:
+        if not databases:
+            raise ValueError("must name at least one database (the application's): PgBouncer pools only these")
+        repeated = sorted({d for d in databases if databases.count(d) > 1})
+        if repeated:
+            raise ValueError(f"names a database more than once: {repeated}")
+        return databases
+
+    @property
+    def server_connections(self) -> int:
+        """PostgreSQL connections PgBouncer may open on a node, at most: every pool full, plus its logins."""
+        return len(self.databases) * (self.pool_size + AUTH_CONNECTIONS_PER_DATABASE)
+
+
 class ImageSettings(_Model):
     """The pinned image every host of the stack boots from; a change is rolled host by host (`infra roll`)."""
 
@@ -408,6 +446,7 @@ class StackSettings(_Model):
     roll_host: str = ""
     backups: BackupSettings = BackupSettings()
     audit: AuditSettings = AuditSettings()
+    client_path: ClientPathSettings = ClientPathSettings()
     application: ApplicationSettings = ApplicationSettings()
     security: SecuritySettings = SecuritySettings()
     tags: dict[str, str] = {}
@@ -457,6 +496,17 @@ class StackSettings(_Model):
                 f"backups.archivePushQueueMaxGiB {self.backups.archive_push_queue_max_gib} would let queued WAL take more "
                 f"than {MAX_ARCHIVE_QUEUE_SHARE:.0%} of the {self.patroni.data_volume.size_gib} GiB data volume; "
                 f"allowed at most {limit}")
+        return self
+
+    @model_validator(mode="after")
+    def _pools_fit_max_connections(self) -> StackSettings:
+        pool, limit = self.client_path, self.patroni.max_connections - self.client_path.reserved_connections
+        if pool.server_connections > limit:
+            raise ValueError(
+                f"clientPath: {len(pool.databases)} pooled database(s) x (poolSize {pool.pool_size} + "
+                f"{AUTH_CONNECTIONS_PER_DATABASE} for logins) = {pool.server_connections} server connections exceed "
+                f"patroni.maxConnections {self.patroni.max_connections} - clientPath.reservedConnections "
+                f"{pool.reserved_connections} = {limit}")
         return self
 
     @property

@@ -142,6 +142,7 @@ class Paths:
     PATRONI_CONFIG = "/etc/patroni/config.yml"
     POSTGRES_DATA = "/var/lib/postgresql/15/main"  # the data volume is mounted at /var/lib/postgresql
     POSTGRES_BIN = "/usr/lib/postgresql/15/bin"
+    POSTGRES_SOCKET_DIR = "/var/run/postgresql"  # PostgreSQL's and PgBouncer's Unix sockets (Debian's folder)
     POSTGRES_EXPORTER_QUERIES = "/etc/prometheus/postgres_exporter_queries.yaml"
     PGBACKREST_CONFIG = "/etc/pgbackrest/pgbackrest.conf"
     PGBACKREST_SPOOL = "/var/spool/pgbackrest"  # archive-async: status files and prefetched WAL (archive-get)
@@ -150,6 +151,14 @@ class Paths:
     BACKUP_LIB = "/usr/local/lib/betting-pg-backup"  # scripts/backup.py, run by /usr/bin/python3
     POST_BOOTSTRAP = "/usr/local/sbin/betting-pg-post-bootstrap"
     BACKUP_SCRATCH = "/var/lib/postgresql/backup-verify"  # on the data volume: a verification restores the whole cluster
+    # The client path: PgBouncer (Debian's unit reads /etc/pgbouncer/pgbouncer.ini), its auth function's SQL
+    # (run by post_bootstrap and the agent), the exporter of its SHOW commands, HAProxy (Debian's unit).
+    PGBOUNCER_CONFIG = "/etc/pgbouncer/pgbouncer.ini"
+    PGBOUNCER_HBA = "/etc/pgbouncer/pgbouncer_hba.conf"
+    PGBOUNCER_USERS = "/etc/pgbouncer/userlist.txt"
+    PGBOUNCER_AUTH_SQL = "/etc/betting/pgbouncer-auth.sql"
+    PGBOUNCER_EXPORTER = "/usr/local/sbin/betting-pgbouncer-exporter"
+    HAPROXY_CONFIG = "/etc/haproxy/haproxy.cfg"
     ETCD_CONFIG = "/etc/default/etcd"
     ETCD_DATA = "/var/lib/etcd"
     CLICKHOUSE_CONFIG_D = "/etc/clickhouse-server/config.d"

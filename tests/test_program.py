@@ -155,9 +155,17 @@ def _sources(stack: str, role: str, port: int) -> set[str]:
 
 
 def test_each_port_admits_only_the_groups_that_need_it():
-    assert _sources("prod", "postgres", 5432) == {"postgres", "postgres-lb", "clients"}
-    assert _sources("prod", "postgres", 8008) == {"postgres", "postgres-lb", "monitoring"}
+    assert _sources("prod", "postgres", 5432) == {"postgres", "clients"}
+    assert _sources("prod", "postgres", 8008) == {"postgres", "monitoring"}  # HAProxy checks Patroni, the NLB does not
     assert _sources("prod", "postgres", 9187) == {"monitoring"}
+    # The client path: the load balancer (and, as it keeps the client's address, the clients) reach HAProxy;
+    # only the nodes' HAProxy reach PgBouncer; the NLB checks HAProxy's health endpoints on the stats port.
+    assert _sources("prod", "postgres", 5000) == _sources("prod", "postgres", 5001) == {"postgres-lb", "clients"}
+    assert _sources("prod", "postgres", 7000) == {"postgres-lb", "monitoring"}
+    assert _sources("prod", "postgres", 6432) == {"postgres"}
+    assert _sources("prod", "postgres", 9127) == {"monitoring"}
+    assert _sources("prod", "postgres-lb", 5000) == _sources("prod", "postgres-lb", 5001) == {"clients"}
+    assert not _sources("prod", "postgres-lb", 5432) and not _sources("prod", "postgres-lb", 5433)
     assert _sources("prod", "etcd", 2379) == {"postgres", "monitoring", "etcd"}  # etcd: a joining member
     assert _sources("prod", "etcd", 2380) == {"etcd"}
     assert _sources("prod", "redis", 6379) == {"clients", "monitoring"}
@@ -287,18 +295,59 @@ def test_redis_encryption_and_failover(stack, multi_az):
     assert record["name"] == f"redis.{stack}.betting.internal" and record["type"] == "CNAME"
 
 
-def test_load_balancer_routes_writes_to_the_leader_and_reads_to_replicas():
-    groups = {g.name: g.props for g in of_type("prod", "targetGroup:TargetGroup")}
-    assert groups["postgres-primary"]["healthCheck"]["path"] == "/primary"
-    assert groups["postgres-replicas"]["healthCheck"]["path"] == "/replica"
-    assert {g["healthCheck"]["port"] for g in groups.values()} == {"8008"}
-    listeners = {listener.name: listener.props["port"] for listener in of_type("prod", "lb/listener:Listener")}
-    assert listeners == {"postgres-primary": 5432, "postgres-replicas": 5433}
-    attachments = of_type("prod", "targetGroupAttachment:TargetGroupAttachment")
-    assert sorted(a.name for a in attachments) == sorted(
-        f"postgres-{purpose}-pg-{i}" for purpose in ("primary", "replicas") for i in (1, 2, 3))
-    (lb,) = of_type("prod", "lb/loadBalancer:LoadBalancer")
-    assert lb.props["internal"] is True
+@pytest.mark.parametrize("stack", STACKS)
+def test_load_balancer_targets_every_nodes_haproxy_checked_by_its_health_endpoints(stack):
+    """Every node is a target of both groups, on HAProxy's writer and reader ports, healthy while its HAProxy sees
+    a primary (a replica). Under the mock engine: that HAProxy serves those paths on that port is what
+    tests/postgres/test_cluster_live.py shows with the real HAProxy; AWS's own health checking is not seen."""
+    groups = {g.name: g.props for g in of_type(stack, "targetGroup:TargetGroup")}
+    assert set(groups) == {"postgres-primary", "postgres-replicas"}
+    assert groups["postgres-primary"]["healthCheck"]["path"] == "/health/writer"
+    assert groups["postgres-replicas"]["healthCheck"]["path"] == "/health/reader"
+    for group in groups.values():
+        check = group["healthCheck"]
+        assert (check["protocol"], check["port"]) == ("HTTP", "7000")
+        # AWS's minimums (5 s, 2 checks): the checks only drop a lost node; HAProxy follows a failover.
+        assert (check["interval"], check["healthyThreshold"], check["unhealthyThreshold"]) == (5, 2, 2)
+        assert group["protocol"] == "TCP" and group["connectionTermination"] is True
+    assert (groups["postgres-primary"]["port"], groups["postgres-replicas"]["port"]) == (5000, 5001)
+    listeners = {listener.name: listener.props for listener in of_type(stack, "lb/listener:Listener")}
+    assert {name: props["port"] for name, props in listeners.items()} == {"postgres-primary": 5000, "postgres-replicas": 5001}
+    for name, props in listeners.items():
+        assert props["defaultActions"][0]["targetGroupArn"].endswith(f"targetgroup/{name}")
+    nodes = {i.name: i for i in of_type(stack, "ec2/instance:Instance") if i.props["tags"]["Role"] == "postgres"}
+    attachments = {a.name: a.props for a in of_type(stack, "targetGroupAttachment:TargetGroupAttachment")}
+    assert set(attachments) == {f"postgres-{purpose}-{n.props['tags']['Host']}" for purpose in ("primary", "replicas")
+                                for n in nodes.values()}
+    for name, props in attachments.items():
+        purpose = name.split("-")[1]
+        assert props["port"] == {"primary": 5000, "replicas": 5001}[purpose]
+        assert props["targetGroupArn"].endswith(f"targetgroup/postgres-{purpose}")
+        assert props["targetId"] == f"postgres-{name.removeprefix(f'postgres-{purpose}-')}_id"
+    (lb,) = of_type(stack, "lb/loadBalancer:LoadBalancer")
+    assert lb.props["internal"] is True and lb.props["loadBalancerType"] == "network"
+    assert lb.props["securityGroups"] == ["network-postgres-lb_id"]
+    zone = settings_of(stack).dns_zone
+    for purpose, alias in (("primary", f"pg-primary.{zone}"), ("replicas", f"pg-replicas.{zone}")):
+        record = named(stack, f"postgres-{purpose}-dns").props
+        assert record["name"] == alias and record["type"] == "A"
+        assert record["aliases"][0]["name"] == "postgres-lb.elb.eu-west-1.amazonaws.com"  # the mock's name of the NLB
+    outputs = plan(stack).outputs
+    assert (outputs["postgres_writer"], outputs["postgres_reader"]) == (f"pg-primary.{zone}:5000", f"pg-replicas.{zone}:5001")
+
+
+def test_every_postgres_node_runs_pgbouncer_haproxy_and_the_pgbouncer_exporter():
+    for instance in of_type("prod", "ec2/instance:Instance"):
+        if instance.props["tags"]["Role"] != "postgres":
+            continue
+        bundle = bundle_of(instance)
+        assert {"pgbouncer", "haproxy", "python3-psycopg2"} <= set(bundle["packages"])
+        units = [s["unit"] for s in bundle["services"]]
+        assert units.index("patroni") < units.index("pgbouncer") < units.index("haproxy")
+        assert "betting-pgbouncer-exporter" in units
+        files = write_files(instance)
+        assert {"/etc/pgbouncer/pgbouncer.ini", "/etc/pgbouncer/pgbouncer_hba.conf", "/etc/pgbouncer/userlist.txt",
+                "/etc/haproxy/haproxy.cfg", "/etc/default/betting-pgbouncer-exporter"} <= set(files)
 
 
 @pytest.mark.parametrize("stack", STACKS)

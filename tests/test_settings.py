@@ -117,6 +117,22 @@ def test_prod_shape():
         (lambda r: r[P + "audit"].update(tables=["public.bets", "public.bets"]),
          "audit.tables: names a table more than once: ['public.bets']"),
         (lambda r: r[P + "audit"].update(database="bet-ting"), "audit.database: String should match pattern"),
+        (lambda r: r[P + "clientPath"].update(poolSize=380),
+         "clientPath: 1 pooled database(s) x (poolSize 380 + 1 for logins) = 381 server connections exceed "
+         "patroni.maxConnections 400 - clientPath.reservedConnections 20 = 380"),
+        (lambda r: r[P + "clientPath"].update(databases=["betting", "reports"], poolSize=200),
+         "clientPath: 2 pooled database(s) x (poolSize 200 + 1 for logins) = 402 server connections exceed"),
+        (lambda r: r[P + "clientPath"].update(reservedConnections=5),
+         "clientPath.reservedConnections: Input should be greater than or equal to 10 (found 5)"),
+        (lambda r: r[P + "clientPath"].update(databases=[]), "clientPath.databases: must name at least one database (the application's)"),
+        (lambda r: r[P + "clientPath"].update(databases=["Betting"]), "clientPath.databases.0: String should match pattern"),
+        (lambda r: r[P + "clientPath"].update(databases=["betting", "betting"]),
+         "clientPath.databases: names a database more than once: ['betting']"),
+        (lambda r: r[P + "clientPath"].update(maxClientConnections=5),
+         "clientPath.maxClientConnections: Input should be greater than or equal to 10 (found 5)"),
+        (lambda r: r[P + "clientPath"].update(readerMaxLagBytes=-1),
+         "clientPath.readerMaxLagBytes: Input should be greater than or equal to 0 (found -1)"),
+        (lambda r: r[P + "clientPath"].update(poolMode="session"), "clientPath.poolMode: unknown setting"),
     ],
 )
 def test_bad_value_is_named(mutate, expected):

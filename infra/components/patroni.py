@@ -1,5 +1,8 @@
 """PatroniCluster: etcd members and Patroni/PostgreSQL nodes, their passwords, and an internal
-load balancer that sends writes to the leader (Patroni's /primary) and reads to replicas (/replica).
+load balancer in front of every node's HAProxy: its writer port forwards to the leader's PgBouncer
+and its reader port to the replicas' (infra/render/haproxy.py), so every node is a target of both.
+A target is healthy while its HAProxy sees a primary (or a replica); with none healthy, the load
+balancer sends connections to every target, and each still forwards writes only to the leader.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import pulumi_tls as tls
 
 from infra.hosts import HostSpec
 from infra.platforms.aws import AwsContext, AwsHost, create_host, create_secret_parameter
+from infra.render.haproxy import HEALTH_READER, HEALTH_WRITER
 from infra.render.pgbackrest import TLS_CLIENT_CN, uses_tls_server
 from infra.settings import StackSettings
 from infra.topology import Ports, SecretNames, Topology
@@ -23,7 +27,10 @@ PASSWORDS = (
     SecretNames.POSTGRES_REWIND_PASSWORD,
     SecretNames.POSTGRES_EXPORTER_PASSWORD,
 )
-READ_PORT = Ports.POSTGRES + 1
+# The load balancer listens on the ports HAProxy listens on: a client's connection string is the same
+# through the load balancer and straight at a node.
+WRITE_PORT = Ports.HAPROXY_PRIMARY
+READ_PORT = Ports.HAPROXY_REPLICAS
 # pgBackRest's TLS identity: renewed by the `pulumi up` inside its last 90 days; a host takes a new one
 # with its next bundle rollout (the agent rewrites secret files on every apply).
 TLS_VALIDITY_HOURS = 5 * 365 * 24
@@ -44,6 +51,8 @@ class PatroniCluster(pulumi.ComponentResource):
     etcd: list[AwsHost]
     nodes: list[AwsHost]
     load_balancer: aws.lb.LoadBalancer
+    writer_endpoint: str
+    reader_endpoint: str
 
     def __init__(self, name: str, args: PatroniClusterArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("betting:postgres:PatroniCluster", name, None, opts)
@@ -57,10 +66,13 @@ class PatroniCluster(pulumi.ComponentResource):
         self.etcd = [create_host(name, spec, args.context, self) for spec in args.etcd_specs]
         self.nodes = [create_host(name, spec, args.context, self, boots_after=parameters) for spec in args.node_specs]
         self.load_balancer = self._create_load_balancer()
+        # The stable names in the private zone (aliases of the load balancer) and their ports.
+        self.writer_endpoint = f"{args.topology.postgres_primary_endpoint}:{WRITE_PORT}"
+        self.reader_endpoint = f"{args.topology.postgres_replica_endpoint}:{READ_PORT}"
 
         self.register_outputs({
-            "writer_endpoint": f"{args.topology.postgres_primary_endpoint}:{Ports.POSTGRES}",
-            "reader_endpoint": f"{args.topology.postgres_replica_endpoint}:{READ_PORT}",
+            "writer_endpoint": self.writer_endpoint,
+            "reader_endpoint": self.reader_endpoint,
             "nodes": [spec.host.fqdn for spec in args.node_specs],
             "etcd": [spec.host.fqdn for spec in args.etcd_specs],
             "superuser_password": self.passwords[SecretNames.POSTGRES_SUPERUSER_PASSWORD],
@@ -118,22 +130,23 @@ class PatroniCluster(pulumi.ComponentResource):
             tags=args.context.tags,
             opts=self._child,
         )
-        for purpose, listen_port, health_path, alias in (
-            ("primary", Ports.POSTGRES, "/primary", args.topology.postgres_primary_endpoint),
-            ("replicas", READ_PORT, "/replica", args.topology.postgres_replica_endpoint),
+        for purpose, port, health_path, alias in (
+            ("primary", WRITE_PORT, HEALTH_WRITER, args.topology.postgres_primary_endpoint),
+            ("replicas", READ_PORT, HEALTH_READER, args.topology.postgres_replica_endpoint),
         ):
             group = aws.lb.TargetGroup(
                 f"{name}-{purpose}",
-                port=Ports.POSTGRES,
+                port=port,
                 protocol="TCP",
                 vpc_id=args.context.vpc_id,
                 target_type="instance",
-                # Patroni answers 200 only on the node in that role: the leader for /primary, a streaming replica for /replica.
+                # HAProxy answers 200 while it has a server up behind that port (the leader for the writer port).
+                # AWS's minimums: the checks only need to drop a lost node; a failover is HAProxy's to follow.
                 health_check=aws.lb.TargetGroupHealthCheckArgs(
-                    protocol="HTTP", port=str(Ports.PATRONI_API), path=health_path,
+                    protocol="HTTP", port=str(Ports.HAPROXY_STATS), path=health_path,
                     interval=5, healthy_threshold=2, unhealthy_threshold=2, timeout=3),
                 deregistration_delay=5,
-                connection_termination=True,  # a demoted leader must not keep write sessions
+                connection_termination=True,  # a deregistered target keeps no sessions
                 tags=args.context.tags,
                 opts=self._child,
             )
@@ -142,13 +155,13 @@ class PatroniCluster(pulumi.ComponentResource):
                     f"{name}-{purpose}-{spec.host.name}",
                     target_group_arn=group.arn,
                     target_id=node.instance.id,
-                    port=Ports.POSTGRES,
+                    port=port,
                     opts=self._child,
                 )
             aws.lb.Listener(
                 f"{name}-{purpose}",
                 load_balancer_arn=lb.arn,
-                port=listen_port,
+                port=port,
                 protocol="TCP",
                 default_actions=[aws.lb.ListenerDefaultActionArgs(type="forward", target_group_arn=group.arn)],
                 opts=self._child,

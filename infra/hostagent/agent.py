@@ -314,6 +314,25 @@ def converge_extensions(host: str, spec: dict, platform, report: Report) -> None
         raise ApplyError(host, "extensions", (error.stderr or str(error)).strip().splitlines()[-1]) from None
 
 
+def converge_pgbouncer_auth(host: str, spec: dict, platform, report: Report) -> None:
+    """On the Patroni leader: PgBouncer's auth function in every database that takes connections (the bundle's
+    SQL file, idempotent, silent when nothing differs). PgBouncer runs auth_query in the database a client
+    asks for; databases created later copy it from template1, replicas get it by replication."""
+    try:
+        if patroni.member(spec["api"]).get("role") not in patroni.LEADER_ROLES:
+            return
+    except patroni.PatroniError as error:
+        raise ApplyError(host, "pgbouncer auth", str(error)) from None
+    try:
+        databases = platform.psql("postgres", "-At", "-c", "SELECT datname FROM pg_database WHERE datallowconn "
+                                  "ORDER BY datname").splitlines()
+        for database in databases:
+            platform.psql(database, "-f", platform.path(spec["pgbouncer_auth"]["sql"]))
+    except subprocess.CalledProcessError as error:
+        raise ApplyError(host, "pgbouncer auth", (error.stderr or str(error)).strip().splitlines()[-1]) from None
+    report.log(f"pgbouncer auth: pgbouncer.get_auth in {', '.join(databases)}")
+
+
 def apply(bundle: dict, platform, gate_timeout: float | None = None) -> Report:
     """Apply `bundle` on `platform`; return what changed. Raises ApplyError at the first failed gate."""
     host = bundle["host"]
@@ -381,6 +400,8 @@ def apply(bundle: dict, platform, gate_timeout: float | None = None) -> Report:
             converge_audit(host, bundle["patroni"], platform, report)
         if unit == "patroni" and "extensions" in bundle.get("patroni", {}):
             converge_extensions(host, bundle["patroni"], platform, report)
+        if unit == "patroni" and "pgbouncer_auth" in bundle.get("patroni", {}):
+            converge_pgbouncer_auth(host, bundle["patroni"], platform, report)
     return report
 
 

@@ -8,6 +8,7 @@ timeout, then raises GateError naming the failed check.
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +39,13 @@ def _json(url: str, data: bytes | None = None):
 def check_http(gate: dict) -> tuple[bool, str]:
     status, _ = _get(gate["url"])
     return status == 200, f"{gate['url']} answered {status}"
+
+
+def check_tcp(gate: dict) -> tuple[bool, str]:
+    """Something accepts connections at host:port (a daemon without an HTTP endpoint)."""
+    host, _, port = gate["address"].rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=3):
+        return True, f"{gate['address']} accepts connections"
 
 
 def check_etcd(gate: dict) -> tuple[bool, str]:
@@ -128,6 +136,7 @@ def check_patroni(gate: dict) -> tuple[bool, str]:
 
 CHECKS = {
     "http": check_http,
+    "tcp": check_tcp,
     "etcd": check_etcd,
     "prometheus": check_prometheus,
     "alertmanager": check_alertmanager,

@@ -1,4 +1,5 @@
-"""A Patroni/PostgreSQL node: Patroni, pgBackRest (and its TLS server), postgres_exporter and the backup job.
+"""A Patroni/PostgreSQL node: Patroni, pgBackRest (and its TLS server), postgres_exporter, the backup job, and
+the client path: PgBouncer, its exporter and HAProxy.
 
 The backup job is scripts/backup.py, installed verbatim under Paths.BACKUP_LIB and run by
 /usr/bin/python3 from the unit betting-pg-backup@.service, which two timers fire (full weekly, a
@@ -29,8 +30,10 @@ from infra.hosts.spec import (
 from infra.hosts.system import POSTGRES_HOST_UNITS, postgres_host_files
 from infra.render.backup import SERVICE_TEMPLATE, TIMERS, render_backup_timers
 from infra.render.exporters import render_exporters
+from infra.render.haproxy import render_haproxy
 from infra.render.patroni import EXTENSIONS_SQL, LOG_DIRECTORY, UNIX_SOCKET_DIR, render_patroni
 from infra.render.pgbackrest import PGBACKREST_BIN, render_pgbackrest, uses_tls_server
+from infra.render.pgbouncer import CONSOLE_DATABASE, STATS_USER, render_pgbouncer, socket_address
 from infra.settings import StackSettings
 from infra.topology import (
     BackupLayout,
@@ -70,6 +73,42 @@ AUDIT_SHIP_ENV = "/etc/betting/audit-ship.env"
 AUDIT_SHIP_UNIT = "betting-audit-ship"
 AUDIT_SHIP_STATE = "/var/lib/postgresql/audit-shipped.json"  # on the data volume: a replaced host ships nothing twice
 _FILES = Path(__file__).resolve().parents[1] / "hostagent" / "files"
+
+
+# The client path. betting-pgbouncer-exporter (infra/hostagent/files/) replaces Debian's
+# prometheus-pgbouncer-exporter 1.7, which exits at start against PgBouncer 1.18 (it reads a SHOW STATS
+# column PgBouncer 1.8 removed); Debian's python3-psycopg2 runs it.
+CLIENT_PATH_PACKAGES = ("pgbouncer", "haproxy", "python3-psycopg2")
+PGBOUNCER_EXPORTER_UNIT = "betting-pgbouncer-exporter"
+PGBOUNCER_EXPORTER_ENV = f"/etc/default/{PGBOUNCER_EXPORTER_UNIT}"
+PGBOUNCER_LIMITS_DROP_IN = f"{SYSTEMD_DIR}/pgbouncer.service.d/betting-limits.conf"
+_PGBOUNCER_AUTH_SQL_BYTES = (FILES / "pgbouncer-auth.sql").read_bytes()
+# File descriptors PgBouncer may use beyond its clients and server connections (its listeners, the log, DNS).
+PGBOUNCER_SPARE_FILES = 1024
+
+
+def client_path_files(settings: StackSettings, topology: Topology) -> list[File]:
+    """PgBouncer's three files, its auth function's SQL, its file limit; the exporter; HAProxy's config."""
+    pool = settings.client_path
+    return [
+        *place(render_pgbouncer(settings), {
+            "pgbouncer/pgbouncer.ini": Paths.PGBOUNCER_CONFIG,
+            "pgbouncer/pgbouncer_hba.conf": Paths.PGBOUNCER_HBA,
+            "pgbouncer/userlist.txt": Paths.PGBOUNCER_USERS,
+        }, owner="postgres:postgres", mode="0640"),
+        File(Paths.PGBOUNCER_AUTH_SQL, _PGBOUNCER_AUTH_SQL_BYTES),
+        # systemd's default soft limit (1024 files) is below max_client_conn on larger stacks.
+        File(PGBOUNCER_LIMITS_DROP_IN, f"[Service]\nLimitNOFILE="
+             f"{pool.max_client_connections + pool.server_connections + PGBOUNCER_SPARE_FILES}\n".encode()),
+        File(Paths.PGBOUNCER_EXPORTER, (FILES / PGBOUNCER_EXPORTER_UNIT).read_bytes(), mode="0755"),
+        File(f"{SYSTEMD_DIR}/{PGBOUNCER_EXPORTER_UNIT}.service", (FILES / f"{PGBOUNCER_EXPORTER_UNIT}.service").read_bytes()),
+        # The admin console over the socket, as the OS user the exporter runs as (peer): no password.
+        File(PGBOUNCER_EXPORTER_ENV, env_file({
+            "PGBOUNCER_DSN": f"{socket_address(Ports.PGBOUNCER)} dbname={CONSOLE_DATABASE} user={STATS_USER}",
+            "LISTEN_ADDRESS": f"0.0.0.0:{Ports.PGBOUNCER_EXPORTER}",
+        })),
+        *place(render_haproxy(settings, topology), {"haproxy/haproxy.cfg": Paths.HAPROXY_CONFIG}),
+    ]
 
 
 def backup_environment(settings: StackSettings, topology: Topology, host: Host) -> dict[str, str]:
@@ -163,6 +202,7 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         *(File(f"/etc/systemd/system/{AUDIT_SHIP_UNIT}.{kind}", (_FILES / f"{AUDIT_SHIP_UNIT}.{kind}").read_bytes())
           for kind in ("service", "timer")),
         node_exporter_file(),
+        *client_path_files(settings, topology),
     ]
     boot = []
     if settings.patroni.watchdog != "off":
@@ -184,11 +224,12 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         instance_type=settings.patroni.instance_type,
         packages=BASE_PACKAGES + (f"postgresql-{settings.patroni.postgres_version}",
                                   f"postgresql-{settings.patroni.postgres_version}-pgaudit", "patroni", "python3-etcd",
-                                  "pgbackrest", "prometheus-postgres-exporter", *BACKUP_PACKAGES),
+                                  "pgbackrest", "prometheus-postgres-exporter", *BACKUP_PACKAGES, *CLIENT_PATH_PACKAGES),
         files=tuple(files),
         # The TLS server first: the member that bootstraps the cluster creates the stanza through the others.
         services=POSTGRES_HOST_UNITS + ((PGBACKREST_SERVER_UNIT,) if tls else ()) + (
-            "patroni", "prometheus-postgres-exporter", "prometheus-node-exporter", *TIMERS.values(),
+            "patroni", "pgbouncer", "haproxy", "prometheus-postgres-exporter", PGBOUNCER_EXPORTER_UNIT,
+            "prometheus-node-exporter", *TIMERS.values(),
             f"{AUDIT_SHIP_UNIT}.timer"),
         volume=volume,
         secret_files=tuple(secret_files),

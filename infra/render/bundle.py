@@ -12,8 +12,10 @@ from infra.render.cloudinit import render_cloud_init
 from infra.render.etcd import render_etcd
 from infra.render.exporters import render_exporters
 from infra.render.grafana import render_grafana
+from infra.render.haproxy import render_haproxy
 from infra.render.patroni import render_patroni
 from infra.render.pgbackrest import render_pgbackrest
+from infra.render.pgbouncer import render_pgbouncer
 from infra.render.prometheus import render_prometheus
 from infra.render.redis import render_redis
 from infra.settings import StackSettings
@@ -32,6 +34,8 @@ def render_all(settings: StackSettings, topology: Topology) -> dict[str, bytes]:
         *(render_pgbackrest(settings, topology, node) for node in topology.postgres),
         render_backup_timers(settings),
         render_redis(settings, topology),
+        render_pgbouncer(settings),
+        render_haproxy(settings, topology),
         *(render_patroni(settings, topology, node) for node in topology.postgres),
         *(render_etcd(settings, topology, member) for member in topology.etcd),
         {f"cloud-init/{spec.host.name}.yaml": render_cloud_init(spec.host, settings.environment, settings.region,

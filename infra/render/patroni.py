@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import yaml
 
+from infra.render import pgbouncer
 from infra.render.pgbackrest import PGBACKREST_BIN, stanza
 from infra.render.tuning import LOCAL, stack_tuning
 from infra.settings import StackSettings
@@ -34,9 +35,9 @@ EXPORTER_PASSWORD_ENV = "POSTGRES_EXPORTER_PASSWORD"
 EXTENSIONS_SQL = "/etc/betting/pg-extensions.sql"
 # Patroni runs post_bootstrap once, on the node that initialises the cluster, appending the superuser's
 # connection URL: the script (infra/hostagent/files/betting-pg-post-bootstrap) creates the exporter role, the
-# extensions and the pgBackRest stanza, so WAL is archived from the first segment on. Its values come from the
-# backup env file.
-POST_BOOTSTRAP = f"{Paths.POST_BOOTSTRAP} {Paths.BACKUP_ENV} {EXTENSIONS_SQL}"
+# extensions, PgBouncer's auth function (the SQL files named) and the pgBackRest stanza, so WAL is archived from
+# the first segment on. Its values come from the backup env file.
+POST_BOOTSTRAP = f"{Paths.POST_BOOTSTRAP} {Paths.BACKUP_ENV} {EXTENSIONS_SQL} {Paths.PGBOUNCER_AUTH_SQL}"
 
 # pgaudit (Debian's postgresql-15-pgaudit): session audit of DDL and of role and privilege changes
 # on every member, and object audit of writes through the role below: pgaudit logs a statement
@@ -51,7 +52,7 @@ LOG_DIRECTORY = "/var/lib/postgresql/log"
 LOG_FILENAME = "postgresql-%Y-%m-%dT%H.log"
 
 WATCHDOG_DEVICE = "/dev/watchdog"
-UNIX_SOCKET_DIR = "/var/run/postgresql"
+UNIX_SOCKET_DIR = Paths.POSTGRES_SOCKET_DIR
 PGPASS = "/var/lib/postgresql/.pgpass.patroni"
 
 
@@ -121,7 +122,11 @@ def _parameters(settings: StackSettings, topology: Topology) -> tuple[dict, dict
 def _pg_hba(settings: StackSettings) -> list[str]:
     vpc = settings.vpc_cidr
     return [
-        "local all all peer",
+        f"local all {SUPERUSER} peer",
+        # PgBouncer's auth_query login: only from the OS user PgBouncer runs as, so the role needs no password.
+        f"local all {pgbouncer.AUTH_ROLE} peer map={pgbouncer.IDENT_MAP}",
+        # PgBouncer's server connections come over the socket, with each client's own SCRAM keys.
+        "local all all scram-sha-256",
         f"local replication {REPLICATION_USER} scram-sha-256",
         f"host replication {REPLICATION_USER} 127.0.0.1/32 scram-sha-256",
         f"host replication {REPLICATION_USER} {vpc} scram-sha-256",
@@ -183,6 +188,7 @@ def patroni_config(settings: StackSettings, topology: Topology, node: Host) -> d
             "parameters": local_parameters,
             "recovery_conf": {"restore_command": f"{backrest} archive-get %f %p"},
             "pg_hba": _pg_hba(settings),
+            "pg_ident": [f"{pgbouncer.IDENT_MAP} {pgbouncer.OS_USER} {pgbouncer.AUTH_ROLE}"],
             # A new replica restores from the S3 backups first (no load on the primary), else streams a base backup.
             "create_replica_methods": ["pgbackrest", "basebackup"],
             "pgbackrest": {"command": f"{backrest} --delta restore", "keep_data": True, "no_params": True},

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from infra.hosts.system import CHRONY_UNIT, POSTGRES_HOST_UNITS
+from infra.render import haproxy, pgbouncer
 from infra.render.patroni import UNIX_SOCKET_DIR
 from infra.render.pgbackrest import PGBACKREST_BIN, TLS_SERVER_ADDRESS, members
 from infra.render.tuning import stack_tuning
@@ -129,12 +130,22 @@ class Layout:
         """Every host runs its own: etcd 81-85, PostgreSQL 86-94, monitoring 95-97 (adding a host moves no other)."""
         return self.port_base + {"etcd": 80, "postgres": 85, "monitoring": 94}[host.role] + host.index
 
-    # The client path's metrics (Prometheus scrapes them on every PostgreSQL node): past the node_exporters.
+    # The client path on every PostgreSQL node: 100-149, past the node_exporters.
     def haproxy_stats(self, node: Host) -> int:
         return self.port_base + 100 + node.index
 
     def pgbouncer_exporter(self, node: Host) -> int:
         return self.port_base + 110 + node.index
+
+    def pgbouncer(self, node: Host) -> int:
+        return self.port_base + 120 + node.index
+
+    def haproxy_primary(self, node: Host) -> int:
+        """A node's writer port: every node's forwards to the leader (the load balancer's targets)."""
+        return self.port_base + 130 + node.index
+
+    def haproxy_replicas(self, node: Host) -> int:
+        return self.port_base + 140 + node.index
 
     def host_ports(self, host: Host, topology: Topology) -> dict[int, int]:
         """{port on the host: port in the sandbox} of the daemons a host runs."""
@@ -145,7 +156,9 @@ class Layout:
             ports.update({Ports.POSTGRES: self.postgres(host), Ports.PATRONI_API: self.patroni(host),
                           Ports.POSTGRES_EXPORTER: self.postgres_exporter(host),
                           Ports.PGBACKREST_TLS: self.pgbackrest_server(host),
-                          Ports.HAPROXY_STATS: self.haproxy_stats(host), Ports.PGBOUNCER_EXPORTER: self.pgbouncer_exporter(host)})
+                          Ports.HAPROXY_STATS: self.haproxy_stats(host), Ports.PGBOUNCER_EXPORTER: self.pgbouncer_exporter(host),
+                          Ports.PGBOUNCER: self.pgbouncer(host), Ports.HAPROXY_PRIMARY: self.haproxy_primary(host),
+                          Ports.HAPROXY_REPLICAS: self.haproxy_replicas(host)})
         elif host.role == "monitoring":
             ports.update({Ports.PROMETHEUS: self.prometheus(host), Ports.ALERTMANAGER: self.alertmanager(host),
                           Ports.ALERTMANAGER_CLUSTER: self.alertmanager_cluster(host),
@@ -202,8 +215,8 @@ def _pgbackrest_pairs(layout: Layout, topology: Topology, host: Host, region: st
     pairs[f"tls-server-address={TLS_SERVER_ADDRESS}"] = f"tls-server-address={LOOPBACK}"
     pairs[f"tls-server-port={Ports.PGBACKREST_TLS}"] = f"tls-server-port={layout.pgbackrest_server(host)}"
     # The host's own programs that its daemons run by absolute path (Patroni's post_bootstrap, the backup
-    # unit's ExecStart) are its copies, under its root.
-    for program in (Paths.POST_BOOTSTRAP, Paths.BACKUP_LIB):
+    # unit's ExecStart, the PgBouncer exporter's) are its copies, under its root.
+    for program in (Paths.POST_BOOTSTRAP, Paths.BACKUP_LIB, Paths.PGBOUNCER_EXPORTER):
         pairs[program] = str(layout.host_path(host, program))
     if s3 is None:
         pairs[PGBACKREST_BIN] = NO_S3_BIN
@@ -232,6 +245,23 @@ def _memory_pairs(settings: StackSettings) -> dict[str, str]:
     return pairs
 
 
+def _client_path_pairs(layout: Layout, topology: Topology, host: Host) -> dict[str, str]:
+    """HAProxy, PgBouncer and its exporter name some addresses apart from `name:port`."""
+    pairs = {
+        # HAProxy: each server's health-check port follows its address (`NAME:6432 check port 8008`).
+        **{haproxy.server_address(node): f"{LOOPBACK}:{layout.pgbouncer(node)} check port {layout.patroni(node)}"
+           for node in topology.postgres},
+        # pgbouncer.ini: its listen address and port are two settings.
+        f"listen_addr = {pgbouncer.LISTEN_ADDRESS}": f"listen_addr = {LOOPBACK}",
+        f"listen_port = {Ports.PGBOUNCER}": f"listen_port = {layout.pgbouncer(host)}",
+    }
+    # A server on the local socket (PgBouncer's PostgreSQL, the exporter's PgBouncer): the socket folder is shared
+    # here, so the port tells the hosts' servers apart.
+    for port, mapped in layout.host_ports(host, topology).items():
+        pairs[pgbouncer.socket_address(port)] = f"host={layout.socket_dir} port={mapped}"
+    return pairs
+
+
 def host_mapping(layout: Layout, topology: Topology, host: Host, s3: SandboxS3 | None = None,
                  region: str = "", settings: StackSettings | None = None) -> dict[bytes, bytes]:
     """The literal tokens of `host`'s files: every host's DNS name:port, this host's listen addresses
@@ -249,6 +279,7 @@ def host_mapping(layout: Layout, topology: Topology, host: Host, s3: SandboxS3 |
         pairs.update(_pgbackrest_pairs(layout, topology, host, region, s3))
         if settings is not None:
             pairs.update(_memory_pairs(settings))
+        pairs.update(_client_path_pairs(layout, topology, host))
     else:
         pairs[PGBACKREST_BIN] = NO_S3_BIN
     pairs[f"rediss://{topology.redis_endpoint}:{Ports.REDIS}"] = f"{PLAIN_REDIS_SCHEME}{LOOPBACK}:{layout.redis}"

@@ -217,6 +217,8 @@ class SandboxHost:
         tmp = Path(self.path("/tmp"))
         tmp.mkdir(parents=True, exist_ok=True)
         tmp.chmod(0o1777)
+        # And a /run, where HAProxy's unit puts its pid file and master socket.
+        Path(self.path("/run")).mkdir(mode=0o755, exist_ok=True)
         for package in packages:
             if package in EC2_ONLY_PACKAGES:
                 continue
@@ -374,6 +376,9 @@ _PROCESS_NAMES = {
     "prometheus-redis-exporter": "redis-exporter-{host}",
     "prometheus-postgres-exporter": "postgres-exporter-{host}",
     "prometheus-node-exporter": "node-exporter-{host}",
+    "pgbouncer": "pgbouncer-{host}",
+    "haproxy": "haproxy-{host}",
+    "betting-pgbouncer-exporter": "pgbouncer-exporter-{host}",
 }
 
 

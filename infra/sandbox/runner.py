@@ -48,7 +48,11 @@ UNIT_GROUPS = {
     "etcd": None,
     "patroni": "postgres",
     "pgbackrest": "postgres",  # the TLS server, only with an S3 endpoint (SandboxS3): it has no other use
+    # The client path on every PostgreSQL node: what the writer and reader endpoints need.
+    "pgbouncer": "postgres",
+    "haproxy": "postgres",
     "prometheus-postgres-exporter": "exporters",
+    "betting-pgbouncer-exporter": "exporters",
     "prometheus-node-exporter": "exporters",
     "prometheus-redis-exporter": "exporters",
     "prometheus": "monitoring",
@@ -194,6 +198,18 @@ class Sandbox:
                 return self.node(member["name"])
         return None
 
+    def writer_url(self, user: str = "USER", dbname: str | None = None) -> str:
+        """The writer endpoint as the load balancer would be: every node's HAProxy writer port (libpq tries each
+        in turn), and any of them forwards to the leader's PgBouncer."""
+        return self._client_url(self.layout.haproxy_primary, user, dbname)
+
+    def reader_url(self, user: str = "USER", dbname: str | None = None) -> str:
+        return self._client_url(self.layout.haproxy_replicas, user, dbname)
+
+    def _client_url(self, port, user: str, dbname: str | None) -> str:
+        hosts = ",".join(f"{m.LOOPBACK}:{port(node)}" for node in self.topology.postgres)
+        return f"postgresql://{user}@{hosts}/{dbname or self.settings.client_path.databases[0]}"
+
     def endpoints(self) -> dict[str, str]:
         layout, topology = self.layout, self.topology
         points = {f"etcd {e.name}": f"http://{m.LOOPBACK}:{layout.etcd_client(e)}" for e in topology.etcd}
@@ -201,10 +217,16 @@ class Sandbox:
             points[f"postgres {node.name}"] = f"postgresql://{SUPERUSER}@{m.LOOPBACK}:{layout.postgres(node)}/postgres"
             points[f"patroni {node.name}"] = self.patroni_url(node)
         running = self.running()
+        if all(process_name(n.name, unit) in running for n in topology.postgres for unit in ("haproxy", "pgbouncer")):
+            points["writer"], points["reader"] = self.writer_url(), self.reader_url()
         optional = {"redis": ("redis", f"redis://{m.LOOPBACK}:{layout.redis}")}
         for node in topology.postgres:
             optional[process_name(node.name, "prometheus-postgres-exporter")] = (
                 f"postgres_exporter {node.name}", f"http://{m.LOOPBACK}:{layout.postgres_exporter(node)}/metrics")
+            optional[process_name(node.name, "haproxy")] = (
+                f"haproxy {node.name}", f"http://{m.LOOPBACK}:{layout.haproxy_stats(node)}/metrics")
+            optional[process_name(node.name, "betting-pgbouncer-exporter")] = (
+                f"pgbouncer_exporter {node.name}", f"http://{m.LOOPBACK}:{layout.pgbouncer_exporter(node)}/metrics")
         for host in topology.monitoring:
             optional[process_name(host.name, "prometheus-redis-exporter")] = (
                 f"redis_exporter {host.name}", f"http://{m.LOOPBACK}:{layout.redis_exporter(host)}/metrics")

@@ -42,7 +42,8 @@ PUBLIC_ACCESS_FLAGS = ("blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls
 KMS_ALGORITHMS = ("aws:kms", "aws:kms:dsse")
 WORLD = ("0.0.0.0/0", "::/0")
 # Every port a service of this platform listens on (infra/topology.py Ports), and SSH.
-SERVICE_PORTS = [22, 2379, 2380, 3000, 5432, 6379, 8008, 8123, 9000, 9090, 9093, 9094, 9100, 9121, 9187, 9363]
+SERVICE_PORTS = [22, 2379, 2380, 3000, 5000, 5001, 5432, 6379, 6432, 7000, 8008, 8123, 9000, 9090, 9093, 9094, 9100, 9121, 9127,
+                 9187, 9363]
 # Actions AWS only authorizes on Resource "*": no narrower resource exists for them.
 RESOURCE_WILDCARD_ACTIONS = [
     "ec2:Describe*", "autoscaling:Describe*", "elasticloadbalancing:Describe*", "elasticache:Describe*",

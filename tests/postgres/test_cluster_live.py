@@ -1,5 +1,10 @@
 """The rendered prod configs as a live 3-node cluster: bootstrap, REST API, streaming, failover
-without losing an acknowledged write (split brain included), health checks, sandbox up/down."""
+without losing an acknowledged write (split brain included), health checks, sandbox up/down.
+
+The client path runs in it as on the hosts (HAProxy and PgBouncer from the rendered files, the
+agent's units): a client of the writer endpoint goes through each node's HAProxy in turn, as the
+load balancer spreads connections. What the sandbox cannot show is the load balancer itself (its
+health checks of /health/writer and its fail-open): there are no AWS load balancers here."""
 
 from __future__ import annotations
 
@@ -12,10 +17,12 @@ import psycopg
 import pytest
 import requests
 
+from infra.render.haproxy import HEALTH_READER, HEALTH_WRITER
 from infra.sandbox import cli
 from infra.sandbox.runner import port_open, wait_for
+from infra.topology import SecretNames
 from scripts import health_checks
-from scripts.failover_drill import run_drill
+from scripts.failover_drill import CLIENT_ROLE, client_connect, prepare_client, run_drill
 
 pytestmark = pytest.mark.live
 
@@ -79,6 +86,48 @@ def test_exporters_log_in_with_the_role_patroni_created_at_bootstrap(cluster):
     assert ("postgres_exporter",) in roles
 
 
+def _health(sandbox, node, path: str) -> int:
+    return requests.get(f"http://127.0.0.1:{sandbox.layout.haproxy_stats(node)}{path}", timeout=3).status_code
+
+
+def test_every_nodes_haproxy_sends_writes_to_the_leader_and_reads_to_a_replica(cluster):
+    login = prepare_client(cluster)
+    leader, port_of = cluster.leader(), {cluster.layout.postgres(n): n.name for n in cluster.topology.postgres}
+    for node in cluster.topology.postgres:
+        with client_connect(login, cluster.layout.haproxy_primary(node)) as conn:
+            port, in_recovery, user = conn.execute(
+                "SELECT current_setting('port')::int, pg_is_in_recovery(), current_user").fetchone()
+        assert (port_of[port], in_recovery, user) == (leader.name, False, CLIENT_ROLE), node.name
+        with client_connect(login, cluster.layout.haproxy_replicas(node)) as conn:
+            port, in_recovery = conn.execute("SELECT current_setting('port')::int, pg_is_in_recovery()").fetchone()
+        assert port_of[port] != leader.name and in_recovery, node.name
+        # What the load balancer's health checks ask: this HAProxy has a primary, and a replica.
+        assert (_health(cluster, node, HEALTH_WRITER), _health(cluster, node, HEALTH_READER)) == (200, 200)
+        metrics = requests.get(f"http://127.0.0.1:{cluster.layout.haproxy_stats(node)}/metrics", timeout=3).text
+        assert 'haproxy_backend_active_servers{proxy="primary"} 1\n' in metrics
+        assert f'haproxy_backend_active_servers{{proxy="replicas"}} {len(cluster.topology.postgres) - 1}\n' in metrics
+        pools = requests.get(f"http://127.0.0.1:{cluster.layout.pgbouncer_exporter(node)}/metrics", timeout=5).text
+        assert "\npgbouncer_up 1.0\n" in pools, node.name
+    # The superuser is no client of the pooler, with its own password or any.
+    password = cluster.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(host="127.0.0.1", port=cluster.layout.haproxy_primary(leader), user="postgres", password=password,
+                        dbname=login.database, connect_timeout=3)
+
+
+def _assert_the_client_path_followed(result, sandbox):
+    """Through the writer endpoint: writes before and after, the new leader took them through every node's HAProxy
+    (the lost node's too), none lost, none acknowledged by a replica or by the old leader once the new one took
+    writes; the reader endpoint answered while no primary took writes."""
+    assert result.endpoint_rto_s is not None
+    assert result.endpoint_acks_before_fault > 0 and result.endpoint_acks_after_fault > 0
+    assert result.new_leader in result.endpoint_members_after_fault
+    assert set(result.endpoint_ports_after_fault) == {sandbox.layout.haproxy_primary(n) for n in sandbox.topology.postgres}
+    assert result.endpoint_lost == 0
+    assert result.endpoint_misrouted == 0
+    assert result.reads_without_primary > 0
+
+
 def test_node_loss_fails_over_without_losing_an_acknowledged_write_and_the_old_leader_rejoins(cluster):
     old = cluster.leader()
     log = cluster.layout.log_dir / f"{old.name}.log"
@@ -87,6 +136,7 @@ def test_node_loss_fails_over_without_losing_an_acknowledged_write_and_the_old_l
     assert result.new_leader not in (None, old.name)
     assert result.acks_before_fault > 0 and result.acks_after_fault > 0
     assert result.lost == 0
+    _assert_the_client_path_followed(result, cluster)
     leader = cluster.leader()
     members = _members(cluster)
     assert members[old.name]["role"] in ("replica", "sync_standby")
@@ -106,6 +156,16 @@ def test_split_brain_only_patroni_dies_no_acknowledged_write_lost(cluster):
     assert result.old_postmaster_alive_at_new_primary
     assert result.acks_before_fault > 0 and result.acks_after_fault > 0
     assert result.lost == 0
+    assert _members(cluster)[old.name]["role"] in ("replica", "sync_standby")
+    # HAProxy cut the orphan's clients once its Patroni stopped answering: none of its writes came after the new leader's.
+    _assert_the_client_path_followed(result, cluster)
+
+
+def test_switchover_through_the_writer_endpoint_loses_and_misroutes_nothing(cluster):
+    old = cluster.leader()
+    result = run_drill(cluster, "switchover", progress=print)
+    assert result.new_leader not in (None, old.name) and result.lost == 0
+    _assert_the_client_path_followed(result, cluster)
     assert _members(cluster)[old.name]["role"] in ("replica", "sync_standby")
 
 
@@ -147,6 +207,10 @@ def test_health_checks_down_without_a_leader(cluster, capsys):
     assert code == 2 and checks["overall"] == "down"
     assert checks["patroni"]["status"] == "down"
     assert checks["postgres"]["status"] == "down"
+    # No node's HAProxy has a primary: the load balancer's writer targets are all unhealthy (it then sends
+    # connections to every target, and each has no server to send them to).
+    for node in cluster.topology.postgres:
+        wait_for(f"{node.name}'s HAProxy to see no primary", lambda node=node: _health(cluster, node, HEALTH_WRITER) == 503, 10)
 
 
 def test_up_twice_changes_nothing(cluster, capsys):

@@ -31,7 +31,7 @@ def test_every_gate_of_the_running_hosts_turns_green(cluster):
             except gates.GateError as error:
                 pytest.fail(f"{host.name} {unit}: {error}")
             checked.append(gate["kind"])
-    assert {"etcd", "patroni", "prometheus", "alertmanager", "http"} <= set(checked)
+    assert {"etcd", "patroni", "prometheus", "alertmanager", "http", "tcp"} <= set(checked)
 
 
 def test_gates_name_what_is_wrong(cluster):
@@ -43,6 +43,9 @@ def test_gates_name_what_is_wrong(cluster):
     prometheus = _gates(cluster, "monitoring-1")["prometheus"]
     ok, reason = gates.check({**prometheus, "rule_files": [*prometheus["rule_files"], "/etc/prometheus/rules/gone.yml"]})
     assert not ok and reason == "prometheus: rule files not loaded: ['/etc/prometheus/rules/gone.yml']"
+    pgbouncer = _gates(cluster, "pg-1")["pgbouncer"]
+    ok, reason = gates.check({**pgbouncer, "address": "127.0.0.1:1"})
+    assert not ok and reason.startswith("tcp: [Errno 111] Connection refused")
     alertmanager = _gates(cluster, "monitoring-1")["prometheus-alertmanager"]
     gates.wait(alertmanager, 120)
     ok, reason = gates.check({**alertmanager, "peers": 3})

@@ -96,9 +96,12 @@ def test_no_password_in_patroni_yml_they_come_from_patronis_env_vars(settings, t
 
 def test_exporter_role_and_stanza_are_created_at_bootstrap_by_the_shipped_script(settings, topology):
     config, _ = _patroni(settings, topology, topology.postgres[0])
-    assert config["bootstrap"]["post_bootstrap"] == f"{Paths.POST_BOOTSTRAP} {Paths.BACKUP_ENV} {EXTENSIONS_SQL}"
+    assert config["bootstrap"]["post_bootstrap"] == (
+        f"{Paths.POST_BOOTSTRAP} {Paths.BACKUP_ENV} {EXTENSIONS_SQL} {Paths.PGBOUNCER_AUTH_SQL}")
     script = (ROOT / "infra" / "hostagent" / "files" / "betting-pg-post-bootstrap").read_text()
     assert "CREATE ROLE postgres_exporter LOGIN IN ROLE pg_monitor" in script
+    # PgBouncer's auth function where databases are, and where later ones come from.
+    assert '-d "$3" -f "$2" -c \'\\connect template1\' -f "$2"' in script
     assert f'password="${EXPORTER_PASSWORD_ENV}"' in script
     assert '-f "$2"' in script  # the extensions, from the file the agent runs on the leader too
     assert 'stanza-create; then' in script  # a failed stanza-create warns; it never fails the bootstrap

