@@ -101,9 +101,9 @@ def test_exporter_role_and_stanza_are_created_at_bootstrap_by_the_shipped_script
     script = (ROOT / "infra" / "hostagent" / "files" / "betting-pg-post-bootstrap").read_text()
     assert "CREATE ROLE postgres_exporter LOGIN IN ROLE pg_monitor" in script
     # PgBouncer's auth function where databases are, and where later ones come from.
-    assert '-d "$3" -f "$2" -c \'\\connect template1\' -f "$2"' in script
+    assert '-d "$4" -f "$3" -c \'\\connect template1\' -f "$3"' in script
     assert f'password="${EXPORTER_PASSWORD_ENV}"' in script
-    assert '-f "$2"' in script  # the extensions, from the file the agent runs on the leader too
+    assert '-d "$4" -f "$2"' in script  # the extensions, from the file the agent runs on the leader too
     assert 'stanza-create; then' in script  # a failed stanza-create warns; it never fails the bootstrap
 
 
