@@ -6,7 +6,9 @@ through PgBouncer, printed side by side.
 
 One PostgreSQL 15 (Patroni's initdb: data checksums, UTF8, C.UTF-8), started once with PostgreSQL's own
 defaults and once with the stack's rendered parameters (Patroni's cluster-wide and pg-1's local ones),
-each measured straight at PostgreSQL and through PgBouncer run from its rendered files. Before every run
+each measured straight at PostgreSQL and through PgBouncer run from its rendered files, with clients that
+keep their connection and with clients that open one for every transaction (pgbench -C, as short-lived
+application processes do: there the pooler saves a backend's start each time). Before every run
 pgbench's tables are created afresh (the same data) and a checkpoint is taken; every run has the same
 clients, threads, duration and protocol (-M simple: PgBouncer 1.18 in transaction mode keeps no prepared
 statements). pgbench logs in as an application role (PgBouncer lets no superuser through), with the
@@ -45,6 +47,7 @@ APP_ROLE, APP_PASSWORD = "bench_app", "bench-app-password"
 # Rendered parameters that name what only a host has: the repository (archiving) and its folders (the run's own).
 HOST_ONLY = ("archive_mode", "archive_command", "archive_timeout", "log_directory")
 MEMORY_UNITS = ("kB", "8kB", "MB")
+CLIENTS = {False: "one connection each", True: "a connection per transaction"}
 
 
 def _as_postgres(*command: str, **kwargs) -> subprocess.CompletedProcess:
@@ -145,18 +148,20 @@ class Bench:
             self.pgbouncer = None
 
     # ---- pgbench -------------------------------------------------------------------------------
-    def pgbench(self, port: int, clients: int, seconds: int, scale: int) -> tuple[float, float]:
+    def pgbench(self, port: int, clients: int, seconds: int, scale: int, reconnect: bool) -> tuple[float, float]:
         env = {**os.environ, "PGPASSWORD": APP_PASSWORD}
         common = ["-h", m.LOOPBACK, "-U", APP_ROLE]
         subprocess.run([str(PG_BIN / "pgbench"), "-i", "-q", "-s", str(scale), *common, "-p", str(self.port), self.database],
                        env=env, check=True, capture_output=True)
         self.psql("postgres", "CHECKPOINT")
-        run = subprocess.run([str(PG_BIN / "pgbench"), "-M", "simple", "-n", "-c", str(clients), "-j", "2", "-T",
-                              str(seconds), *common, "-p", str(port), self.database],
+        run = subprocess.run([str(PG_BIN / "pgbench"), "-M", "simple", "-n", *(["-C"] if reconnect else []),
+                              "-c", str(clients), "-j", "2", "-T", str(seconds), *common, "-p", str(port), self.database],
                              env=env, capture_output=True, text=True)
         if run.returncode:
             raise RuntimeError(f"pgbench failed: {run.stderr.strip()[-400:]}")
-        tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", run.stdout).group(1))
+        # With -C, connecting is part of every transaction: pgbench 15 reports that rate as "including".
+        tps = float(re.search(r"tps = ([\d.]+) \((?:without initial connection time|including reconnection times)\)",
+                              run.stdout).group(1))
         latency = float(re.search(r"latency average = ([\d.]+) ms", run.stdout).group(1))
         return tps, latency
 
@@ -181,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.pgbench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stack", default="prod")
-    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=64, help="clients that keep their connection")
+    parser.add_argument("--reconnecting-clients", type=int, default=16,
+                        help="clients that connect for every transaction (more than about 20 exhaust PostgreSQL's "
+                             "default 100 slots: exiting backends hold theirs for a moment)")
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--scale", type=int, default=20)
     parser.add_argument("--memory-scale", type=float, default=1.0)
@@ -198,9 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.pgbench: ports in use on {m.LOOPBACK}: {busy}; pick another --port-base", file=sys.stderr)
         return 2
     pool = settings.client_path
-    print(f"pgbench -s {args.scale}, {args.clients} clients, 2 threads, {args.seconds} s a run, -M simple; "
+    print(f"pgbench -s {args.scale}, {args.clients} clients ({args.reconnecting_clients} reconnecting), 2 threads, "
+          f"{args.seconds} s a run, -M simple; "
           f"PgBouncer pool {pool.pool_size} per database (transaction pooling); {os.cpu_count()} cores", flush=True)
-    results: dict[tuple[str, str], tuple[float, float]] = {}
+    results: dict[tuple[str, str, bool], tuple[float, float]] = {}
     try:
         bench.init()
         bench.start({})
@@ -215,22 +224,34 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {label}: {', '.join(f'{k}={v}' for k, v in sorted(parameters.items()))}", flush=True)
             bench.start_pgbouncer()
             try:
-                for path, port in (("direct", bench.port), ("through PgBouncer", bench.pgbouncer_port)):
-                    started = time.monotonic()
-                    results[(label, path)] = bench.pgbench(port, args.clients, args.seconds, args.scale)
-                    tps, latency = results[(label, path)]
-                    print(f"  {label}, {path}: {tps:.0f} tps, latency {latency:.1f} ms "
-                          f"({time.monotonic() - started:.0f} s with the data load)", flush=True)
+                for reconnect in (False, True):
+                    for path, port in (("direct", bench.port), ("through PgBouncer", bench.pgbouncer_port)):
+                        started = time.monotonic()
+                        clients = args.reconnecting_clients if reconnect else args.clients
+                        try:
+                            results[(label, path, reconnect)] = bench.pgbench(port, clients, args.seconds, args.scale,
+                                                                              reconnect)
+                        except RuntimeError as error:
+                            print(f"  {label}, {CLIENTS[reconnect]}, {path}: {error}", flush=True)
+                            continue
+                        tps, latency = results[(label, path, reconnect)]
+                        print(f"  {label}, {clients} clients, {CLIENTS[reconnect]}, {path}: {tps:.0f} tps, latency "
+                              f"{latency:.1f} ms ({time.monotonic() - started:.0f} s including the data load)", flush=True)
             finally:
                 bench.stop_pgbouncer()
     finally:
         bench.stop_pgbouncer()
         bench.stop()
-    print("\n| configuration | direct: TPS | latency | through PgBouncer: TPS | latency |")
-    print("|---|---|---|---|---|")
-    for label, _ in configurations:
-        (direct, direct_ms), (pooled, pooled_ms) = results[(label, "direct")], results[(label, "through PgBouncer")]
-        print(f"| {label} | {direct:.0f} | {direct_ms:.1f} ms | {pooled:.0f} | {pooled_ms:.1f} ms |")
+    print("\n| configuration | clients | direct: TPS | latency | through PgBouncer: TPS | latency |")
+    print("|---|---|---|---|---|---|")
+    def cells(key) -> str:
+        return f"{results[key][0]:.0f} | {results[key][1]:.1f} ms" if key in results else "failed | -"
+
+    for reconnect in (False, True):
+        clients = args.reconnecting_clients if reconnect else args.clients
+        for label, _ in configurations:
+            print(f"| {label} | {clients}, {CLIENTS[reconnect]} | {cells((label, 'direct', reconnect))} | "
+                  f"{cells((label, 'through PgBouncer', reconnect))} |")
     shutil.rmtree(state, ignore_errors=True)
     return 0
 

@@ -83,13 +83,14 @@ PGBOUNCER_EXPORTER_UNIT = "betting-pgbouncer-exporter"
 PGBOUNCER_EXPORTER_ENV = f"/etc/default/{PGBOUNCER_EXPORTER_UNIT}"
 PGBOUNCER_LIMITS_DROP_IN = f"{SYSTEMD_DIR}/pgbouncer.service.d/betting-limits.conf"
 _PGBOUNCER_AUTH_SQL_BYTES = (FILES / "pgbouncer-auth.sql").read_bytes()
-# File descriptors PgBouncer may use beyond its clients and server connections (its listeners, the log, DNS).
-PGBOUNCER_SPARE_FILES = 1024
+# PgBouncer's file limit: systemd's default soft limit (1024) is below max_client_conn on larger stacks. One
+# figure above the most the settings allow (50000 clients, 10000 PostgreSQL connections, listeners, DNS): a
+# limit that followed the pool would restart PgBouncer, and cut its clients, at every change of the pool size.
+PGBOUNCER_FILE_LIMIT = 65536
 
 
 def client_path_files(settings: StackSettings, topology: Topology) -> list[File]:
     """PgBouncer's three files, its auth function's SQL, its file limit; the exporter; HAProxy's config."""
-    pool = settings.client_path
     return [
         *place(render_pgbouncer(settings), {
             "pgbouncer/pgbouncer.ini": Paths.PGBOUNCER_CONFIG,
@@ -97,9 +98,7 @@ def client_path_files(settings: StackSettings, topology: Topology) -> list[File]
             "pgbouncer/userlist.txt": Paths.PGBOUNCER_USERS,
         }, owner="postgres:postgres", mode="0640"),
         File(Paths.PGBOUNCER_AUTH_SQL, _PGBOUNCER_AUTH_SQL_BYTES),
-        # systemd's default soft limit (1024 files) is below max_client_conn on larger stacks.
-        File(PGBOUNCER_LIMITS_DROP_IN, f"[Service]\nLimitNOFILE="
-             f"{pool.max_client_connections + pool.server_connections + PGBOUNCER_SPARE_FILES}\n".encode()),
+        File(PGBOUNCER_LIMITS_DROP_IN, f"[Service]\nLimitNOFILE={PGBOUNCER_FILE_LIMIT}\n".encode()),
         File(Paths.PGBOUNCER_EXPORTER, (FILES / PGBOUNCER_EXPORTER_UNIT).read_bytes(), mode="0755"),
         File(f"{SYSTEMD_DIR}/{PGBOUNCER_EXPORTER_UNIT}.service", (FILES / f"{PGBOUNCER_EXPORTER_UNIT}.service").read_bytes()),
         # The admin console over the socket, as the OS user the exporter runs as (peer): no password.

@@ -11,11 +11,15 @@ import subprocess
 
 import yaml
 
+from infra.bundle import bundle_document
+from infra.hosts import host_specs
 from infra.render.haproxy import READER_PROXY, WRITER_PROXY, render_haproxy
 from infra.render.patroni import SUPERUSER, render_patroni
 from infra.render.pgbouncer import AUTH_ROLE, AUTH_SCHEMA, IDENT_MAP, OS_USER, render_pgbouncer
 from infra.sandbox.runner import ALL_SERVICES, Sandbox
-from infra.topology import Paths, Ports
+from infra.settings import load_settings
+from infra.topology import Paths, Ports, build_topology
+from tests.conftest import stack_config
 from tests.monitoring.conftest import binary
 
 
@@ -129,3 +133,22 @@ def test_postgres_admits_the_auth_role_only_by_peer_from_pgbouncers_os_user(sett
                        ["local", "all", "all", "scram-sha-256"]]  # PgBouncer's server logins, with each client's keys
     assert not [line for line in hba if AUTH_ROLE in line[2] and line[0] != "local"]
     assert config["pg_ident"] == [f"{IDENT_MAP} {OS_USER} {AUTH_ROLE}"]
+
+
+def test_a_change_of_the_client_path_settings_reloads_pgbouncer_and_haproxy_and_restarts_nothing():
+    """A reload keeps every client connected (PgBouncer re-reads its files on SIGHUP, HAProxy's master starts new
+    workers); a restart would cut them. What the agent does with a changed file is its change rule."""
+    base = load_settings(stack_config("prod"), "prod")
+
+    def actions(settings) -> dict[str, str]:
+        topology = build_topology(settings)
+        spec = next(s for s in host_specs(settings, topology) if s.host.role == "postgres")
+        return {f["path"]: (f["content"], f["unit"], f["on_change"]) for f in bundle_document(spec, settings, topology)["files"]}
+
+    before = actions(base)
+    for change in ({"pool_size": 30}, {"max_client_connections": 3000}, {"reader_max_lag_bytes": 1048576},
+                   {"databases": ("betting", "reports")}):
+        after = actions(base.model_copy(update={"client_path": base.client_path.model_copy(update=change)}))
+        changed = {path: after[path][1:] for path in after if after[path] != before.get(path)}
+        assert changed, change
+        assert set(changed.values()) <= {("pgbouncer", "reload"), ("haproxy", "reload")}, (change, changed)
