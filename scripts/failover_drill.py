@@ -13,11 +13,12 @@ A writer inserts rows without pause straight into the node whose Patroni answers
 writer does the same through the writer endpoint as a client would (every node's HAProxy in
 turn, as the load balancer spreads connections, then PgBouncer), logged in as an application
 role, and a reader queries the reader endpoint all along. RTO is the time from the fault to the
-first acknowledged write on a connection opened after it; a write is lost when it was
-acknowledged and is not on the primary afterwards, misrouted when the server that acknowledged
-it was a replica or the old primary after the new one took writes. The killed node is restarted
-and must rejoin as a streaming replica (pg_rewind) before the drill counts as done. Prints
-progress while it runs; exits 1 if any acknowledged write was lost or misrouted.
+first acknowledged write on a connection opened after the outage began (the first failed write
+or connection after the fault); a write is lost when it was acknowledged and is not on the
+primary afterwards, misrouted when the server that acknowledged it was a replica or the old
+primary after the new one took writes. The killed node is restarted and must rejoin as a
+streaming replica (pg_rewind) before the drill counts as done. Prints progress while it runs;
+exits 1 if any acknowledged write was lost or misrouted.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from psycopg import sql
 
 from infra.render.haproxy import HEALTH_WRITER
 from infra.sandbox import mapping as m
-from infra.sandbox.platform import process_name
 from infra.sandbox.runner import Sandbox, SandboxError, wait_for
 from infra.topology import Host, SecretNames
 
@@ -199,11 +199,6 @@ class ClientLogin:
     members: dict[int, str]  # PostgreSQL port -> member name
 
 
-def client_path_running(sandbox: Sandbox) -> bool:
-    running = sandbox.running()
-    return all(process_name(n.name, unit) in running for n in sandbox.topology.postgres for unit in ("haproxy", "pgbouncer"))
-
-
 def prepare_client(sandbox: Sandbox, timeout: float = 30) -> ClientLogin:
     """The drill's application role (a fresh password each time) and its table in the first pooled database,
     made on the leader as an application's migration would; returns once every reader port logs it in
@@ -349,7 +344,7 @@ class ReaderSampler(Sampler):
         return sum(ok for at, ok, _ in self.samples if since <= at <= until)
 
     def longest_gap(self) -> float:
-        """The longest time between two answers (or from the first sample to an answer)."""
+        """The longest time between two answers."""
         times = [at for at, ok, _ in self.samples if ok]
         return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
 
@@ -447,7 +442,7 @@ def run_drill(sandbox: Sandbox, scenario: str, progress: Callable[[str], None] =
     """One drill on a healthy sandbox cluster; leaves it healthy again (all members streaming)."""
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; one of {', '.join(SCENARIOS)}")
-    login = prepare_client(sandbox) if client_path_running(sandbox) else None
+    login = prepare_client(sandbox) if sandbox.client_path_running() else None
     old = sandbox.wait_healthy()
     writer = Writer([sandbox.patroni_url(n) for n in sandbox.topology.postgres],
                     sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD))

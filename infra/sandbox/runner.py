@@ -198,6 +198,11 @@ class Sandbox:
                 return self.node(member["name"])
         return None
 
+    def client_path_running(self, running: dict[str, Proc] | None = None) -> bool:
+        """HAProxy and PgBouncer run on every PostgreSQL host: the writer and reader endpoints work."""
+        running = self.running() if running is None else running
+        return all(process_name(n.name, unit) in running for n in self.topology.postgres for unit in ("haproxy", "pgbouncer"))
+
     def writer_url(self, user: str = "USER", dbname: str | None = None) -> str:
         """The writer endpoint as the load balancer would be: every node's HAProxy writer port (libpq tries each
         in turn), and any of them forwards to the leader's PgBouncer."""
@@ -217,7 +222,7 @@ class Sandbox:
             points[f"postgres {node.name}"] = f"postgresql://{SUPERUSER}@{m.LOOPBACK}:{layout.postgres(node)}/postgres"
             points[f"patroni {node.name}"] = self.patroni_url(node)
         running = self.running()
-        if all(process_name(n.name, unit) in running for n in topology.postgres for unit in ("haproxy", "pgbouncer")):
+        if self.client_path_running(running):
             points["writer"], points["reader"] = self.writer_url(), self.reader_url()
         optional = {"redis": ("redis", f"redis://{m.LOOPBACK}:{layout.redis}")}
         for node in topology.postgres:
