@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from infra.platforms.aws import PrivateBucket, abort_incomplete_uploads_rule, create_versioned_bucket
+from infra.platforms.aws import PrivateBucket, abort_incomplete_uploads_rule, create_versioned_bucket, service_trust_policy
 from infra.platforms.kms import cloudtrail_statement, key_policy
 from infra.settings import StackSettings
 from infra.topology import BackupLayout, Topology, backup_key_alias
@@ -193,8 +193,7 @@ class BackupStorage(pulumi.ComponentResource):
 
         role = aws.iam.Role(
             f"{name}-replication-role",
-            assume_role_policy=json.dumps({"Version": "2012-10-17", "Statement": [{
-                "Effect": "Allow", "Principal": {"Service": "s3.amazonaws.com"}, "Action": "sts:AssumeRole"}]}),
+            assume_role_policy=service_trust_policy("s3.amazonaws.com"),
             tags=self._args.tags,
             opts=self._child,
         )

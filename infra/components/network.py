@@ -15,6 +15,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.hosts import SecurityRole, ingress_rules
+from infra.platforms.aws import service_trust_policy
 from infra.settings import StackSettings
 
 SECURITY_ROLES: tuple[SecurityRole, ...] = (
@@ -167,8 +168,7 @@ class Network(pulumi.ComponentResource):
         )
         role = aws.iam.Role(
             f"{name}-flow-logs-role",
-            assume_role_policy=json.dumps({"Version": "2012-10-17", "Statement": [{
-                "Effect": "Allow", "Principal": {"Service": "vpc-flow-logs.amazonaws.com"}, "Action": "sts:AssumeRole"}]}),
+            assume_role_policy=service_trust_policy("vpc-flow-logs.amazonaws.com"),
             tags=self._args.tags,
             opts=self._child,
         )

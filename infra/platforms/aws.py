@@ -29,6 +29,12 @@ STATEFUL_ROLES = ("postgres", "etcd", "monitoring", "clickhouse")
 ABORT_INCOMPLETE_UPLOAD_DAYS = 7
 
 
+def service_trust_policy(service: str) -> str:
+    """A role's trust policy: only this AWS service may assume it."""
+    return json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Principal": {"Service": service}, "Action": "sts:AssumeRole"}]})
+
+
 def abort_incomplete_uploads_rule() -> aws.s3.BucketLifecycleConfigurationRuleArgs:
     """The whole-bucket lifecycle rule every bucket carries."""
     return aws.s3.BucketLifecycleConfigurationRuleArgs(
@@ -142,10 +148,7 @@ def create_host(prefix: str, spec: HostSpec, ctx: AwsContext, parent: pulumi.Res
 
     role = aws.iam.Role(
         f"{name}-role",
-        assume_role_policy=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}],
-        }),
+        assume_role_policy=service_trust_policy("ec2.amazonaws.com"),
         tags=tags,
         opts=opts,
     )
