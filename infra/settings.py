@@ -363,7 +363,8 @@ class SecuritySettings(_Model):
     """Account-level controls: who administers the KMS keys, how long VPC flow logs are kept."""
 
     # IAM roles (names, in the stack's account) that administer the KMS keys: only they may change a key's
-    # policy, disable it or schedule its deletion, and none of them may use a key. `pulumi up` must run as one
+    # policy, disable it or schedule its deletion; they may not decrypt backups or audit logs (the data key they use
+    # through EC2, SSM and S3 when `pulumi up` creates volumes, secrets and bundles). `pulumi up` must run as one
     # (KMS refuses a key policy that would lock its own author out).
     key_administrator_roles: tuple[Annotated[str, Field(pattern=rf"^{_ROLE_NAME}$")], ...] = Field(
         default=("betting-platform-key-admin",), min_length=1)
