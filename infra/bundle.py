@@ -177,8 +177,8 @@ def bundle_document(spec: HostSpec, settings: StackSettings, topology: Topology)
         "files": entries,
         "directories": [{"path": d.path, "mode": d.mode, "owner": d.owner} for d in spec.directories],
         "secret_files": [
-            {"path": secret_path(s.name), "parameter": ssm_parameter_name(environment, s.name), "owner": s.owner,
-             "mode": s.mode}
+            {"path": secret_path(s.name), "parameter": ssm_parameter_name(environment, s.parameter_name),
+             "owner": s.owner, "mode": s.mode, "reloads": [list(r) for r in s.reloads]}
             for s in spec.secret_files
         ],
         "secret_environments": [

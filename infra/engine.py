@@ -81,8 +81,11 @@ def _computed(typ: str, name: str, inputs: dict, region: str = "eu-west-1") -> d
         state["result"] = "offline-" + "x" * 24
     elif typ == "tls:index/privateKey:PrivateKey":
         state["privateKeyPem"] = "offline-private-key"
-    elif typ == "tls:index/selfSignedCert:SelfSignedCert":
-        state["certPem"] = "offline-certificate"
+    elif typ in ("tls:index/selfSignedCert:SelfSignedCert", "tls:index/locallySignedCert:LocallySignedCert"):
+        # Not a secret (a CA certificate shows in the plan as an input of what it signs): marked as computed.
+        state["certPem"] = "(certificate: computed by pulumi-tls)"
+    elif typ == "tls:index/certRequest:CertRequest":
+        state["certRequestPem"] = "(certificate request: computed by pulumi-tls)"
     return state
 
 

@@ -16,6 +16,7 @@ from infra.components.clickhouse import ClickHouse, ClickHouseArgs
 from infra.components.monitoring import Monitoring, MonitoringArgs
 from infra.components.network import Network, NetworkArgs
 from infra.components.patroni import PatroniCluster, PatroniClusterArgs
+from infra.components.pki import CertificateAuthority, CertificateAuthorityArgs
 from infra.components.redis import RedisCache, RedisCacheArgs
 from infra.components.rollout import Rollout, RolloutArgs
 from infra.hosts import host_specs
@@ -74,6 +75,11 @@ def run() -> None:
                                                          account_id=account_id))
     bundles = HostBundles("bundles", HostBundlesArgs(settings=settings, topology=topology, specs=specs,
                                                    key_arn=data_key.arn, tags=tags))
+    authority = CertificateAuthority("pki", CertificateAuthorityArgs(
+        environment=settings.environment, topology=topology, key_arn=data_key.arn))
+    # A host boots once its bundle is published and the secrets it reads exist.
+    boot_dependencies = {host: [*bundles.published.get(host, []), *authority.parameters.get(host, [])]
+                         for host in {s.host.name for s in specs}}
     # The pinned image, looked up by id only to prove it is Debian's and the one named: no lookup picks one.
     image = aws.ec2.get_ami_output(
         owners=[DEBIAN_ACCOUNT],
@@ -92,7 +98,7 @@ def run() -> None:
         zone_id=network.zone.zone_id,
         data_key_arn=data_key.arn,
         bundle_bucket=topology.bundle_bucket,
-        boot_dependencies=bundles.published,
+        boot_dependencies=boot_dependencies,
         roll_host=settings.roll_host,
         bucket_key_arns={topology.backup_bucket: backups.key.arn, topology.audit_bucket: backups.key.arn},
         protect_data=protect,
@@ -123,6 +129,7 @@ def run() -> None:
                       for spec, host in zip(by_role[role], instances[role], strict=True)] for role in instances},
         published=[r for resources in bundles.published.values() for r in resources],
         tags=tags,
+        secret_revisions=authority.revisions,
     ))
 
     pulumi.export("environment", settings.environment)
@@ -144,3 +151,5 @@ def run() -> None:
     pulumi.export("clickhouse_instance_ids", [h.instance.id for h in clickhouse.hosts])
     pulumi.export("bundle_bucket", topology.bundle_bucket)
     pulumi.export("bundle_digests", bundles.digests)
+    # What clients verify every TLS endpoint of the stack against (README, Security).
+    pulumi.export("ca_certificate", authority.ca_certificate)

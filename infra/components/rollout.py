@@ -11,8 +11,9 @@ Roles roll in order (etcd, then PostgreSQL, then the rest), never two quorum gro
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pulumi
 import pulumi_aws as aws
@@ -26,6 +27,7 @@ DEFAULT_ROLLOUT_TIMEOUT_SECONDS = 1200
 HOST_TIMEOUT_SECONDS = 1800
 # Host names and hex digests only: nothing a shell could read as code reaches the command line.
 DIGESTS_PATTERN = r'^\{("[a-z0-9-]+": "[0-9a-f]{64}"(, )?)+\}$'
+SECRETS_PATTERN = r'^[0-9a-f]{64}$'
 
 
 def apply_document(environment: str) -> str:
@@ -35,18 +37,28 @@ def apply_document(environment: str) -> str:
         "parameters": {
             "digests": {"type": "String", "allowedPattern": DIGESTS_PATTERN,
                         "description": "JSON map of host name to the sha256 of its bundle"},
+            # A renewed certificate changes no bundle: this digest of the role's secret versions re-runs the
+            # association, and the agent rewrites the secret files and reloads what serves them.
+            "secrets": {"type": "String", "allowedPattern": SECRETS_PATTERN,
+                        "description": "sha256 of the role's secret parameter versions"},
         },
         "mainSteps": [{
             "action": "aws:runShellScript",
             "name": "applyBundle",
             "inputs": {"timeoutSeconds": str(HOST_TIMEOUT_SECONDS),
-                       "runCommand": [f"{AGENT_COMMAND} fetch-apply --digests '{{{{ digests }}}}'"]},
+                       "runCommand": [f"{AGENT_COMMAND} fetch-apply --digests '{{{{ digests }}}}' "
+                                      "--secrets '{{ secrets }}'"]},
         }],
     }, indent=1, sort_keys=True)
 
 
 def digests_parameter(digests: dict[str, str]) -> str:
     return json.dumps(dict(sorted(digests.items())))
+
+
+def secrets_parameter(revisions: list[str]) -> str:
+    """One digest of the role's hosts' secret revisions (infra/components/pki.py secrets_revision), in host order."""
+    return hashlib.sha256(json.dumps(revisions).encode()).hexdigest()
 
 
 @dataclass
@@ -56,6 +68,8 @@ class RolloutArgs:
     hosts: dict[str, list[tuple[str, pulumi.Input[str], str]]]
     published: list[pulumi.Resource]  # the bundle objects and digest parameters the hosts fetch
     tags: dict[str, str]
+    # host -> the revision of the secrets it reads that can change without a bundle (its TLS pair); none: ""
+    secret_revisions: dict[str, pulumi.Input[str]] = field(default_factory=dict)
 
 
 class Rollout(pulumi.ComponentResource):
@@ -85,7 +99,11 @@ class Rollout(pulumi.ComponentResource):
                 name=self.document.name,
                 document_version=self.document.latest_version,
                 targets=[aws.ssm.AssociationTargetArgs(key="InstanceIds", values=[instance for _, instance, _ in hosts])],
-                parameters={"digests": digests_parameter({host: d for host, _, d in hosts})},
+                parameters={
+                    "digests": digests_parameter({host: d for host, _, d in hosts}),
+                    "secrets": pulumi.Output.all(*(args.secret_revisions.get(host, "") for host, _, _ in hosts))
+                    .apply(secrets_parameter),
+                },
                 max_concurrency="1",
                 max_errors="0",
                 compliance_severity="CRITICAL",

@@ -359,6 +359,8 @@ def apply(bundle: dict, platform, gate_timeout: float | None = None) -> Report:
         value = platform.secret(secret["parameter"]).encode()
         if converge_file(platform.path(secret["path"]), value, secret["mode"], secret["owner"]):
             report.changed.append(secret["path"])
+            for unit, action in secret.get("reloads", []):  # e.g. a renewed certificate
+                need(unit, action)
     for environment in bundle["secret_environments"]:
         lines = [f'{var}="{_escape_env(platform.secret(param))}"\n' for var, param in sorted(environment["variables"].items())]
         if converge_file(platform.path(environment["path"]), "".join(lines).encode(), "0400", environment["owner"]):
@@ -517,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     which = fetch_apply.add_mutually_exclusive_group(required=True)
     which.add_argument("--digest")
     which.add_argument("--digests", help="JSON map host -> digest (the rollout's SSM parameter)")
+    # The rollout's digest of the role's secret versions: it only makes SSM run the apply again after a renewal
+    # (the apply reads every secret anew); logged, so a run says which revision it applied.
+    fetch_apply.add_argument("--secrets", default="", help="the rollout's secrets revision (logged only)")
     sub.add_parser("check", help="run every health gate of the last applied bundle")
     sub.add_parser("handover", help="if this host is the Patroni leader, switch over to a healthy standby")
     args = parser.parse_args(argv)
@@ -526,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         config = _host_config()
         if args.command == "fetch-apply":
             path = fetch(config, _digest_for(config, args))
+            if args.secrets:
+                print(f"{config['host']}: rollout secrets revision {args.secrets}", file=sys.stderr)
             with open(path) as handle:
                 if install_agent(json.load(handle)):
                     # The new agent applies its own bundle.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from infra.hosts.spec import BASE_PACKAGES, DataVolume, HostSpec, node_exporter_file, place
+from infra.hosts.spec import BASE_PACKAGES, DataVolume, HostSpec, node_exporter_file, place, tls_files
 from infra.hosts.system import data_volume_drop_in
 from infra.render.etcd import render_etcd
 from infra.settings import StackSettings
@@ -20,4 +20,5 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
                data_volume_drop_in("etcd", volume)),
         services=("etcd", "prometheus-node-exporter"),
         volume=volume,
+        secret_files=tls_files(topology, host),
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from infra.hosts.spec import BASE_PACKAGES, HostSpec, SecretEnvironment, node_exporter_file, place
+from infra.hosts.spec import BASE_PACKAGES, HostSpec, SecretEnvironment, node_exporter_file, place, tls_files
 from infra.render.grafana import render_grafana
 from infra.settings import StackSettings
 from infra.topology import Host, Paths, SecretNames, Topology
@@ -18,6 +18,7 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
             "grafana/dashboards/": Paths.GRAFANA_DASHBOARDS + "/",
         }, owner="root:grafana", mode="0640"), node_exporter_file()),
         services=("grafana-server", "prometheus-node-exporter"),
+        secret_files=tls_files(topology, host),
         secret_environments=(
             # Grafana reads any setting from a GF_<SECTION>_<KEY> environment variable.
             SecretEnvironment("grafana-server", (("GF_SECURITY_ADMIN_PASSWORD", SecretNames.GRAFANA_ADMIN_PASSWORD),),

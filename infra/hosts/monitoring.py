@@ -13,6 +13,7 @@ from infra.hosts.spec import (
     node_exporter_file,
     place,
     shell_args,
+    tls_files,
 )
 from infra.render.alertmanager import alertmanager_args, render_alertmanager
 from infra.render.prometheus import prometheus_args, render_prometheus
@@ -54,7 +55,7 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         services=("prometheus", "prometheus-alertmanager", "prometheus-redis-exporter", "prometheus-node-exporter"),
         volume=DataVolume("prometheus-tsdb", Paths.PROMETHEUS_DATA, "prometheus:prometheus", prometheus_settings.volume),
         secret_files=tuple(SecretFile(name, "prometheus:prometheus") for name in MONITORING_SECRETS + (
-            (SecretNames.SMTP_AUTH_PASSWORD,) if settings.alerting.smtp_auth_username else ())),
+            (SecretNames.SMTP_AUTH_PASSWORD,) if settings.alerting.smtp_auth_username else ())) + tls_files(topology, host),
         secret_environments=(
             SecretEnvironment("prometheus-redis-exporter", (("REDIS_PASSWORD", SecretNames.REDIS_AUTH_TOKEN),),
                               "prometheus:prometheus"),

@@ -26,6 +26,7 @@ from infra.hosts.spec import (
     node_exporter_file,
     place,
     shell_args,
+    tls_files,
 )
 from infra.hosts.system import POSTGRES_HOST_UNITS, postgres_host_files
 from infra.render.backup import SERVICE_TEMPLATE, TIMERS, render_backup_timers
@@ -215,6 +216,7 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         # The backup job writes its canary row on the leader, which it may reach only over TCP.
         SecretFile(SecretNames.POSTGRES_SUPERUSER_PASSWORD, "postgres:postgres"),
     ]
+    secret_files += tls_files(topology, host)
     if tls:
         secret_files += [SecretFile(SecretNames.PGBACKREST_TLS_KEY, "postgres:postgres"),
                          SecretFile(SecretNames.PGBACKREST_TLS_CERT, "postgres:postgres")]

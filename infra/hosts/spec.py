@@ -11,8 +11,9 @@ import shlex
 from dataclasses import dataclass
 from typing import Literal
 
+from infra import pki
 from infra.settings import StackSettings, VolumeSettings
-from infra.topology import Host, Paths, Ports
+from infra.topology import Host, Paths, Ports, Topology
 
 SecurityRole = Literal["etcd", "postgres", "postgres-lb", "redis", "clickhouse", "monitoring", "grafana", "clients"]
 
@@ -38,9 +39,16 @@ class Directory:
 class SecretFile:
     """A secret written at boot from its SSM SecureString parameter to secret_path(name)."""
 
-    name: str
+    name: str  # its file under Paths.SECRETS_DIR
     owner: str
     mode: str = "0400"
+    parameter: str = ""  # its SSM name under /betting/<env>/ when not `name` (a host's own: hosts/<host>/...)
+    # What a change to it needs, as (unit, action): a renewed certificate must reach the daemons serving it.
+    reloads: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def parameter_name(self) -> str:
+        return self.parameter or self.name
 
 
 @dataclass(frozen=True)
@@ -99,7 +107,8 @@ class HostSpec:
 
     @property
     def secret_names(self) -> tuple[str, ...]:
-        names = {s.name for s in self.secret_files}
+        """The SSM names (under /betting/<env>/) this host reads: its IAM grant, exactly."""
+        names = {s.parameter_name for s in self.secret_files}
         names.update(name for env in self.secret_environments for _, name in env.variables)
         return tuple(sorted(names))
 
@@ -152,6 +161,18 @@ def ingress_rules(settings: StackSettings) -> tuple[Ingress, ...]:
         for role in ("etcd", "postgres", "clickhouse", "monitoring", "grafana")
     ]
     return tuple(rules)
+
+
+def tls_files(topology: Topology, host: Host, reloads: tuple[tuple[str, str], ...] = ()) -> tuple[SecretFile, ...]:
+    """The host's TLS identity (infra/pki.py): the CA certificate, readable by every user (HAProxy, clients on the
+    host), and the host's key and certificate, its role's daemons' alone; `reloads`: the units that serve them."""
+    ident = pki.identity(topology, host)
+    owner = pki.KEY_OWNERS[host.role]
+    return (
+        SecretFile(pki.CA_CERT, "root:root", "0444", parameter=pki.CA_CERT_PARAMETER, reloads=reloads),
+        SecretFile(pki.HOST_KEY, owner, "0400", parameter=ident.key_parameter, reloads=reloads),
+        SecretFile(pki.HOST_CERT, owner, "0444", parameter=ident.cert_parameter, reloads=reloads),
+    )
 
 
 def env_file(variables: dict[str, str]) -> bytes:

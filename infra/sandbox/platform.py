@@ -131,31 +131,81 @@ def expand_command(line: str, environment: dict[str, str]) -> list[str]:
     return words
 
 
-def tls_identity(common_name: str, dns_names: list[str]) -> tuple[str, str]:
-    """A self-signed certificate and its key (PEM), for server and client authentication: the sandbox's
-    copy of what the program makes with pulumi-tls."""
-    import datetime
+def _pem_pair(key, certificate) -> tuple[str, str]:
+    from cryptography.hazmat.primitives import serialization
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
-        .sign(key, hashes.SHA256())
-    )
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption()).decode()
     return certificate.public_bytes(serialization.Encoding.PEM).decode(), key_pem
+
+
+def _certificate(common_name: str, public_key, issuer_name, signing_key, days: int, *, ca: bool = False,
+                 dns_names: tuple[str, ...] = (), ip_addresses: tuple[str, ...] = ()):
+    """A certificate as pulumi-tls makes them for the program (infra/components/pki.py, infra/pki.py's uses)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name or name).public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+    else:
+        sans = [x509.DNSName(n) for n in dns_names] + [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+        builder = (builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                                  critical=False))
+    return builder.sign(signing_key, hashes.SHA256())
+
+
+def tls_identity(common_name: str, dns_names: list[str]) -> tuple[str, str]:
+    """A self-signed certificate and its key (PEM), for server and client authentication: the sandbox's
+    copy of what the program makes with pulumi-tls for pgBackRest."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = _certificate(common_name, key.public_key(), None, key, 365, dns_names=tuple(dns_names))
+    return _pem_pair(key, certificate)
+
+
+def ca_identity(common_name: str) -> tuple[str, str]:
+    """The sandbox's own certificate authority (certificate, key), as infra/components/pki.py makes the stack's."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    return _pem_pair(key, _certificate(common_name, key.public_key(), None, key, 3650, ca=True))
+
+
+def signed_identity(ca_cert_pem: str, ca_key_pem: str, common_name: str) -> tuple[str, str]:
+    """A host's certificate and key signed by the sandbox's CA. Every sandbox host is 127.0.0.1 (the mapping sends
+    each host's names there), so that address and `localhost` are the names a client verifies."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem.encode())
+    ca_key = serialization.load_pem_private_key(ca_key_pem.encode(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = _certificate(common_name, key.public_key(), ca_cert.subject, ca_key, 365,
+                               dns_names=(m.LOOPBACK, "localhost"), ip_addresses=(m.LOOPBACK,))
+    return _pem_pair(key, certificate)
+
+
+def _parameter_key(parameter: str) -> str:
+    """An SSM name (/betting/<env>/<name>, or a host's own /betting/<env>/hosts/<host>/<name>) -> its name below the
+    environment; a bare name stays as it is."""
+    return parameter.split("/", 3)[3] if parameter.startswith("/betting/") else parameter
 
 
 class SecretStore:
@@ -168,11 +218,24 @@ class SecretStore:
 
     def _write(self, name: str, value: str) -> None:
         path = self.folder / name
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         path.write_text(value.rstrip("\n") + "\n")
         path.chmod(0o400)
 
+    def _ca(self) -> tuple[str, str]:
+        from infra import pki
+
+        cert_path, key_path = self.folder / pki.CA_CERT_PARAMETER, self.folder / pki.CA_KEY_PARAMETER
+        if not cert_path.exists():
+            cert, key = ca_identity("betting sandbox CA")
+            self._write(pki.CA_KEY_PARAMETER, key)
+            self._write(pki.CA_CERT_PARAMETER, cert)
+        return cert_path.read_text(), key_path.read_text()
+
     def get(self, parameter: str) -> str:
-        name = parameter.rsplit("/", 1)[-1]
+        from infra import pki
+
+        name = _parameter_key(parameter)
         path = self.folder / name
         with self._lock:
             if not path.exists():
@@ -184,9 +247,23 @@ class SecretStore:
                     cert, key = tls_identity(TLS_CLIENT_CN, [m.LOOPBACK, "localhost"])
                     self._write(TLS_PAIR[0], key)
                     self._write(TLS_PAIR[1], cert)
+                elif name in (pki.CA_CERT_PARAMETER, pki.CA_KEY_PARAMETER):
+                    self._ca()
+                elif name.startswith("hosts/"):  # hosts/<host>/tls_key or tls_cert: the pair, signed by the CA
+                    host = name.split("/")[1]
+                    cert, key = signed_identity(*self._ca(), common_name=host)
+                    self._write(f"hosts/{host}/tls_key", key)
+                    self._write(f"hosts/{host}/tls_cert", cert)
                 else:
                     self._write(name, self.placeholders.get(name, secrets.token_urlsafe(24)))
             return path.read_text().rstrip("\n")
+
+    def ca_file(self) -> Path:
+        """The CA certificate, for clients on this machine (tests, health checks) verifying the sandbox's hosts."""
+        from infra import pki
+
+        self.get(pki.CA_CERT_PARAMETER)
+        return self.folder / pki.CA_CERT_PARAMETER
 
 
 class SandboxHost:
