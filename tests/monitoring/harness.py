@@ -23,8 +23,9 @@ import requests
 import yaml
 
 from infra.topology import Paths
+from tests.ports import port
 
-PORT_RANGE = (29000, 29999)  # this part's share of loopback ports
+PORT_RANGE = (port(29000), port(29999))  # this part's share of loopback ports
 # Ports handed out but maybe not bound yet by their daemon: never hand them out twice in a process.
 _issued: set[int] = set()
 _issued_lock = threading.Lock()

@@ -13,10 +13,11 @@ import pytest
 from infra.sandbox.runner import ALL_SERVICES, Sandbox
 from infra.settings import load_settings
 from tests.conftest import stack_config
+from tests.ports import port
 
 # Inside the sandbox range (25000-26999), away from a user's sandbox (25000) and the bench (26000).
-LIVE_PORT_BASE = 26500
-VALIDATE_ETCD_PORT = 26590
+LIVE_PORT_BASE = port(26500)
+VALIDATE_ETCD_PORT = port(26590)
 
 
 @pytest.fixture(scope="session")

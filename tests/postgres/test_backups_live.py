@@ -41,12 +41,13 @@ from tests.backup_bucket import allowed, authorizations
 from tests.conftest import stack_config
 from tests.monitoring.conftest import binary, render_all
 from tests.monitoring.harness import Webhook, map_rule_for, map_rule_intervals, mentions, start_stack, wait_scraped
+from tests.ports import port
 
 pytestmark = pytest.mark.live
 
 # 27600-27699 belong to these tests: the sandbox's ports are the base + 1..97, the endpoint is 99.
-PORT_BASE = 27600
-S3_PORT = 27699
+PORT_BASE = port(27600)
+S3_PORT = port(27699)
 CHECKS = ["backup", "restore", "recovery", "pg_amcheck", "canary", "checksums"]
 
 

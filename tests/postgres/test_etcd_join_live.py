@@ -32,14 +32,15 @@ from infra.sandbox import mapping as m
 from infra.settings import load_settings
 from infra.topology import build_topology
 from tests.conftest import stack_config
+from tests.ports import port
 
 pytestmark = pytest.mark.live
 
 # Away from the sandbox range (25000-26999) and the monitoring tests (29000-29999): the clusters
 # take 27401-27415, 27421-27435 and 27441-27455.
-PORT_BASE = 27400
-SECOND_PORT_BASE = 27420
-DEV_PORT_BASE = 27440
+PORT_BASE = port(27400)
+SECOND_PORT_BASE = port(27420)
+DEV_PORT_BASE = port(27440)
 ETCD_BIN = "/usr/bin/etcd"
 ETCD_UNIT = "/lib/systemd/system/etcd.service"
 TIMEOUT = 60.0  # an upper bound for each wait; nothing asserts how long anything took

@@ -16,12 +16,13 @@ from infra.hostagent import patroni
 from infra.sandbox.runner import wait_for
 from infra.topology import SecretNames
 from scripts.failover_drill import ClusterSampler, Writer
+from tests.ports import port
 from tests.postgres.conftest import running_sandbox
 
 pytestmark = pytest.mark.live
 
 # Its own sandbox, away from a user's (25000), the bench (26000) and the shared live one (26500).
-PORT_BASE = 26800
+PORT_BASE = port(26800)
 
 
 @pytest.fixture(scope="module")

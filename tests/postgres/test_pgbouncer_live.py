@@ -36,11 +36,12 @@ from infra.sandbox.runner import wait_for
 from infra.settings import load_settings
 from infra.topology import Paths, Ports, build_topology
 from tests.conftest import stack_config
+from tests.ports import port
 
 pytestmark = pytest.mark.live
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-POSTGRES_PORT, PGBOUNCER_PORT, EXPORTER_PORT = 27951, 27952, 27953
+POSTGRES_PORT, PGBOUNCER_PORT, EXPORTER_PORT = port(27951), port(27952), port(27953)
 APP_PASSWORD = "app-password-for-this-test"
 
 

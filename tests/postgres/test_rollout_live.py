@@ -20,13 +20,14 @@ from infra.sandbox.runner import Sandbox
 from infra.topology import SecretNames
 from scripts.failover_drill import TABLE as DRILL_TABLE
 from scripts.failover_drill import ClusterSampler, EtcdSampler, Writer
+from tests.ports import port
 from tests.postgres.conftest import running_sandbox
 
 pytestmark = pytest.mark.live
 
 # Its own sandbox, away from a user's (25000), the bench (26000), the shared live one (26500) and
 # the Patroni rollout tests (26800).
-PORT_BASE = 27100
+PORT_BASE = port(27100)
 
 
 def _changed(settings, **sections):

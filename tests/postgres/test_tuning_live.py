@@ -51,11 +51,12 @@ from infra.settings import PROJECT, load_settings
 from infra.topology import Paths, build_topology
 from scripts.pg_settings_catalog import query_catalog
 from tests.conftest import STACKS, stack_config
+from tests.ports import port
 
 pytestmark = pytest.mark.live
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-POSTGRES_PORT, EXPORTER_PORT, NODE_EXPORTER_PORT = 27900, 27901, 27902
+POSTGRES_PORT, EXPORTER_PORT, NODE_EXPORTER_PORT = port(27900), port(27901), port(27902)
 # What only a host has: its socket folder, its log folder, WAL archiving to S3 (no pgBackRest or S3 here).
 HOST_SPECIFIC = ("unix_socket_directories", "archive_mode", "archive_command", "log_directory")
 SCALED = Hardware(vcpus=2, memory_mib=2048)
