@@ -32,8 +32,10 @@ system-deps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(SYSTEM_PACKAGES); \
 	fi
 
+# Two workers: most of the live tests' time is waiting on daemons (timeouts, failovers), and each module runs whole
+# on one worker (tests/conftest.py), on that worker's own ports (tests/ports.py).
 test: setup system-deps
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 lint: setup
 	$(BIN)/ruff check .

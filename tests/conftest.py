@@ -15,6 +15,23 @@ ROOT = Path(__file__).resolve().parents[1]
 STACKS = ("dev", "staging", "prod")
 
 
+# Live fixtures of the whole session: the modules that use one run on the same pytest-xdist worker.
+SESSION_LIVE_FIXTURES = {"live_sandbox"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup) every module runs whole on one worker, so its module
+    fixtures (daemons, evaluated plans) start once; the modules sharing a session's live sandbox share a worker."""
+    modules: dict[str, str] = {}
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        if SESSION_LIVE_FIXTURES & set(item.fixturenames):
+            modules[module] = "live-sandbox"
+        modules.setdefault(module, module)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(modules[item.nodeid.split("::", 1)[0]]))
+
+
 def stack_config(stack: str) -> dict[str, str]:
     """The stack file's config as the engine passes it: strings, structured values as JSON."""
     raw = yaml.safe_load((ROOT / "stacks" / f"Pulumi.{stack}.yaml").read_text())["config"]

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import os
 
-OFFSET = int(os.environ.get("BETTING_TEST_PORT_OFFSET", "0"))
+# pytest-xdist's workers (make test runs two): gw0 keeps the ranges, gw1 moves them 5000 down, so the modules that
+# pick free ports at random inside a shared range (tests/monitoring/harness.py) never race each other.
+WORKER_SPACING = 5000
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+OFFSET = int(os.environ.get("BETTING_TEST_PORT_OFFSET", "0")) - WORKER_SPACING * int(_worker.removeprefix("gw") or 0)
 
 
 def port(number: int) -> int:
