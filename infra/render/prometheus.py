@@ -25,6 +25,7 @@ import yaml
 from infra.settings import StackSettings
 from infra.slo import BURN_RATE_ALERTS, BURN_RATE_WINDOWS, SLIS, SLO, SLOS
 from infra.topology import Host, Paths, Ports, Topology
+from infra.units import duration_seconds
 
 # Where alerts link to: the runbooks live in this repository, one page per alert name.
 RUNBOOK_BASE_URL = "https://github.com/betting-platform/infra/blob/main/docs/runbooks/"
@@ -485,6 +486,23 @@ PLATFORM_ALERTS: tuple[Alert, ...] = (
 )
 
 
+def retention_alerts(settings: StackSettings) -> tuple[Alert, ...]:
+    """The 30-day promise watched: the size cap deleted blocks (prometheus_tsdb_size_retentions_total rose) while the
+    oldest sample left is younger than the time retention, so the size cap, not the time, now decides what is kept.
+    Prometheus 2.42 exports no metric of its time retention: the stack's value is rendered into the rule."""
+    retention = settings.monitoring.prometheus.retention_time
+    seconds = _number(duration_seconds(retention))
+    return (Alert(
+        "PrometheusRetentionBelowPromise",
+        f"(time() - prometheus_tsdb_lowest_timestamp_seconds) < {seconds}\n"
+        "  and increase(prometheus_tsdb_size_retentions_total[1d]) > 0",
+        "15m", "warning", "platform",
+        f"Prometheus {{{{ $labels.instance }}}} keeps less than {retention} of metrics",
+        f"The size retention deleted blocks and the oldest sample is {{{{ $value | humanizeDuration }}}} old, under the "
+        f"time retention of {retention}: grow the TSDB volume or cut series before the promise is missed for longer.",
+    ),)
+
+
 def _number(value: float) -> str:
     return f"{round(value, 12):g}"
 
@@ -562,14 +580,15 @@ def rule_groups(settings: StackSettings) -> dict[str, dict]:
         groups["synchronous-replication"] = {"rules": [a.rule() for a in synchronous]}
     groups["client-path"] = {"rules": [a.rule() for a in CLIENT_PATH_ALERTS]}
     groups["hosts"] = {"rules": [a.rule() for a in HOST_ALERTS]}
-    groups["platform"] = {"rules": [a.rule() for a in PLATFORM_ALERTS]}
+    groups["platform"] = {"rules": [a.rule() for a in PLATFORM_ALERTS + retention_alerts(settings)]}
     return groups
 
 
 def all_alerts(settings: StackSettings) -> tuple[Alert, ...]:
     burn = tuple(a for slo in SLOS if slo.burn_rate_alerts for a in burn_rate_alerts(slo))
     return (tuple(a for alerts in DOCUMENT_ALERTS.values() for a in alerts) + BACKUP_ALERTS + CLUSTER_ALERTS
-            + synchronous_replication_alerts(settings) + CLIENT_PATH_ALERTS + HOST_ALERTS + burn + PLATFORM_ALERTS)
+            + synchronous_replication_alerts(settings) + CLIENT_PATH_ALERTS + HOST_ALERTS + burn + PLATFORM_ALERTS
+            + retention_alerts(settings))
 
 
 def _dump(document: dict) -> bytes:
