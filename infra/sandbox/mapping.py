@@ -262,6 +262,24 @@ def _client_path_pairs(layout: Layout, topology: Topology, host: Host) -> dict[s
     return pairs
 
 
+def _unrun_scrape_targets(topology: Topology) -> dict[str, str]:
+    """prometheus.yml's scrape entries whose targets the sandbox does not run (ClickHouse, Grafana, the application):
+    each entry's text, exactly as rendered, -> nothing. Nothing is then scraped for them, so no `up` series exists
+    and no rule fires for a service that is not there (a job left with no entry scrapes nothing)."""
+    from infra.render.prometheus import _dump, scrape_configs
+
+    run = {h.fqdn for h in topology.hosts if h.role in SANDBOX_ROLES}
+    pairs = {}
+    for job in scrape_configs(topology):
+        for entry in job.get("static_configs", []):
+            if any(target.rsplit(":", 1)[0] in run for target in entry["targets"]):
+                continue
+            # The entry as it sits in the file: the lines after `scrape_configs:`, `- job_name:`, `static_configs:`.
+            text = _dump({"scrape_configs": [{"job_name": job["job_name"], "static_configs": [entry]}]}).decode()
+            pairs["\n".join(text.split("\n")[3:])] = ""
+    return pairs
+
+
 def host_mapping(layout: Layout, topology: Topology, host: Host, s3: SandboxS3 | None = None,
                  region: str = "", settings: StackSettings | None = None) -> dict[bytes, bytes]:
     """The literal tokens of `host`'s files: every host's DNS name:port, this host's listen addresses
@@ -282,6 +300,8 @@ def host_mapping(layout: Layout, topology: Topology, host: Host, s3: SandboxS3 |
         pairs.update(_client_path_pairs(layout, topology, host))
     else:
         pairs[PGBACKREST_BIN] = NO_S3_BIN
+    if host.role == "monitoring":
+        pairs.update(_unrun_scrape_targets(topology))
     pairs[f"rediss://{topology.redis_endpoint}:{Ports.REDIS}"] = f"{PLAIN_REDIS_SCHEME}{LOOPBACK}:{layout.redis}"
     pairs[UNIX_SOCKET_DIR] = str(layout.socket_dir)
     mapping = {k.encode(): v.encode() for k, v in pairs.items()}

@@ -4,6 +4,7 @@ one other byte; and it reads Debian's own unit files the way systemd does."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -54,13 +55,36 @@ def test_every_file_differs_from_the_rendered_one_only_in_mapped_tokens_and_host
         mapping = m.host_mapping(sandbox.layout, sandbox.topology, host, settings=sandbox.settings)
         root = str(sandbox.layout.host_root(host)).encode()
         rooted = not path.startswith(m.UNROOTED_FILES)
-        used = {key: value for key, value in mapping.items() if key in content}
+        # A token mapped to nothing (a scrape entry of a service the sandbox does not run) is removed first.
+        for key in (key for key, value in mapping.items() if not value and key in content):
+            content = content.replace(key, b"")
+        used = {key: value for key, value in mapping.items() if value and key in content}
         between_rendered = m.unmapped_parts(content, used, with_paths=rooted)
         replacements = set(used.values()) | ({root + f.encode() for f in m.HOST_FOLDERS} if rooted else set())
         between_mapped = m.unmapped_parts(mapped, replacements)
         assert between_rendered == between_mapped, (host.name, path)
         changed += mapped != content
     assert changed > 20
+
+
+def test_nothing_the_sandbox_does_not_run_is_scraped(settings, tmp_path):
+    """ClickHouse, Grafana and the application have no host here: their scrape entries are dropped (their `up` and
+    every rule on them stay empty), and what is left is a config the real promtool accepts."""
+    sandbox = _sandbox(settings, tmp_path)
+    (monitoring, *_) = sandbox.topology.monitoring
+    config = next(mapped for host, path, _, mapped in _pairs(sandbox)
+                  if host.name == monitoring.name and path == "/etc/prometheus/prometheus.yml")
+    document = yaml.safe_load(config)
+    targets = {job["job_name"]: [t for entry in job.get("static_configs") or [] for t in entry["targets"]]
+               for job in document["scrape_configs"]}
+    assert targets["clickhouse"] == targets["grafana"] == [] and targets.get("app", []) == []
+    scraped = {t for ts in targets.values() for t in ts}
+    assert scraped and all(t.startswith(f"{m.LOOPBACK}:") for t in scraped)
+    assert len(targets["node"]) == len(sandbox.hosts())
+    path = tmp_path / "prometheus.yml"
+    path.write_bytes(config)
+    checked = subprocess.run(["promtool", "check", "config", "--syntax-only", str(path)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_host_paths_never_leave_the_hosts_root(settings, tmp_path):
