@@ -60,10 +60,33 @@ def print_inventory(document: dict[str, Any], out=None) -> None:
     print(f"\n{len(resources)} resources in stack {document['stack']} ({document['environment']})", file=out)
 
 
+def print_retention(document: dict[str, Any], settings, out=None) -> None:
+    """How many days each Prometheus volume holds at the measured ingestion (infra/capacity.py), with a warning
+    where that is under the time retention."""
+    from infra import capacity
+
+    out = out or sys.stdout
+    source = capacity.DATA_FILE
+    source = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
+    estimate = document["estimates"]["prometheus_retention"]
+    prom = settings.monitoring.prometheus
+    print(f"\nPrometheus retention (estimate from {source}, measured {capacity.load_figures()['measured']}): "
+          f"each of {prom.replicas} replicas scrapes "
+          f"{estimate['series']} series, {estimate['samples_per_second']:.0f} samples/s, "
+          f"{estimate['bytes_per_day'] / 2**30:.2f} GiB/day; retentionSize {prom.retention_size} on a "
+          f"{prom.volume.size_gib} GiB volume holds about {estimate['days_held']:.0f} days", file=out)
+    if estimate["assumed_jobs"]:
+        print(f"  assumed, not measured here: {', '.join(estimate['assumed_jobs'])}", file=out)
+    if estimate["below_promise"]:
+        print(f"  warning: under the time retention of {prom.retention_time}: raise monitoring.prometheus.volume.sizeGiB "
+              "and retentionSize, or scrape fewer series", file=out)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     settings, evaluation = evaluate_stack(args.stack, Path(args.stacks_dir))
-    document = plan_document(evaluation, settings.environment)
+    document = plan_document(evaluation, settings)
     print_inventory(document)
+    print_retention(document, settings)
     if evaluation.placeholder_secrets:
         print("secrets not readable offline, masked placeholders used (pulumi up requires them): "
               + ", ".join(evaluation.placeholder_secrets))
@@ -81,7 +104,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     settings, evaluation = evaluate_stack(args.stack, Path(args.stacks_dir))
-    current = json.loads(dumps_plan(plan_document(evaluation, settings.environment)))
+    current = json.loads(dumps_plan(plan_document(evaluation, settings)))
     snapshot = load_plan(args.stack, Path(args.plans_dir))
     if snapshot is None:
         print(f"no snapshot {Path(args.plans_dir) / (args.stack + '.json')}; create it with: {refresh_command(args.stack)}")

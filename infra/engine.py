@@ -21,6 +21,7 @@ from pulumi.runtime.sync_await import _sync_await
 
 from infra.settings import OPTIONAL_SECRET_KEYS, PROJECT, SECRET_KEYS, StackSettings
 from infra.stackfile import ROOT, load_stack, read_stack_file
+from infra.topology import build_topology
 
 SECRET_MASK = "[secret]"
 OFFLINE_ACCOUNT = "123456789012"
@@ -206,10 +207,15 @@ def evaluate_stack(stack: str, stacks_dir: Path = ROOT / "stacks") -> tuple[Stac
     return settings, evaluation
 
 
-def plan_document(evaluation: Evaluation, environment: str) -> dict[str, Any]:
-    """The plan as `infra plan --json` writes it and plans/<stack>.json keeps it."""
+def plan_document(evaluation: Evaluation, settings: StackSettings) -> dict[str, Any]:
+    """The plan as `infra plan --json` writes it and plans/<stack>.json keeps it: the resources, and the estimates
+    a reviewer reads beside them (how many days each Prometheus volume holds, infra/capacity.py)."""
+    from infra.capacity import estimate
+
     resources = sorted(
         ({"type": r.type, "name": r.name, "parent": r.parent, "props": r.props} for r in evaluation.resources),
         key=lambda r: (r["type"], r["name"]),
     )
-    return {"stack": evaluation.stack, "environment": environment, "resources": resources}
+    retention = estimate(settings, build_topology(settings)).as_dict()
+    return {"stack": evaluation.stack, "environment": settings.environment, "resources": resources,
+            "estimates": {"prometheus_retention": retention}}

@@ -160,6 +160,17 @@ def _property_lines(path: str, old: Any, new: Any) -> Iterator[str]:
     yield f"    ~ {path}: {_show(old)} -> {_show(new)}"
 
 
+def _estimate_lines(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The estimates beside the resources (e.g. the days a Prometheus volume holds) that changed."""
+    lines = []
+    for name in sorted(set(old) | set(new)):
+        before, after = flatten(old.get(name) or {}), flatten(new.get(name) or {})
+        for path in sorted(set(before) | set(after)):
+            if before.get(path) != after.get(path):
+                lines.append(f"~ estimate {name}.{path}: {_show(before.get(path))} -> {_show(after.get(path))}")
+    return lines
+
+
 def diff_plans(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> str:
     """Added, removed and changed resources, property by property, in a stable order.
 
@@ -168,7 +179,8 @@ def diff_plans(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> str:
     changes = compare(old, new)
     stack = new.get("stack", "?")
     lines = []
-    if changes.empty:
+    estimates = _estimate_lines((old or {}).get("estimates", {}), new.get("estimates", {}))
+    if changes.empty and not estimates:
         return f"stack {stack}: no changes ({changes.unchanged} resources match the snapshot)\n"
     for resource in changes.added:
         lines.append(f"+ {resource['type']}  {resource['name']}")
@@ -180,6 +192,7 @@ def diff_plans(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> str:
         lines.append(f"~ {change.key[0]}  {change.key[1]}")
         for path, before, after in change.properties:
             lines.extend(_property_lines(path, before, after))
+    lines.extend(estimates)
     lines.append("")
     lines.append(f"stack {stack}: {len(changes.added)} to add, {len(changes.removed)} to remove, "
                  f"{len(changes.changed)} to change, {changes.unchanged} unchanged")
@@ -191,7 +204,7 @@ def current_plan(stack: str) -> dict[str, Any]:
     from infra.engine import evaluate_stack, plan_document
 
     settings, evaluation = evaluate_stack(stack)
-    return json.loads(dumps_plan(plan_document(evaluation, settings.environment)))
+    return json.loads(dumps_plan(plan_document(evaluation, settings)))
 
 
 def main(argv: list[str] | None = None) -> int:
