@@ -35,7 +35,7 @@ from infra.render.exporters import render_exporters
 from infra.render.haproxy import render_haproxy
 from infra.render.patroni import EXTENSIONS_SQL, LOG_DIRECTORY, UNIX_SOCKET_DIR, render_patroni
 from infra.render.pgbackrest import PGBACKREST_BIN, render_pgbackrest, uses_tls_server
-from infra.render.pgbouncer import CONSOLE_DATABASE, STATS_USER, render_pgbouncer, socket_address
+from infra.render.pgbouncer import CONSOLE_DATABASE, STATS_USER, render_pgbouncer, socket_address, socket_query
 from infra.settings import StackSettings
 from infra.topology import (
     BackupLayout,
@@ -190,9 +190,9 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         # Patroni owns the data directory: Debian must not create its own 15/main cluster on install.
         File("/etc/postgresql-common/createcluster.conf", b"create_main_cluster = false\n"),
         File("/etc/default/prometheus-postgres-exporter", env_file({
-            # The local socket (its `host` query parameter wins over the address): nothing crosses the network, and
-            # PostgreSQL has no TLS on a socket to ask for.
-            "DATA_SOURCE_URI": f"127.0.0.1:{Ports.POSTGRES}/postgres?host={UNIX_SOCKET_DIR}&sslmode=disable",
+            # The local socket (no address: the query names it): nothing crosses the network, and PostgreSQL has no
+            # TLS on a socket to ask for.
+            "DATA_SOURCE_URI": f"/postgres?{socket_query(Ports.POSTGRES)}&sslmode=disable",
             "DATA_SOURCE_USER": "postgres_exporter",
             "DATA_SOURCE_PASS_FILE": secret_path(SecretNames.POSTGRES_EXPORTER_PASSWORD),
             "ARGS": shell_args([f"--extend.query-path={Paths.POSTGRES_EXPORTER_QUERIES}",

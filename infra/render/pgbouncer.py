@@ -52,6 +52,13 @@ def socket_address(port: int) -> str:
     return f"host={UNIX_SOCKET_DIR} port={port}"
 
 
+def socket_query(port: int) -> str:
+    """The same server as a URL's query, with the URL's address left empty (`postgresql://user@/db?host=...&port=...`,
+    postgres_exporter's URI): lib/pq sorts a URL's parameters and the last `host` wins, so with an address as well
+    `host=127.0.0.1` would beat `host=/var/run/...` (seen with the exporter 0.11)."""
+    return f"host={UNIX_SOCKET_DIR}&port={port}"
+
+
 def max_db_connections(settings: StackSettings) -> int:
     """What a database's pools may hold open together: the pool and the login's connection (auth_query)."""
     return settings.client_path.pool_size + AUTH_CONNECTIONS_PER_DATABASE
