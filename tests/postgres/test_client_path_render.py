@@ -166,3 +166,12 @@ def test_a_change_of_the_client_path_settings_reloads_pgbouncer_and_haproxy_and_
         changed = {path: after[path][1:] for path in after if after[path] != before.get(path)}
         assert changed, change
         assert set(changed.values()) <= {("pgbouncer", "reload"), ("haproxy", "reload")}, (change, changed)
+
+
+def test_a_renewed_certificate_reloads_patroni_and_pgbouncer(settings, topology):
+    """Patroni's reload sends PostgreSQL a SIGHUP (every ssl_* setting is context sighup), PgBouncer's rereads its
+    client_tls_* files: the agent's `need(unit, action)` for each changed TLS secret file."""
+    spec = next(s for s in host_specs(settings, topology) if s.host.role == "postgres")
+    tls = {f["path"]: f["reloads"] for f in bundle_document(spec, settings, topology)["secret_files"]
+           if f["path"] in (pki.ca_path(), pki.key_path(), pki.cert_path())}
+    assert len(tls) == 3 and all(reloads == [["patroni", "reload"], ["pgbouncer", "reload"]] for reloads in tls.values())
