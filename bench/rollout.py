@@ -42,7 +42,7 @@ def roll(sandbox: Sandbox, settings, new_max_connections: int) -> dict:
     changed = settings.model_copy(update={"patroni": settings.patroni.model_copy(
         update={"max_connections": new_max_connections})})
     history = len(requests.get(f"{next(iter(urls.values()))}/history", timeout=3).json())
-    writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD))
+    writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD), tls=sandbox.client_tls())
     writer.ensure_table()
     writer.start()
     with ClusterSampler(urls) as sampler:

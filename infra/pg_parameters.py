@@ -118,9 +118,11 @@ def check_value(name: str, value) -> str | int | float:
         return "on" if text in _TRUE else "off"
     if vartype == "enum":
         text = {True: "on", False: "off"}[value] if isinstance(value, bool) else str(value).lower()
-        if text not in enumvals:
+        # PostgreSQL matches an enum's name case-insensitively; most are lower case, a few not (TLSv1.2).
+        spelled = {option.lower(): option for option in enumvals}
+        if text not in spelled:
             raise ParameterError(f"expects one of {', '.join(enumvals)}")
-        return text
+        return spelled[text]
     if vartype == "string":
         if not isinstance(value, str):
             raise ParameterError("expects a string")

@@ -72,7 +72,7 @@ METRICS = {
 }
 CONFIG_KEYS = (
     "STANZA", "NODE_NAME", "PATRONI_URL", "PGBACKREST", "PGBACKREST_CONFIG", "PGBACKREST_LOCK_PATH", "POSTGRES_BIN",
-    "PGDATA", "PGHOST", "PGPORT", "SUPERUSER_PASSWORD_FILE", "SCRATCH_DIR", "TEXTFILE_DIR", "BUCKET", "REGION",
+    "PGDATA", "PGHOST", "PGPORT", "SUPERUSER_PASSWORD_FILE", "SSL_ROOT_CERT", "SCRATCH_DIR", "TEXTFILE_DIR", "BUCKET", "REGION",
     "S3_ENDPOINT", "REPOSITORY_PREFIX", "VERIFICATION_PREFIX", "KMS_KEY",
 )
 
@@ -599,7 +599,9 @@ def write_canary(cfg: Config, members: list[dict], token: str) -> list[str]:
     if leader.get("name") == cfg.node_name:  # the local socket, peer authentication (the port Patroni runs it on)
         conninfo, password = f"host={cfg.pghost} port={leader['port']} dbname=postgres", None
     else:
-        conninfo = f"host={leader['host']} port={leader['port']} dbname=postgres user=postgres connect_timeout=10"
+        # Over TCP: TLS, the leader's certificate checked against the stack's CA and the name Patroni gives for it.
+        conninfo = (f"host={leader['host']} port={leader['port']} dbname=postgres user=postgres connect_timeout=10 "
+                    f"sslmode=verify-full sslrootcert={cfg.ssl_root_cert}")
         try:
             with open(cfg.superuser_password_file) as handle:
                 password = handle.read().strip()

@@ -79,6 +79,7 @@ class Writer:
     errors: int = 0
     sync_cancel_warnings: int = 0
     renew_every: int = 0  # open a new connection after this many writes on one (0: keep it while it works)
+    tls: dict[str, str] = field(default_factory=dict)  # libpq's sslmode and sslrootcert (Sandbox.client_tls)
     failures: list[float] = field(default_factory=list)  # when a write or a connection failed
 
     def __post_init__(self):
@@ -104,7 +105,7 @@ class Writer:
         if member is None:
             return None, None
         conn = psycopg.connect(host=member["host"], port=member["port"], user="postgres", password=self.password,
-                               dbname="postgres", autocommit=True, connect_timeout=2)
+                               dbname="postgres", autocommit=True, connect_timeout=2, **self.tls)
         conn.add_notice_handler(self._notice)
         return conn, member["name"]
 
@@ -197,6 +198,7 @@ class ClientLogin:
     user: str
     password: str
     members: dict[int, str]  # PostgreSQL port -> member name
+    tls: dict[str, str] = field(default_factory=dict)  # libpq's sslmode and sslrootcert: TLS ends at PgBouncer
 
 
 def prepare_client(sandbox: Sandbox, timeout: float = 30) -> ClientLogin:
@@ -217,7 +219,7 @@ def prepare_client(sandbox: Sandbox, timeout: float = 30) -> ClientLogin:
         conn.execute(sql.SQL(f"GRANT SELECT, INSERT ON {TABLE} TO {{}}").format(sql.Identifier(CLIENT_ROLE)))
     login = ClientLogin([layout.haproxy_primary(n) for n in topology.postgres],
                         [layout.haproxy_replicas(n) for n in topology.postgres], database, CLIENT_ROLE, password,
-                        {layout.postgres(n): n.name for n in topology.postgres})
+                        {layout.postgres(n): n.name for n in topology.postgres}, sandbox.client_tls())
 
     def every_reader_logs_in() -> bool:
         for port in login.reader_ports:
@@ -232,7 +234,7 @@ def client_connect(login: ClientLogin, port: int):
     """A client's connection through HAProxy and PgBouncer. No server-side prepared statements: PgBouncer 1.18
     in transaction mode cannot keep them (psycopg prepares a query it has run 5 times)."""
     return psycopg.connect(host=m.LOOPBACK, port=port, user=login.user, password=login.password, dbname=login.database,
-                           autocommit=True, connect_timeout=2, prepare_threshold=None)
+                           autocommit=True, connect_timeout=2, prepare_threshold=None, **login.tls)
 
 
 @dataclass
@@ -445,7 +447,7 @@ def run_drill(sandbox: Sandbox, scenario: str, progress: Callable[[str], None] =
     login = prepare_client(sandbox) if sandbox.client_path_running() else None
     old = sandbox.wait_healthy()
     writer = Writer([sandbox.patroni_url(n) for n in sandbox.topology.postgres],
-                    sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD))
+                    sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD), tls=sandbox.client_tls())
     writer.ensure_table()
     writer.start()
     client = reader = None

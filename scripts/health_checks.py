@@ -44,6 +44,8 @@ class Targets:
     patroni_urls: tuple[str, ...] = ()
     postgres_user: str = "postgres"
     postgres_password: str | None = None
+    # The stack's CA certificate (stack output ca_certificate; on a host pki.ca_path()): PostgreSQL is verify-full.
+    ca_file: str | None = None
     redis: tuple[str, int] | None = None
     redis_password: str | None = None
     clickhouse_url: str | None = None
@@ -130,7 +132,8 @@ def check_postgres(targets: Targets, timeout: float) -> Result:
             continue
         try:
             with psycopg.connect(host=me["host"], port=me["port"], user=targets.postgres_user, password=targets.postgres_password,
-                                 dbname="postgres", connect_timeout=max(2, int(timeout))) as conn:
+                                 dbname="postgres", connect_timeout=max(2, int(timeout)),
+                                 sslmode="verify-full", sslrootcert=targets.ca_file) as conn:
                 conn.execute(f"SET statement_timeout = {int(timeout * 1000)}")
                 value = conn.execute("SELECT 1").fetchone()[0]
                 in_recovery = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
@@ -276,6 +279,7 @@ def sandbox_targets(state_dir: Path, port_base: int) -> Targets:
     return Targets(
         patroni_urls=tuple(sandbox.patroni_url(n) for n in sandbox.topology.postgres) if pg else (),
         postgres_password=sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD) if pg else None,
+        ca_file=str(sandbox.ca_file()) if pg else None,
         redis=(LOOPBACK, layout.redis) if "redis" in services else None,
         prometheus_url=f"http://{LOOPBACK}:{layout.prometheus(host)}" if host else None,
         alertmanager_url=f"http://{LOOPBACK}:{layout.alertmanager(host)}" if host else None,
@@ -286,6 +290,7 @@ def sandbox_targets(state_dir: Path, port_base: int) -> Targets:
 
 def stack_targets(stack: str) -> Targets:
     """A deployed stack, by its private DNS names (run from a host inside the VPC)."""
+    from infra import pki
     from infra.sandbox.cli import stack_settings
     from infra.topology import Ports, SecretNames, build_topology, secret_path
 
@@ -301,6 +306,7 @@ def stack_targets(stack: str) -> Targets:
         patroni_urls=tuple(f"http://{h.fqdn}:{Ports.PATRONI_API}" for h in topology.postgres),
         postgres_user="postgres_exporter",
         postgres_password=secret(SecretNames.POSTGRES_EXPORTER_PASSWORD),
+        ca_file=pki.ca_path(),
         redis=(topology.redis_endpoint, Ports.REDIS),
         redis_password=secret(SecretNames.REDIS_AUTH_TOKEN),
         clickhouse_url=f"http://{topology.clickhouse[0].fqdn}:{Ports.CLICKHOUSE_HTTP}" if topology.clickhouse else None,

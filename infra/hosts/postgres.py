@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from infra import pki
 from infra.hosts.spec import (
     BASE_PACKAGES,
     READ_WRITE_DELETE,
@@ -34,7 +35,7 @@ from infra.render.exporters import render_exporters
 from infra.render.haproxy import render_haproxy
 from infra.render.patroni import EXTENSIONS_SQL, LOG_DIRECTORY, UNIX_SOCKET_DIR, render_patroni
 from infra.render.pgbackrest import PGBACKREST_BIN, render_pgbackrest, uses_tls_server
-from infra.render.pgbouncer import CONSOLE_DATABASE, STATS_USER, render_pgbouncer, socket_address
+from infra.render.pgbouncer import CONSOLE_DATABASE, STATS_USER, render_pgbouncer, socket_address, socket_query
 from infra.settings import StackSettings
 from infra.topology import (
     BackupLayout,
@@ -125,6 +126,8 @@ def backup_environment(settings: StackSettings, topology: Topology, host: Host) 
         "PGHOST": UNIX_SOCKET_DIR,
         "PGPORT": str(Ports.POSTGRES),
         "SUPERUSER_PASSWORD_FILE": secret_path(SecretNames.POSTGRES_SUPERUSER_PASSWORD),
+        # The canary on another node's leader goes over TCP: verify-full against the stack's CA.
+        "SSL_ROOT_CERT": pki.ca_path(),
         "SCRATCH_DIR": Paths.BACKUP_SCRATCH,
         "TEXTFILE_DIR": Paths.NODE_EXPORTER_TEXTFILE_DIR,
         "BUCKET": topology.backup_bucket,
@@ -187,7 +190,9 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         # Patroni owns the data directory: Debian must not create its own 15/main cluster on install.
         File("/etc/postgresql-common/createcluster.conf", b"create_main_cluster = false\n"),
         File("/etc/default/prometheus-postgres-exporter", env_file({
-            "DATA_SOURCE_URI": f"127.0.0.1:{Ports.POSTGRES}/postgres?sslmode=disable",
+            # The local socket (no address: the query names it): nothing crosses the network, and PostgreSQL has no
+            # TLS on a socket to ask for.
+            "DATA_SOURCE_URI": f"/postgres?{socket_query(Ports.POSTGRES)}&sslmode=disable",
             "DATA_SOURCE_USER": "postgres_exporter",
             "DATA_SOURCE_PASS_FILE": secret_path(SecretNames.POSTGRES_EXPORTER_PASSWORD),
             "ARGS": shell_args([f"--extend.query-path={Paths.POSTGRES_EXPORTER_QUERIES}",
@@ -216,7 +221,9 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         # The backup job writes its canary row on the leader, which it may reach only over TCP.
         SecretFile(SecretNames.POSTGRES_SUPERUSER_PASSWORD, "postgres:postgres"),
     ]
-    secret_files += tls_files(topology, host)
+    # A renewed certificate: Patroni's reload reloads PostgreSQL (SIGHUP, every ssl_* setting), PgBouncer rereads
+    # its client_tls_* files on its own reload; neither drops a connection.
+    secret_files += tls_files(topology, host, reloads=(("patroni", "reload"), ("pgbouncer", "reload")))
     if tls:
         secret_files += [SecretFile(SecretNames.PGBACKREST_TLS_KEY, "postgres:postgres"),
                          SecretFile(SecretNames.PGBACKREST_TLS_CERT, "postgres:postgres")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import yaml
 
+from infra import pki
 from infra.render import pgbouncer
 from infra.render.pgbackrest import PGBACKREST_BIN, stanza
 from infra.render.tuning import LOCAL, stack_tuning
@@ -104,7 +105,28 @@ def _local_parameters(settings: StackSettings, topology: Topology) -> dict:
         "log_rotation_age": "1h",
         # Time only: a size rotation would append to the hour's file, which may already be shipped.
         "log_rotation_size": 0,
+        **tls_parameters(),
     }
+
+
+def tls_parameters() -> dict:
+    """TLS with the host's own identity (infra/pki.py). Local, not in the DCS: they name files this host's bundle
+    delivers, and pg_hba's hostssl lines (also in this file) need `ssl` on, so the two change together. Every one
+    is reloaded on SIGHUP (context sighup): a renewed certificate needs a Patroni reload, not a restart."""
+    return {
+        "ssl": "on",
+        "ssl_cert_file": pki.cert_path(),
+        "ssl_key_file": pki.key_path(),
+        # Clients may present certificates signed by it (none need to: pg_hba asks passwords, not clientcert).
+        "ssl_ca_file": pki.ca_path(),
+        "ssl_min_protocol_version": "TLSv1.2",
+    }
+
+
+def client_tls() -> dict:
+    """What every client of PostgreSQL on the network uses: TLS, the stack's CA, and the server's name checked
+    against its certificate (libpq skips TLS on the Unix socket, so the same keys are harmless there)."""
+    return {"sslmode": "verify-full", "sslrootcert": pki.ca_path()}
 
 
 def _parameters(settings: StackSettings, topology: Topology) -> tuple[dict, dict]:
@@ -120,6 +142,8 @@ def _parameters(settings: StackSettings, topology: Topology) -> tuple[dict, dict
 
 
 def _pg_hba(settings: StackSettings) -> list[str]:
+    """Socket lines as they were; every network line `hostssl`: nothing reaches PostgreSQL over TCP in clear text
+    (replication, pg_basebackup, pg_rewind, the backup job's canary, the health checks)."""
     vpc = settings.vpc_cidr
     return [
         f"local all {SUPERUSER} peer",
@@ -128,10 +152,10 @@ def _pg_hba(settings: StackSettings) -> list[str]:
         # PgBouncer's server connections come over the socket, with each client's own SCRAM keys.
         "local all all scram-sha-256",
         f"local replication {REPLICATION_USER} scram-sha-256",
-        f"host replication {REPLICATION_USER} 127.0.0.1/32 scram-sha-256",
-        f"host replication {REPLICATION_USER} {vpc} scram-sha-256",
-        "host all all 127.0.0.1/32 scram-sha-256",
-        f"host all all {vpc} scram-sha-256",
+        f"hostssl replication {REPLICATION_USER} 127.0.0.1/32 scram-sha-256",
+        f"hostssl replication {REPLICATION_USER} {vpc} scram-sha-256",
+        "hostssl all all 127.0.0.1/32 scram-sha-256",
+        f"hostssl all all {vpc} scram-sha-256",
     ]
 
 
@@ -180,10 +204,12 @@ def patroni_config(settings: StackSettings, topology: Topology, node: Host) -> d
             "pgpass": PGPASS,
             "use_unix_socket": True,
             "use_unix_socket_repl": False,
+            # Replication, pg_basebackup and pg_rewind connect to the leader's connect_address (its FQDN, which its
+            # certificate names) and check it is the stack's CA's: a host that is not cannot stand in for the leader.
             "authentication": {
-                "superuser": {"username": SUPERUSER},
-                "replication": {"username": REPLICATION_USER},
-                "rewind": {"username": REWIND_USER},
+                "superuser": {"username": SUPERUSER, **client_tls()},
+                "replication": {"username": REPLICATION_USER, **client_tls()},
+                "rewind": {"username": REWIND_USER, **client_tls()},
             },
             "parameters": local_parameters,
             "recovery_conf": {"restore_command": f"{backrest} archive-get %f %p"},

@@ -4,6 +4,12 @@ Clients never reach PgBouncer directly: HAProxy (infra/render/haproxy.py) on any
 writer port to the leader's PgBouncer and the reader port to a replica's. Each PgBouncer pools in
 front of its own node's PostgreSQL, over the local socket, in transaction mode.
 
+TLS: HAProxy passes TCP through, so a client's TLS session ends at PgBouncer, which serves the host's
+identity (infra/pki.py: it names the load balancer's pg-primary/pg-replicas names, so `sslmode=verify-full`
+against them works) and refuses a client without TLS. Towards PostgreSQL it needs none: the local socket
+never leaves the host, the kernel says who the peer is (the auth role's peer login needs it), and there is
+no handshake per server connection.
+
 No password is in a file, and PgBouncer has none:
 - clients log in with SCRAM-SHA-256 against PostgreSQL's own verifiers, which PgBouncer reads with
   `auth_query` through `pgbouncer.get_auth` (infra/hostagent/files/pgbouncer-auth.sql: SECURITY
@@ -20,6 +26,7 @@ No password is in a file, and PgBouncer has none:
 
 from __future__ import annotations
 
+from infra import pki
 from infra.settings import AUTH_CONNECTIONS_PER_DATABASE, StackSettings
 from infra.topology import Paths, Ports
 
@@ -43,6 +50,13 @@ SERVER_LOGIN_RETRY_S = 1
 def socket_address(port: int) -> str:
     """A libpq/PgBouncer connection string's host and port for a server on the local socket directory."""
     return f"host={UNIX_SOCKET_DIR} port={port}"
+
+
+def socket_query(port: int) -> str:
+    """The same server as a URL's query, with the URL's address left empty (`postgresql://user@/db?host=...&port=...`,
+    postgres_exporter's URI): lib/pq sorts a URL's parameters and the last `host` wins, so with an address as well
+    `host=127.0.0.1` would beat `host=/var/run/...` (seen with the exporter 0.11)."""
+    return f"host={UNIX_SOCKET_DIR}&port={port}"
 
 
 def max_db_connections(settings: StackSettings) -> int:
@@ -78,6 +92,12 @@ stats_users = {STATS_USER}
 server_login_retry = {SERVER_LOGIN_RETRY_S}
 ; JDBC sends it at every login; PgBouncer would refuse the login otherwise.
 ignore_startup_parameters = extra_float_digits
+; TLS to clients only (PostgreSQL is on the socket): a client without it is refused; TLS 1.2 or newer.
+client_tls_sslmode = require
+client_tls_protocols = secure
+client_tls_key_file = {pki.key_path()}
+client_tls_cert_file = {pki.cert_path()}
+client_tls_ca_file = {pki.ca_path()}
 ; Connections come and go with every client's pool: the journal keeps the errors only.
 log_connections = 0
 log_disconnections = 0
@@ -93,9 +113,9 @@ local {CONSOLE_DATABASE} {STATS_USER} peer
 # Neither the console user nor the login role ever comes in over the network.
 host all {STATS_USER},{AUTH_ROLE} 127.0.0.1/32 reject
 host all {STATS_USER},{AUTH_ROLE} {vpc} reject
-# Clients, through HAProxy on this or another node: SCRAM against PostgreSQL's verifiers (auth_query).
-host all all 127.0.0.1/32 scram-sha-256
-host all all {vpc} scram-sha-256
+# Clients, through HAProxy on this or another node, over TLS only: SCRAM against PostgreSQL's verifiers (auth_query).
+hostssl all all 127.0.0.1/32 scram-sha-256
+hostssl all all {vpc} scram-sha-256
 """
 
 

@@ -259,6 +259,7 @@ def _client_path_pairs(layout: Layout, topology: Topology, host: Host) -> dict[s
     # here, so the port tells the hosts' servers apart.
     for port, mapped in layout.host_ports(host, topology).items():
         pairs[pgbouncer.socket_address(port)] = f"host={layout.socket_dir} port={mapped}"
+        pairs[pgbouncer.socket_query(port)] = f"host={layout.socket_dir}&port={mapped}"  # postgres_exporter's URI
     return pairs
 
 

@@ -337,8 +337,10 @@ class SandboxHost:
         """Nothing to do: units are read afresh at every start, as systemd does after daemon-reload."""
 
     def psql(self, database: str, *args: str) -> str:
-        """psql as the superuser over TCP to this host's PostgreSQL: the sandbox's socket folder is shared."""
-        environment = {**os.environ, "PGPASSWORD": self._secrets.get(SecretNames.POSTGRES_SUPERUSER_PASSWORD)}
+        """psql as the superuser over TCP to this host's PostgreSQL (the sandbox's socket folder is shared), with TLS
+        verified against the sandbox's CA."""
+        environment = {**os.environ, "PGPASSWORD": self._secrets.get(SecretNames.POSTGRES_SUPERUSER_PASSWORD),
+                       "PGSSLMODE": "verify-full", "PGSSLROOTCERT": str(self._secrets.ca_file())}
         command = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", m.LOOPBACK, "-p", str(self.layout.postgres(self.host)),
                    "-U", "postgres", "-d", database, *args]
         return subprocess.run(command, check=True, text=True, capture_output=True, env=environment).stdout

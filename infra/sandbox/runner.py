@@ -168,9 +168,19 @@ class Sandbox:
     def patroni_url(self, node: Host) -> str:
         return f"http://{m.LOOPBACK}:{self.layout.patroni(node)}"
 
+    def ca_file(self) -> Path:
+        """The sandbox's CA certificate (the stack output ca_certificate on AWS), for clients on this machine."""
+        return SecretStore(self.layout.secrets_dir, PLACEHOLDER_SECRETS).ca_file()
+
+    def client_tls(self) -> dict[str, str]:
+        """libpq's TLS settings for a client of the sandbox's PostgreSQL or PgBouncer: what a client on AWS uses,
+        with the sandbox's CA (every host is 127.0.0.1, which its certificate names)."""
+        return {"sslmode": "verify-full", "sslrootcert": str(self.ca_file())}
+
     def dsn(self, node: Host, dbname: str = "postgres") -> str:
         password = self.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD)
-        return f"host={m.LOOPBACK} port={self.layout.postgres(node)} user={SUPERUSER} password={password} dbname={dbname}"
+        tls = " ".join(f"{key}={value}" for key, value in self.client_tls().items())
+        return f"host={m.LOOPBACK} port={self.layout.postgres(node)} user={SUPERUSER} password={password} dbname={dbname} {tls}"
 
     def postmaster_pid(self, node: Host) -> int | None:
         try:

@@ -32,7 +32,9 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PGAUDIT = Path("/usr/lib/postgresql/15/lib/pgaudit.so")
 # The host's memory too: prod's shared_buffers and huge pages need prod's memory and its kernel's reservation
 # (tests/postgres/test_tuning_live.py starts the tuned parameters scaled to this machine).
-HOST_SPECIFIC = ("unix_socket_directories", "archive_mode", "archive_command", "log_directory", "shared_buffers", "huge_pages")
+HOST_SPECIFIC = ("unix_socket_directories", "archive_mode", "archive_command", "log_directory", "shared_buffers", "huge_pages",
+                 # The host's TLS files (tests/postgres/test_tuning_live.py runs them): auditing is the same without.
+                 "ssl", "ssl_cert_file", "ssl_key_file", "ssl_ca_file")
 
 
 def _as_postgres(*command: str) -> str:

@@ -11,10 +11,11 @@ import subprocess
 
 import yaml
 
+from infra import pki
 from infra.bundle import bundle_document
 from infra.hosts import host_specs
 from infra.render.haproxy import READER_PROXY, WRITER_PROXY, render_haproxy
-from infra.render.patroni import SUPERUSER, render_patroni
+from infra.render.patroni import SUPERUSER, UNIX_SOCKET_DIR, render_patroni
 from infra.render.pgbouncer import AUTH_ROLE, AUTH_SCHEMA, IDENT_MAP, OS_USER, render_pgbouncer
 from infra.sandbox.runner import ALL_SERVICES, Sandbox
 from infra.settings import load_settings
@@ -124,6 +125,19 @@ def test_no_password_in_any_client_path_file(settings, topology):
         assert not re.search(rb"password\s*=|SCRAM-SHA-256\$|md5[0-9a-f]{32}", content), name
 
 
+def test_pgbouncer_serves_tls_to_clients_and_admits_network_logins_over_tls_only(settings):
+    files = render_pgbouncer(settings)
+    ini = dict(line.split(" = ", 1) for line in files["pgbouncer/pgbouncer.ini"].decode().splitlines() if " = " in line)
+    assert (ini["client_tls_sslmode"], ini["client_tls_protocols"]) == ("require", "secure")  # secure: TLS 1.2 and 1.3
+    assert (ini["client_tls_key_file"], ini["client_tls_cert_file"], ini["client_tls_ca_file"]) == (
+        pki.key_path(), pki.cert_path(), pki.ca_path())
+    # Towards PostgreSQL, the socket only: no server_tls_* is needed, and no database is reached over TCP.
+    databases = [value for key, value in ini.items() if key in settings.client_path.databases]
+    assert databases and all(value.startswith(f"host={UNIX_SOCKET_DIR} ") for value in databases)
+    hba = [line.split() for line in files["pgbouncer/pgbouncer_hba.conf"].decode().splitlines() if line and line[0] != "#"]
+    assert {line[0] for line in hba if line[-1] != "reject"} == {"local", "hostssl"}
+
+
 def test_postgres_admits_the_auth_role_only_by_peer_from_pgbouncers_os_user(settings, topology):
     node = topology.postgres[0]
     config = yaml.safe_load(render_patroni(settings, topology, node)[f"patroni/{node.name}.yml"])["postgresql"]
@@ -152,3 +166,12 @@ def test_a_change_of_the_client_path_settings_reloads_pgbouncer_and_haproxy_and_
         changed = {path: after[path][1:] for path in after if after[path] != before.get(path)}
         assert changed, change
         assert set(changed.values()) <= {("pgbouncer", "reload"), ("haproxy", "reload")}, (change, changed)
+
+
+def test_a_renewed_certificate_reloads_patroni_and_pgbouncer(settings, topology):
+    """Patroni's reload sends PostgreSQL a SIGHUP (every ssl_* setting is context sighup), PgBouncer's rereads its
+    client_tls_* files: the agent's `need(unit, action)` for each changed TLS secret file."""
+    spec = next(s for s in host_specs(settings, topology) if s.host.role == "postgres")
+    tls = {f["path"]: f["reloads"] for f in bundle_document(spec, settings, topology)["secret_files"]
+           if f["path"] in (pki.ca_path(), pki.key_path(), pki.cert_path())}
+    assert len(tls) == 3 and all(reloads == [["patroni", "reload"], ["pgbouncer", "reload"]] for reloads in tls.values())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 
 import psycopg
@@ -78,6 +79,27 @@ def test_replicas_stream_synchronously_and_see_committed_rows(cluster):
     assert "pg_stat_statements" in _query(cluster, leader, "SHOW shared_preload_libraries")[0][0]
 
 
+def test_replication_runs_over_tls_verified_and_psql_without_tls_is_refused(cluster):
+    """Every walsender's session is TLS (pg_stat_ssl); each replica's primary_conninfo, written by Patroni from
+    postgresql.authentication.replication, verifies the leader (verify-full, the sandbox's CA): since pg_hba names
+    no `host` line, pg_basebackup and pg_rewind in the drills come in the same way. Over TCP without TLS, psql is
+    refused by pg_hba."""
+    leader = cluster.leader()
+    sessions = _query(cluster, leader, "SELECT r.application_name, s.ssl, s.version FROM pg_stat_replication r "
+                                       "LEFT JOIN pg_stat_ssl s ON s.pid = r.pid")
+    assert sorted(name for name, *_ in sessions) == sorted(n.name for n in cluster.topology.postgres if n != leader)
+    assert all(ssl and version in ("TLSv1.2", "TLSv1.3") for _, ssl, version in sessions), sessions
+    for node in cluster.topology.postgres:
+        if node != leader:
+            conninfo = _query(cluster, node, "SHOW primary_conninfo")[0][0]
+            assert "sslmode=verify-full" in conninfo and f"sslrootcert={cluster.layout.host_root(node)}/" in conninfo
+    password = cluster.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD)
+    refused = subprocess.run(["psql", "-X", "-w", "-c", "SELECT 1",
+                              f"host=127.0.0.1 port={cluster.layout.postgres(leader)} user=postgres dbname=postgres "
+                              "sslmode=disable"], env={**os.environ, "PGPASSWORD": password}, capture_output=True, text=True)
+    assert refused.returncode != 0 and "no encryption" in refused.stderr, refused.stderr
+
+
 def test_exporters_log_in_with_the_role_patroni_created_at_bootstrap(cluster):
     for node in cluster.topology.postgres:
         metrics = requests.get(f"http://127.0.0.1:{cluster.layout.postgres_exporter(node)}/metrics", timeout=5).text
@@ -94,7 +116,8 @@ def test_every_nodes_haproxy_sends_writes_to_the_leader_and_reads_to_a_replica(c
     login = prepare_client(cluster)
     leader, port_of = cluster.leader(), {cluster.layout.postgres(n): n.name for n in cluster.topology.postgres}
     for node in cluster.topology.postgres:
-        with client_connect(login, cluster.layout.haproxy_primary(node)) as conn:
+        with client_connect(login, cluster.layout.haproxy_primary(node)) as conn:  # verify-full, the sandbox's CA
+            assert conn.pgconn.ssl_in_use
             port, in_recovery, user = conn.execute(
                 "SELECT current_setting('port')::int, pg_is_in_recovery(), current_user").fetchone()
         assert (port_of[port], in_recovery, user) == (leader.name, False, CLIENT_ROLE), node.name
@@ -108,6 +131,10 @@ def test_every_nodes_haproxy_sends_writes_to_the_leader_and_reads_to_a_replica(c
         assert f'haproxy_backend_active_servers{{proxy="replicas"}} {len(cluster.topology.postgres) - 1}\n' in metrics
         pools = requests.get(f"http://127.0.0.1:{cluster.layout.pgbouncer_exporter(node)}/metrics", timeout=5).text
         assert "\npgbouncer_up 1.0\n" in pools, node.name
+    # HAProxy passes TCP through: TLS ends at PgBouncer, which refuses a client without it.
+    with pytest.raises(psycopg.OperationalError, match="SSL required"):
+        psycopg.connect(host="127.0.0.1", port=cluster.layout.haproxy_primary(leader), user=login.user,
+                        password=login.password, dbname=login.database, connect_timeout=3, sslmode="disable")
     # The superuser is no client of the pooler, with its own password or any.
     password = cluster.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD)
     with pytest.raises(psycopg.OperationalError):

@@ -78,7 +78,7 @@ def _rollout(sandbox, order: list[str], new_value: int) -> dict:
     """PATCH max_connections, then restart_if_pending on every member in `order`, under writes."""
     urls = _urls(sandbox)
     history = requests.get(f"{urls[order[0]]}/history", timeout=3).json()
-    writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD))
+    writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD), tls=sandbox.client_tls())
     writer.ensure_table()
     writer.start()
     with ClusterSampler(_urls(sandbox)) as sampler:
@@ -184,7 +184,7 @@ def test_the_agent_rolls_a_bundle_change_through_the_cluster(healthy, prod_setti
     old = int(_setting(healthy, healthy.node(order[0]), "max_connections"))
     specs = {s.host.name: s for s in host_specs(prod_settings, healthy.topology) if s.host.role == "postgres"}
     history = requests.get(f"{urls[order[0]]}/history", timeout=3).json()
-    writer = Writer(list(urls.values()), healthy.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD))
+    writer = Writer(list(urls.values()), healthy.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD), tls=healthy.client_tls())
     writer.ensure_table()
     writer.start()
     with ClusterSampler(_urls(healthy)) as sampler:

@@ -37,6 +37,7 @@ from infra.settings import load_settings
 from infra.topology import Paths, Ports, build_topology
 from tests.conftest import stack_config
 from tests.ports import port
+from tests.tls import write_identity
 
 pytestmark = pytest.mark.live
 
@@ -101,6 +102,9 @@ def pooled():
         folder.mkdir(exist_ok=True)
         folder.chmod(0o755)
         shutil.chown(folder, "postgres", "postgres")
+    # The host's TLS identity where pgbouncer.ini names it (under the root); PostgreSQL serves the same one.
+    tls = write_identity(root)
+    _CA[:] = [tls["ca"]]
 
     # PostgreSQL with the rendered pg_hba and pg_ident (Patroni writes them from patroni.yml).
     config = yaml.safe_load(render_patroni(settings, topology, node)[f"patroni/{node.name}.yml"])["postgresql"]
@@ -109,7 +113,8 @@ def pooled():
     _as("postgres", "sh", "-c", f"cat > {data}/pg_hba.conf", input="\n".join(config["pg_hba"]) + "\n", check=True)
     _as("postgres", "sh", "-c", f"cat > {data}/pg_ident.conf", input="\n".join(config["pg_ident"]) + "\n", check=True)
     _as("postgres", str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log"), "-w", "-o",
-        f"-p {POSTGRES_PORT} -c listen_addresses={m.LOOPBACK} -c unix_socket_directories={socket_dir}", "start", check=True)
+        f"-p {POSTGRES_PORT} -c listen_addresses={m.LOOPBACK} -c unix_socket_directories={socket_dir} -c ssl=on "
+        f"-c ssl_cert_file={tls['cert']} -c ssl_key_file={tls['key']}", "start", check=True)
     server = PeerPsql(root, socket_dir)
     processes = []
     try:
@@ -129,7 +134,7 @@ def pooled():
                                            "/usr/sbin/pgbouncer", str(root / Paths.PGBOUNCER_CONFIG.lstrip("/"))],
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         wait_for("PgBouncer to listen", lambda: _connects(m.LOOPBACK, PGBOUNCER_PORT), 10, 0.1)
-        yield settings, bundle, server, root, processes
+        yield settings, bundle, server, root, processes, tls
     finally:
         for process in processes:
             with contextlib.suppress(ProcessLookupError):
@@ -156,13 +161,18 @@ def _console(root: Path, command: str, user: str = STATS_USER) -> list[dict]:
     return [dict(zip(header.split("\t"), row.split("\t"), strict=True)) for row in rows]
 
 
-def _client(user: str = "app", password: str = APP_PASSWORD, timeout: float = 3):
+def _client(user: str = "app", password: str = APP_PASSWORD, timeout: float = 3, **tls):
+    """A client as on AWS: TLS, PgBouncer's certificate checked against the CA (the fixture's) and its name."""
+    tls = tls or {"sslmode": "verify-full", "sslrootcert": str(_CA[0])}
     return psycopg.connect(host=m.LOOPBACK, port=PGBOUNCER_PORT, user=user, password=password,
-                           dbname="betting", connect_timeout=timeout, autocommit=True, prepare_threshold=None)
+                           dbname="betting", connect_timeout=timeout, autocommit=True, prepare_threshold=None, **tls)
+
+
+_CA: list[Path] = []  # the fixture's CA certificate, for _client
 
 
 def test_pgbouncer_runs_its_rendered_files_and_answers_on_its_console(pooled):
-    settings, _, _, root, _ = pooled
+    settings, _, _, root, _, _ = pooled
     config = {row["key"]: row["value"] for row in _console(root, "SHOW CONFIG")}
     pool = settings.client_path
     assert config["pool_mode"] == "transaction"
@@ -182,7 +192,7 @@ def test_pgbouncer_runs_its_rendered_files_and_answers_on_its_console(pooled):
 
 
 def test_clients_log_in_with_their_own_password_and_no_one_else_comes_through(pooled):
-    _, _, server, root, _ = pooled
+    _, _, server, root, _, _ = pooled
     with _client() as conn:
         user, address, in_recovery = conn.execute("SELECT current_user, inet_server_addr(), pg_is_in_recovery()").fetchone()
     assert (user, address, in_recovery) == ("app", None, False)  # PgBouncer's server login came over the socket
@@ -212,10 +222,32 @@ def test_clients_log_in_with_their_own_password_and_no_one_else_comes_through(po
                                  "WHERE p.oid = 'pgbouncer.get_auth(text)'::regprocedure") == "t"
 
 
+def test_clients_come_in_over_tls_only_and_verify_pgbouncer_by_name(pooled):
+    """PgBouncer serves the host's certificate (TLS 1.2 or newer), which a verify-full client accepts for the
+    address it dialled; a client without TLS is refused, as one that trusts another CA refuses PgBouncer; straight
+    at PostgreSQL the rendered pg_hba refuses a login without TLS."""
+    *_, root, _, tls = pooled
+    with _client() as conn:
+        assert conn.pgconn.ssl_in_use
+        (client,) = [row for row in _console(root, "SHOW CLIENTS") if row["user"] == "app"]
+        assert client["tls"].split("/")[0] in ("TLSv1.2", "TLSv1.3"), client
+    with pytest.raises(psycopg.OperationalError, match="SSL required"):
+        _client(sslmode="disable").close()
+    stranger = write_identity(root / "stranger", ca_name="another CA")["ca"]
+    with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+        _client(sslmode="verify-full", sslrootcert=str(stranger)).close()
+    with pytest.raises(psycopg.OperationalError, match="no encryption"):
+        psycopg.connect(host=m.LOOPBACK, port=POSTGRES_PORT, user="app", password=APP_PASSWORD, dbname="betting",
+                        sslmode="disable", connect_timeout=3)
+    with psycopg.connect(host=m.LOOPBACK, port=POSTGRES_PORT, user="app", password=APP_PASSWORD, dbname="betting",
+                         sslmode="verify-full", sslrootcert=str(tls["ca"]), connect_timeout=3) as conn:
+        assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (True,)
+
+
 def test_a_full_pool_still_takes_logins(pooled):
     """Every server connection of the database busy: a new client (of another role) still logs in, since the
     database keeps one connection beyond its pool for PgBouncer's auth_query."""
-    settings, _, _, root, _ = pooled
+    settings, _, _, root, _, _ = pooled
     pool_size = settings.client_path.pool_size
     busy = threading.Barrier(pool_size + 1)
 
@@ -243,7 +275,7 @@ def test_a_full_pool_still_takes_logins(pooled):
 
 
 def test_the_agents_step_covers_every_database_and_changes_nothing_twice(pooled):
-    _, bundle, server, _, _ = pooled
+    _, bundle, server, _, _, _ = pooled
     server.sql("postgres", "CREATE DATABASE reports TEMPLATE template0")  # copies nothing from template1
     assert server.sql("reports", "SELECT to_regprocedure('pgbouncer.get_auth(text)') IS NULL") == "t"
     function = "SELECT xmin FROM pg_proc WHERE oid = 'pgbouncer.get_auth(text)'::regprocedure"
@@ -266,7 +298,7 @@ def test_the_agents_step_covers_every_database_and_changes_nothing_twice(pooled)
 
 
 def test_the_exporter_reads_the_console_with_the_rendered_login(pooled):
-    _, _, _, root, processes = pooled
+    _, _, _, root, processes, _ = pooled
     environment = read_environment_file((root / PGBOUNCER_EXPORTER_ENV.lstrip("/")).read_text())
     assert environment["PGBOUNCER_DSN"] == f"host={root / 'run'} port={PGBOUNCER_PORT} dbname=pgbouncer user={STATS_USER}"
     # betting-pgbouncer-exporter.service: User=postgres, its EnvironmentFile, ExecStart the installed script.

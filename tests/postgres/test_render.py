@@ -7,6 +7,7 @@ import subprocess
 
 import yaml
 
+from infra import pki
 from infra.render.etcd import render_etcd
 from infra.render.patroni import EXPORTER_PASSWORD_ENV, EXTENSIONS_SQL, PASSWORD_ENV, render_patroni
 from infra.render.pgbackrest import TLS_CLIENT_CN, render_pgbackrest
@@ -85,7 +86,7 @@ def test_no_password_in_patroni_yml_they_come_from_patronis_env_vars(settings, t
     for node in topology.postgres:
         config, content = _patroni(settings, topology, node)
         for user in config["postgresql"]["authentication"].values():
-            assert set(user) == {"username"}
+            assert set(user) == {"username", "sslmode", "sslrootcert"}  # no password
         # The only mention is the exporter role's bootstrap, which takes its value from the environment.
         del config["bootstrap"]["post_bootstrap"]
         assert "password" not in yaml.safe_dump(config).lower()
@@ -107,13 +108,35 @@ def test_exporter_role_and_stanza_are_created_at_bootstrap_by_the_shipped_script
     assert 'stanza-create; then' in script  # a failed stanza-create warns; it never fails the bootstrap
 
 
-def test_pg_hba_allows_only_the_vpc_and_loopback(settings, topology):
-    config, _ = _patroni(settings, topology, topology.postgres[0])
-    for line in config["postgresql"]["pg_hba"]:
-        fields = line.split()
-        if fields[0] == "host":
-            assert fields[3] in (settings.vpc_cidr, "127.0.0.1/32")
-            assert fields[4] == "scram-sha-256"
+def test_pg_hba_allows_only_the_vpc_and_loopback_and_only_over_tls(settings, topology):
+    """Every network line is hostssl (a `host` line would admit a login without TLS); the socket lines stay.
+    tests/postgres/test_pgbouncer_live.py runs these lines in a real PostgreSQL and sees a login without TLS refused."""
+    for node in topology.postgres:
+        config, _ = _patroni(settings, topology, node)
+        kinds = [line.split()[0] for line in config["postgresql"]["pg_hba"]]
+        assert set(kinds) == {"local", "hostssl"}, kinds
+        for line in config["postgresql"]["pg_hba"]:
+            fields = line.split()
+            if fields[0] == "hostssl":
+                assert fields[3] in (settings.vpc_cidr, "127.0.0.1/32")
+                assert fields[4] == "scram-sha-256"
+
+
+def test_postgres_serves_the_hosts_identity_and_patronis_connections_verify_the_leader(settings, topology):
+    for node in topology.postgres:
+        config, _ = _patroni(settings, topology, node)
+        postgresql = config["postgresql"]
+        assert {k: postgresql["parameters"][k] for k in ("ssl", "ssl_cert_file", "ssl_key_file", "ssl_ca_file",
+                                                          "ssl_min_protocol_version")} == {
+            "ssl": "on", "ssl_cert_file": pki.cert_path(), "ssl_key_file": pki.key_path(), "ssl_ca_file": pki.ca_path(),
+            "ssl_min_protocol_version": "TLSv1.2"}
+        assert not any(k.startswith("ssl") for k in config["bootstrap"]["dcs"]["postgresql"]["parameters"])
+        for role in ("superuser", "replication", "rewind"):
+            assert postgresql["authentication"][role]["sslmode"] == "verify-full"
+            assert postgresql["authentication"][role]["sslrootcert"] == pki.ca_path()
+        # A replica connects to the leader's connect_address: a name the leader's certificate carries.
+        host = postgresql["connect_address"].rsplit(":", 1)[0]
+        assert host in pki.identity(topology, node).dns_names
 
 
 def _pgbackrest(settings, topology, node):

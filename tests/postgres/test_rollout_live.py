@@ -65,7 +65,7 @@ def test_a_restart_and_a_dcs_change_roll_through_etcd_and_patroni_one_member_at_
     urls = {node.name: sandbox.patroni_url(node) for node in topology.postgres}
     etcd_pids = {member.name: sandbox.running()[member.name].pid for member in topology.etcd}
     history = requests.get(f"{next(iter(urls.values()))}/history", timeout=3).json()
-    writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD))
+    writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD), tls=sandbox.client_tls())
     writer.ensure_table()
     writer.start()
     etcd_urls = [f"http://127.0.0.1:{sandbox.layout.etcd_client(m)}" for m in topology.etcd]
@@ -168,7 +168,7 @@ def test_adding_a_patroni_node_to_the_running_cluster(sandbox):
     more = _changed(current, patroni={"nodes": current.patroni.nodes + 1})
     urls = {node.name: sandbox.patroni_url(node) for node in sandbox.topology.postgres}
     senders_before = patroni.config(next(iter(urls.values())))["postgresql"]["parameters"]["max_wal_senders"]
-    writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD))
+    writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD), tls=sandbox.client_tls())
     writer.ensure_table()
     writer.start()
     with ClusterSampler(urls) as sampler:

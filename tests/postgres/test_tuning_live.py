@@ -42,7 +42,7 @@ from infra.instance_types import Hardware
 from infra.pg_catalog import SETTINGS
 from infra.pg_parameters import in_unit
 from infra.render.exporters import TOP_STATEMENTS
-from infra.render.patroni import EXTENSIONS_SQL, patroni_config
+from infra.render.patroni import EXTENSIONS_SQL, patroni_config, tls_parameters
 from infra.render.tuning import HUGE_PAGE_MIB, Volume, derive, stack_tuning
 from infra.sandbox.mapping import SANDBOX_SHARED_BUFFERS
 from infra.sandbox.platform import expand_command, parse_unit
@@ -52,6 +52,7 @@ from infra.topology import Paths, build_topology
 from scripts.pg_settings_catalog import query_catalog
 from tests.conftest import STACKS, stack_config
 from tests.ports import port
+from tests.tls import write_identity
 
 pytestmark = pytest.mark.live
 
@@ -98,7 +99,10 @@ def data_dir(root):
 def test_the_huge_pages_reserved_hold_postgresqls_own_shared_memory(data_dir, stack):
     settings = load_settings(stack_config(stack), stack)
     tuning = stack_tuning(settings)
-    options = [f"-c{name}={value}" for name, value in _rendered(settings).items() if name != "betting.audit_tables"]
+    # Not the ssl_* ones: for a runtime-computed parameter, -C goes as far as loading the server's certificate
+    # (PostgreSQL 15: FATAL "could not load server certificate file"), and the host's files are not here.
+    options = [f"-c{name}={value}" for name, value in _rendered(settings).items()
+               if name != "betting.audit_tables" and name not in tls_parameters()]
     size_mib, pages = (int(_as_postgres(str(PG_BIN / "postgres"), "-D", str(data_dir), "-C", what, *options).stdout)
                        for what in ("shared_memory_size", "shared_memory_size_in_huge_pages"))
     # The estimate is PostgreSQL's figure or a little more, never less (a shortfall keeps huge_pages=on from starting).
@@ -132,7 +136,10 @@ def _oom_unit():
 @pytest.fixture(scope="module")
 def tuned(root, data_dir):
     """PostgreSQL 15 started from a postgresql.conf holding the scaled parameters, the way the unit starts it."""
-    parameters = _scaled_parameters()
+    # The host's TLS identity where the rendered ssl_* parameters name it, under the root (a host path).
+    tls = write_identity(root)
+    parameters = {**_scaled_parameters(), "ssl_ca_file": str(tls["ca"]), "ssl_cert_file": str(tls["cert"]),
+                  "ssl_key_file": str(tls["key"])}
     local = {"port": POSTGRES_PORT, "listen_addresses": "127.0.0.1", "unix_socket_directories": str(root),
              "log_directory": str(root / "log")}
     conf = "".join(f"{key} = {_conf_value(value)}\n" for key, value in {**parameters, **local}.items())
@@ -150,9 +157,9 @@ def tuned(root, data_dir):
                         str(data_dir), "-m", "immediate", "stop"], capture_output=True)
 
 
-def _connect(user: str = "postgres") -> psycopg.Connection:
+def _connect(user: str = "postgres", **tls) -> psycopg.Connection:
     # Over TCP: the keepalive parameters read as 0 on a Unix socket.
-    return psycopg.connect(host="127.0.0.1", port=POSTGRES_PORT, user=user, dbname="postgres", autocommit=True)
+    return psycopg.connect(host="127.0.0.1", port=POSTGRES_PORT, user=user, dbname="postgres", autocommit=True, **tls)
 
 
 def _same(expected, setting: str, unit: str | None, vartype: str) -> bool:
@@ -179,6 +186,19 @@ def test_postgresql_runs_every_tuned_parameter_from_the_file_and_none_waits_for_
     time.sleep(1)  # the reload is asynchronous: a new session then sees what the file says against what runs
     with _connect() as conn:
         assert conn.execute("SELECT array_agg(name) FROM pg_settings WHERE pending_restart").fetchone()[0] is None
+
+
+def test_postgresql_serves_tls_12_or_newer_with_the_rendered_settings(tuned):
+    """The rendered ssl_* parameters (the files' paths moved under the root): a verify-full client checks the
+    server's certificate against the CA; a client that offers TLS 1.1 at most is refused by the server's
+    ssl_min_protocol_version (this pg_hba is initdb's trust: hostssl is tests/postgres/test_pgbouncer_live.py's)."""
+    with _connect(sslmode="verify-full", sslrootcert=tuned["ssl_ca_file"]) as conn:
+        version = conn.execute("SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0]
+    assert version in ("TLSv1.2", "TLSv1.3")
+    with _connect(sslmode="verify-full", sslrootcert=tuned["ssl_ca_file"], ssl_max_protocol_version="TLSv1.2") as conn:
+        assert conn.execute("SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0] == "TLSv1.2"
+    with pytest.raises(psycopg.OperationalError):
+        _connect(sslmode="require", ssl_max_protocol_version="TLSv1.1").close()
 
 
 def test_the_parameter_catalog_is_this_servers(tuned, root):
