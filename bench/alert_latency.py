@@ -65,7 +65,7 @@ def one_run(files: dict[str, bytes], fault: str, scrape_seconds: float, timeout:
     with tempfile.TemporaryDirectory(prefix="alert-latency-") as workdir:
         stack = start_stack(Path(workdir), files, {"postgres": [(target.address, "pg-1")]}, webhook)
         try:
-            wait_scraped(stack.prometheus_url, 'pg_up{instance="pg-1"} == 1', timeout=scrape_seconds * 4)
+            wait_scraped(stack.prometheus_url, 'pg_up{instance="pg-1"} == 1', timeout=scrape_seconds * 4, client=stack.client)
             time.sleep(random.uniform(0, scrape_seconds))
             started = time.monotonic()
             if fault == "metric":

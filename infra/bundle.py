@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from infra import pki
 from infra.hostagent.agent import AGENT_COMMAND, AGENT_ROOT
 from infra.hosts.postgres import AUDIT_SQL, PGBOUNCER_EXPORTER_ENV, PGBOUNCER_EXPORTER_UNIT
 from infra.hosts.spec import File, HostSpec
@@ -22,6 +23,7 @@ from infra.hosts.system import CHRONY_UNIT, SYSCTL_UNIT, THP_UNIT
 from infra.render.backup import SERVICE_TEMPLATE, TIMERS
 from infra.render.haproxy import HEALTH_WRITER
 from infra.render.patroni import EXTENSIONS_SQL, patroni_config
+from infra.render.webconfig import MONITORING_USER, password_path
 from infra.settings import StackSettings
 from infra.topology import Paths, Ports, Topology, secret_path, ssm_parameter_name
 
@@ -74,7 +76,9 @@ CHANGE_RULES = (
     ChangeRule(f"/etc/systemd/system/{PGBOUNCER_EXPORTER_UNIT}.service", PGBOUNCER_EXPORTER_UNIT, "restart"),
     ChangeRule(PGBOUNCER_EXPORTER_ENV, PGBOUNCER_EXPORTER_UNIT, "restart"),
     ChangeRule(Paths.CLICKHOUSE_CONFIG_D + "/", "clickhouse-server", "restart"),
-    # Provisioning is read at start; dashboards are re-read by Grafana itself.
+    ChangeRule(Paths.CLICKHOUSE_USERS_D + "/", "clickhouse-server", "restart"),
+    # Its settings and provisioning are read at start; dashboards are re-read by Grafana itself.
+    ChangeRule(Paths.GRAFANA_CONFIG, "grafana-server", "restart"),
     ChangeRule(Paths.GRAFANA_PROVISIONING + "/", "grafana-server", "restart"),
     ChangeRule(Paths.GRAFANA_DASHBOARDS + "/", None, "none"),
     ChangeRule("/etc/betting/", None, "none"),  # read by the jobs that use them, at each run
@@ -120,13 +124,20 @@ def _gate(spec: HostSpec, topology: Topology, unit: str) -> dict | None:
     if unit == "etcd":
         return {"kind": "etcd", "url": f"{local}:{Ports.ETCD_CLIENT}", "name": spec.host.name,
                 "members": len(topology.etcd)}
+    # The monitoring endpoints serve TLS with the host's identity: the gate asks by the host's name, which the
+    # certificate names, verifying it against the stack's CA, with the monitoring credential.
+    own = f"https://{spec.host.fqdn}"
+    monitoring_client = {"ca": pki.ca_path(), "username": MONITORING_USER, "password_file": password_path()}
     if unit == "prometheus":
         rules = sorted(f.path for f in spec.files if f.path.startswith(Paths.PROMETHEUS_RULES_DIR + "/"))
-        return {"kind": "prometheus", "url": f"{local}:{Ports.PROMETHEUS}", "rule_files": rules}
+        return {"kind": "prometheus", "url": f"{own}:{Ports.PROMETHEUS}", "rule_files": rules, **monitoring_client}
     if unit == SYSCTL_UNIT:
         return {"kind": "sysctl", "files": sorted(f.path for f in spec.files if f.path.startswith("/etc/sysctl.d/"))}
     if unit == "prometheus-alertmanager":
-        return {"kind": "alertmanager", "url": f"{local}:{Ports.ALERTMANAGER}", "peers": len(topology.monitoring)}
+        return {"kind": "alertmanager", "url": f"{own}:{Ports.ALERTMANAGER}", "peers": len(topology.monitoring),
+                **monitoring_client}
+    if unit == "grafana-server":
+        return {"kind": "http", "url": f"{own}:{Ports.GRAFANA}/api/health", "ca": pki.ca_path()}
     if unit == "pgbouncer":  # no HTTP: it listens, and takes logins (the exporter's gate shows its console answers)
         return {"kind": "tcp", "address": f"127.0.0.1:{Ports.PGBOUNCER}"}
     http = {
@@ -137,7 +148,6 @@ def _gate(spec: HostSpec, topology: Topology, unit: str) -> dict | None:
         "prometheus-postgres-exporter": f"{local}:{Ports.POSTGRES_EXPORTER}/metrics",
         "prometheus-redis-exporter": f"{local}:{Ports.REDIS_EXPORTER}/metrics",
         "clickhouse-server": f"{local}:{Ports.CLICKHOUSE_HTTP}/ping",
-        "grafana-server": f"{local}:{Ports.GRAFANA}/api/health",
     }
     return {"kind": "http", "url": http[unit]} if unit in http else None
 

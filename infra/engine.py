@@ -80,6 +80,7 @@ def _computed(typ: str, name: str, inputs: dict, region: str = "eu-west-1") -> d
         state["name"] = inputs.get("name", name)
     elif typ == "random:index/randomPassword:RandomPassword":
         state["result"] = "offline-" + "x" * 24
+        state["bcryptHash"] = "$2a$10$" + "offline" * 7 + "x" * 4  # the shape of a bcrypt hash (60 characters)
     elif typ == "tls:index/privateKey:PrivateKey":
         state["privateKeyPem"] = "offline-private-key"
     elif typ in ("tls:index/selfSignedCert:SelfSignedCert", "tls:index/locallySignedCert:LocallySignedCert"):

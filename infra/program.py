@@ -142,7 +142,7 @@ def run() -> None:
     pulumi.export("postgres_nodes", [s.host.fqdn for s in by_role["postgres"]])
     pulumi.export("redis_endpoint", f"{topology.redis_endpoint}:6379")
     pulumi.export("clickhouse_hosts", [s.host.fqdn for s in by_role["clickhouse"]])
-    pulumi.export("prometheus_urls", [f"http://{s.host.fqdn}:9090" for s in by_role["monitoring"]])
+    pulumi.export("prometheus_urls", [f"https://{s.host.fqdn}:9090" for s in by_role["monitoring"]])
     pulumi.export("grafana_url", f"http://{by_role['grafana'][0].host.fqdn}:3000")
     pulumi.export("grafana_admin_password", monitoring.grafana_admin_password)
     pulumi.export("backup_bucket", backups.backup_bucket.bucket)

@@ -137,6 +137,7 @@ class Paths:
     ALERTMANAGER_CONFIG = "/etc/prometheus/alertmanager.yml"
     ALERTMANAGER_DATA = "/var/lib/prometheus/alertmanager"
     NODE_EXPORTER_TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"  # backup_last_success_timestamp lands here
+    GRAFANA_CONFIG = "/etc/grafana/grafana.ini"
     GRAFANA_PROVISIONING = "/etc/grafana/provisioning"
     GRAFANA_DASHBOARDS = "/var/lib/grafana/dashboards"
     PATRONI_CONFIG = "/etc/patroni/config.yml"
@@ -162,6 +163,7 @@ class Paths:
     ETCD_CONFIG = "/etc/default/etcd"
     ETCD_DATA = "/var/lib/etcd"
     CLICKHOUSE_CONFIG_D = "/etc/clickhouse-server/config.d"
+    CLICKHOUSE_USERS_D = "/etc/clickhouse-server/users.d"
     CLICKHOUSE_DATA = "/var/lib/clickhouse"
 
 
@@ -182,6 +184,11 @@ class SecretNames:
     # pgBackRest's TLS identity, shared by the PostgreSQL hosts: server and client certificate in one, its own CA.
     PGBACKREST_TLS_KEY = "pgbackrest_tls_key"
     PGBACKREST_TLS_CERT = "pgbackrest_tls_cert"
+    # The monitoring API's basic-auth password (infra/render/webconfig.py), and the web config holding its bcrypt hash.
+    MONITORING_PASSWORD = "monitoring_password"
+    MONITORING_WEB_CONFIG = "monitoring_web_config"
+    # ClickHouse's `default` user (infra/render/clickhouse.py).
+    CLICKHOUSE_DEFAULT_PASSWORD = "clickhouse_default_password"
 
 
 def secret_path(name: str) -> str:

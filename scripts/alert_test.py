@@ -1,7 +1,10 @@
 """Alert-routing test: send synthetic alerts to an Alertmanager and show which receivers each reached.
 
-    python scripts/alert_test.py --alertmanager http://monitoring-1.prod.betting.internal:9093
-    python scripts/alert_test.py --alertmanager http://127.0.0.1:9093 --json
+    python scripts/alert_test.py --alertmanager https://monitoring-1.prod.betting.internal:9093
+    python scripts/alert_test.py --alertmanager https://HOST:9093 --ca-file ca.crt --password-file pw --json
+
+Alertmanager serves https with basic auth (scripts/monitoring_client.py: on a monitoring host the CA and the
+password are found in the secrets folder).
 
 Each run tags its alerts with a unique `alert_test_id` and lets them expire after a few minutes.
 Cases: a critical (PagerDuty and Slack #alerts-critical), a warning (Slack #alerts-warnings), an
@@ -32,6 +35,7 @@ from infra.render.alertmanager import (
     RECEIVER_SLACK_CRITICAL,
     RECEIVER_SLACK_WARNINGS,
 )
+from scripts import monitoring_client
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,8 @@ def payload(test_id: str, cases=CASES, lifetime: timedelta = timedelta(minutes=5
     ]
 
 
-def send(alertmanager: str, alerts: list[dict]) -> None:
-    response = requests.post(f"{alertmanager}/api/v2/alerts", json=alerts, timeout=10)
+def send(alertmanager: str, alerts: list[dict], client: requests.Session | None = None) -> None:
+    response = (client or requests).post(f"{alertmanager}/api/v2/alerts", json=alerts, timeout=10)
     response.raise_for_status()
 
 
@@ -95,18 +99,18 @@ def _key(labels: dict[str, str]) -> tuple[str, str]:
     return labels["alertname"], labels.get("severity", "")
 
 
-def collect(alertmanager: str, test_id: str, cases=CASES) -> list[Result]:
+def collect(alertmanager: str, test_id: str, cases=CASES, client: requests.Session | None = None) -> list[Result]:
     """Receivers per case from the alert groups, and each alert's state (active, suppressed)."""
     results = {_key(case.labels): Result(case) for case in cases}
     query = {"filter": f'alert_test_id="{test_id}"'}
-    groups = requests.get(f"{alertmanager}/api/v2/alerts/groups", params=query, timeout=10)
+    groups = (client or requests).get(f"{alertmanager}/api/v2/alerts/groups", params=query, timeout=10)
     groups.raise_for_status()
     for group in groups.json():
         for alert in group["alerts"]:
             result = results.get(_key(alert["labels"]))
             if result is not None and group["receiver"]["name"] not in result.receivers:
                 result.receivers.append(group["receiver"]["name"])
-    alerts = requests.get(f"{alertmanager}/api/v2/alerts", params=query, timeout=10)
+    alerts = (client or requests).get(f"{alertmanager}/api/v2/alerts", params=query, timeout=10)
     alerts.raise_for_status()
     for alert in alerts.json():
         result = results.get(_key(alert["labels"]))
@@ -115,13 +119,14 @@ def collect(alertmanager: str, test_id: str, cases=CASES) -> list[Result]:
     return list(results.values())
 
 
-def run(alertmanager: str, wait: float = 2.0, cases=CASES) -> tuple[str, list[Result]]:
+def run(alertmanager: str, wait: float = 2.0, cases=CASES, client: requests.Session | None = None) -> tuple[str, list[Result]]:
+    """`client`: a session with the CA and the monitoring credential (scripts/monitoring_client.py)."""
     test_id = uuid.uuid4().hex[:12]
-    send(alertmanager, payload(test_id, cases))
+    send(alertmanager, payload(test_id, cases), client)
     # Inhibition and grouping apply as soon as the alerts are stored; a short wait covers the API's view.
     deadline = time.monotonic() + wait
     while True:
-        results = collect(alertmanager, test_id, cases)
+        results = collect(alertmanager, test_id, cases, client)
         if all(r.ok for r in results) or time.monotonic() >= deadline:
             return test_id, results
         time.sleep(0.25)
@@ -140,7 +145,8 @@ def table(results: list[Result]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--alertmanager", default="http://127.0.0.1:9093", help="Alertmanager base URL")
+    parser.add_argument("--alertmanager", default="https://127.0.0.1:9093", help="Alertmanager base URL")
+    monitoring_client.add_arguments(parser)
     parser.add_argument("--wait", type=float, default=5.0, help="seconds to wait for every alert to show its receivers")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--dry-run", action="store_true", help="print the alerts that would be sent, send nothing")
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(json.dumps(payload("dry-run"), indent=2))
         return 0
-    test_id, results = run(args.alertmanager.rstrip("/"), args.wait)
+    test_id, results = run(args.alertmanager.rstrip("/"), args.wait, client=monitoring_client.from_arguments(args))
     if args.json:
         print(json.dumps({
             "alert_test_id": test_id,

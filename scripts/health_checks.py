@@ -52,6 +52,10 @@ class Targets:
     prometheus_url: str | None = None
     alertmanager_url: str | None = None
     grafana_url: str | None = None
+    # The monitoring endpoints (Prometheus, Alertmanager, Grafana) serve https: the CA their certificates chain to,
+    # and the monitoring credential's password (scripts/monitoring_client.py).
+    monitoring_ca_file: str | None = None
+    monitoring_password: str | None = None
     # Prometheus jobs whose targets the target does not run (reported as not deployed, not down).
     absent_jobs: tuple[str, ...] = ()
     absent_hosts: tuple[str, ...] = ()  # hosts not deployed (the sandbox runs no ClickHouse or Grafana host)
@@ -66,8 +70,14 @@ class Result:
     data: dict = field(default_factory=dict)
 
 
-def _get(url: str, timeout: float) -> requests.Response:
-    return requests.get(url, timeout=timeout)
+def _get(url: str, timeout: float, client: requests.Session | None = None) -> requests.Response:
+    return (client or requests).get(url, timeout=timeout)
+
+
+def _monitoring(targets: Targets) -> requests.Session:
+    from scripts.monitoring_client import session
+
+    return session(targets.monitoring_ca_file, targets.monitoring_password)
 
 
 def check_patroni(targets: Targets, timeout: float) -> Result:
@@ -167,11 +177,12 @@ def check_redis(targets: Targets, timeout: float) -> Result:
     return Result("redis", DOWN, f"PING {host}:{port} -> {reply.decode(errors='replace').strip()!r}")
 
 
-def _http_check(name: str, url: str | None, path: str, timeout: float, expect: Callable[[requests.Response], bool]) -> Result:
+def _http_check(name: str, url: str | None, path: str, timeout: float, expect: Callable[[requests.Response], bool],
+                client: requests.Session | None = None) -> Result:
     if url is None:
         return Result(name, NOT_DEPLOYED, f"no {name} in this target")
     try:
-        response = _get(f"{url}{path}", timeout)
+        response = _get(f"{url}{path}", timeout, client)
     except requests.RequestException as error:
         return Result(name, DOWN, f"{url}{path}: {type(error).__name__}")
     if expect(response):
@@ -184,11 +195,12 @@ def check_clickhouse(targets: Targets, timeout: float) -> Result:
 
 
 def check_prometheus(targets: Targets, timeout: float) -> Result:
-    ready = _http_check("prometheus", targets.prometheus_url, "/-/ready", timeout, lambda r: r.status_code == 200)
+    client = _monitoring(targets)
+    ready = _http_check("prometheus", targets.prometheus_url, "/-/ready", timeout, lambda r: r.status_code == 200, client)
     if ready.status != HEALTHY:
         return ready
     try:
-        active = _get(f"{targets.prometheus_url}/api/v1/targets?state=active", timeout).json()["data"]["activeTargets"]
+        active = _get(f"{targets.prometheus_url}/api/v1/targets?state=active", timeout, client).json()["data"]["activeTargets"]
     except (requests.RequestException, ValueError, KeyError) as error:
         return Result("prometheus", DEGRADED, f"ready, but targets unreadable ({type(error).__name__})")
     def not_deployed(target: dict) -> bool:
@@ -209,7 +221,8 @@ def check_prometheus(targets: Targets, timeout: float) -> Result:
 
 
 def check_alertmanager(targets: Targets, timeout: float) -> Result:
-    return _http_check("alertmanager", targets.alertmanager_url, "/-/ready", timeout, lambda r: r.status_code == 200)
+    return _http_check("alertmanager", targets.alertmanager_url, "/-/ready", timeout, lambda r: r.status_code == 200,
+                       _monitoring(targets))
 
 
 def check_grafana(targets: Targets, timeout: float) -> Result:
@@ -219,7 +232,7 @@ def check_grafana(targets: Targets, timeout: float) -> Result:
         except ValueError:
             return False
 
-    return _http_check("grafana", targets.grafana_url, "/api/health", timeout, ok)
+    return _http_check("grafana", targets.grafana_url, "/api/health", timeout, ok, _monitoring(targets))
 
 
 CHECKS = (check_patroni, check_postgres, check_redis, check_clickhouse, check_prometheus, check_alertmanager, check_grafana)
@@ -281,8 +294,10 @@ def sandbox_targets(state_dir: Path, port_base: int) -> Targets:
         postgres_password=sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD) if pg else None,
         ca_file=str(sandbox.ca_file()) if pg else None,
         redis=(LOOPBACK, layout.redis) if "redis" in services else None,
-        prometheus_url=f"http://{LOOPBACK}:{layout.prometheus(host)}" if host else None,
-        alertmanager_url=f"http://{LOOPBACK}:{layout.alertmanager(host)}" if host else None,
+        prometheus_url=f"https://{LOOPBACK}:{layout.prometheus(host)}" if host else None,
+        alertmanager_url=f"https://{LOOPBACK}:{layout.alertmanager(host)}" if host else None,
+        monitoring_ca_file=str(sandbox.ca_file()) if host else None,
+        monitoring_password=sandbox.secret(SecretNames.MONITORING_PASSWORD) if host else None,
         absent_jobs=tuple(sorted(absent)),
         absent_hosts=tuple(h.name for h in sandbox.topology.hosts if h.role not in SANDBOX_ROLES),
     )
@@ -310,9 +325,11 @@ def stack_targets(stack: str) -> Targets:
         redis=(topology.redis_endpoint, Ports.REDIS),
         redis_password=secret(SecretNames.REDIS_AUTH_TOKEN),
         clickhouse_url=f"http://{topology.clickhouse[0].fqdn}:{Ports.CLICKHOUSE_HTTP}" if topology.clickhouse else None,
-        prometheus_url=f"http://{topology.monitoring[0].fqdn}:{Ports.PROMETHEUS}" if topology.monitoring else None,
-        alertmanager_url=f"http://{topology.monitoring[0].fqdn}:{Ports.ALERTMANAGER}" if topology.monitoring else None,
-        grafana_url=f"http://{topology.grafana[0].fqdn}:{Ports.GRAFANA}" if topology.grafana else None,
+        prometheus_url=f"https://{topology.monitoring[0].fqdn}:{Ports.PROMETHEUS}" if topology.monitoring else None,
+        alertmanager_url=f"https://{topology.monitoring[0].fqdn}:{Ports.ALERTMANAGER}" if topology.monitoring else None,
+        grafana_url=f"https://{topology.grafana[0].fqdn}:{Ports.GRAFANA}" if topology.grafana else None,
+        monitoring_ca_file=pki.ca_path(),
+        monitoring_password=secret(SecretNames.MONITORING_PASSWORD),
     )
 
 

@@ -1,12 +1,13 @@
 """Monthly SLO report from Prometheus: availability, p95 per query SLO, downtime minutes, error budget
 consumed, PASS/FAIL and the error-budget policy tier, for every SLO of the catalog (infra/slo.py).
 
-    python -m scripts.slo_report --prometheus http://monitoring-1.prod.betting.internal:9090
+    python -m scripts.slo_report --prometheus https://monitoring-1.prod.betting.internal:9090
     python -m scripts.slo_report --prometheus URL --month 2026-10          # a calendar month
     python -m scripts.slo_report --prometheus URL --window 1d --slo api-availability --json
 
 Every figure is one instant query over the report window (`/api/v1/query` with `time` at the
 window's end), so the report needs the raw data of the whole window (Prometheus keeps 30 days).
+Prometheus serves https with basic auth: --ca-file and --password-file (scripts/monitoring_client.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import requests
 
 from infra.slo import SLO, SLO_BY_ID, SLOS, policy_tier
 from infra.units import duration_seconds
+from scripts import monitoring_client
 
 
 class PrometheusError(RuntimeError):
@@ -46,9 +48,9 @@ class Row:
     action: str
 
 
-def instant(prometheus: str, expr: str, at: float) -> float | None:
+def instant(prometheus: str, expr: str, at: float, client: requests.Session | None = None) -> float | None:
     """The single value of an instant query, None when it returns no sample (no data in the window)."""
-    response = requests.get(f"{prometheus}/api/v1/query", params={"query": expr, "time": f"{at:.3f}"}, timeout=60)
+    response = (client or requests).get(f"{prometheus}/api/v1/query", params={"query": expr, "time": f"{at:.3f}"}, timeout=60)
     body = response.json()
     if body.get("status") != "success":
         raise PrometheusError(f"{expr}: {body.get('error', response.text)}")
@@ -59,10 +61,10 @@ def instant(prometheus: str, expr: str, at: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def evaluate(prometheus: str, slo: SLO, window: str, at: float) -> Row:
+def evaluate(prometheus: str, slo: SLO, window: str, at: float, client: requests.Session | None = None) -> Row:
     window_minutes = duration_seconds(window) / 60
-    error_ratio = instant(prometheus, slo.error_ratio(window), at)
-    sli = instant(prometheus, slo.sli_value(window), at)
+    error_ratio = instant(prometheus, slo.error_ratio(window), at, client)
+    sli = instant(prometheus, slo.sli_value(window), at, client)
     if error_ratio is None or sli is None:
         return Row(slo.id, slo.title, slo.tier, slo.kind, slo.objective, slo.threshold, sli, error_ratio, None, None,
                    "NO DATA", "-", "no samples in the window")
@@ -80,8 +82,8 @@ def evaluate(prometheus: str, slo: SLO, window: str, at: float) -> Row:
     )
 
 
-def report(prometheus: str, window: str, at: float, slos=SLOS) -> list[Row]:
-    return [evaluate(prometheus, slo, window, at) for slo in slos]
+def report(prometheus: str, window: str, at: float, slos=SLOS, client: requests.Session | None = None) -> list[Row]:
+    return [evaluate(prometheus, slo, window, at, client) for slo in slos]
 
 
 def _sli_text(row: Row) -> str:
@@ -129,7 +131,8 @@ def month_window(month: str) -> tuple[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Monthly SLO report from Prometheus")
-    parser.add_argument("--prometheus", default="http://127.0.0.1:9090", help="Prometheus base URL")
+    parser.add_argument("--prometheus", default="https://127.0.0.1:9090", help="Prometheus base URL")
+    monitoring_client.add_arguments(parser)
     parser.add_argument("--window", default="30d", help="report window (Prometheus duration), ending now or at --at")
     parser.add_argument("--at", type=float, default=None, help="end of the window, Unix seconds (default: now)")
     parser.add_argument("--month", help="a calendar month YYYY-MM (overrides --window and --at)")
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         window, at = month_window(args.month)
     duration_seconds(window)  # fail early on a bad window
     slos = [SLO_BY_ID[name] for name in args.slo] if args.slo else list(SLOS)
-    rows = report(args.prometheus.rstrip("/"), window, at, slos)
+    rows = report(args.prometheus.rstrip("/"), window, at, slos, monitoring_client.from_arguments(args))
     if args.json:
         print(json.dumps({"window": window, "end": at, "slos": [asdict(row) for row in rows]}, indent=2))
     else:

@@ -11,6 +11,7 @@ import pulumi_random as random
 
 from infra.hosts import HostSpec
 from infra.platforms.aws import AwsContext, AwsHost, create_host, create_secret_parameter
+from infra.render.webconfig import web_config
 from infra.topology import Ports, SecretNames
 
 
@@ -53,12 +54,27 @@ class Monitoring(pulumi.ComponentResource):
                                                     SecretNames.GRAFANA_ADMIN_PASSWORD, self.grafana_admin_password,
                                                     ctx.data_key_arn, self)
 
-        self.prometheus = [create_host(name, spec, ctx, self, boots_after=parameters) for spec in args.prometheus_specs]
-        self.grafana = [create_host(name, spec, ctx, self, boots_after=[grafana_parameter]) for spec in args.grafana_specs]
+        # The monitoring API's credential: clients read the password, Prometheus and Alertmanager check its hash, which
+        # reaches them inside the web config (a secret too: infra/render/webconfig.py renders it from the hash).
+        monitoring_password = random.RandomPassword(f"{name}-monitoring-password", length=32, special=False, opts=child)
+        self.monitoring_password = pulumi.Output.secret(monitoring_password.result)
+        monitoring_parameters = [
+            create_secret_parameter(f"{name}-monitoring-password-parameter", ctx.environment,
+                                    SecretNames.MONITORING_PASSWORD, self.monitoring_password, ctx.data_key_arn, self),
+            create_secret_parameter(f"{name}-monitoring-web-config-parameter", ctx.environment,
+                                    SecretNames.MONITORING_WEB_CONFIG,
+                                    pulumi.Output.secret(monitoring_password.bcrypt_hash).apply(web_config),
+                                    ctx.data_key_arn, self),
+        ]
+
+        self.prometheus = [create_host(name, spec, ctx, self, boots_after=parameters + monitoring_parameters)
+                           for spec in args.prometheus_specs]
+        self.grafana = [create_host(name, spec, ctx, self, boots_after=[grafana_parameter, monitoring_parameters[0]])
+                        for spec in args.grafana_specs]
 
         self.register_outputs({
-            "prometheus_urls": [f"http://{spec.host.fqdn}:{Ports.PROMETHEUS}" for spec in args.prometheus_specs],
-            "alertmanager_urls": [f"http://{spec.host.fqdn}:{Ports.ALERTMANAGER}" for spec in args.prometheus_specs],
-            "grafana_urls": [f"http://{spec.host.fqdn}:{Ports.GRAFANA}" for spec in args.grafana_specs],
+            "prometheus_urls": [f"https://{spec.host.fqdn}:{Ports.PROMETHEUS}" for spec in args.prometheus_specs],
+            "alertmanager_urls": [f"https://{spec.host.fqdn}:{Ports.ALERTMANAGER}" for spec in args.prometheus_specs],
+            "grafana_urls": [f"https://{spec.host.fqdn}:{Ports.GRAFANA}" for spec in args.grafana_specs],
             "grafana_admin_password": self.grafana_admin_password,
         })

@@ -7,8 +7,10 @@ timeout, then raises GateError naming the failed check.
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -20,24 +22,39 @@ class GateError(RuntimeError):
     pass
 
 
-def _get(url: str, timeout: float = 3, data: bytes | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+def _client(gate: dict | None) -> tuple[ssl.SSLContext | None, dict[str, str]]:
+    """An https gate's TLS context (the CA its server's certificate must chain to; the name is checked) and its
+    basic-auth header (the password read from its file at each check, so a rotated one is used at once)."""
+    gate = gate or {}
+    context = ssl.create_default_context(cafile=gate["ca"]) if gate.get("ca") else None
+    headers = {}
+    if gate.get("password_file"):
+        with open(gate["password_file"]) as handle:
+            password = handle.read().strip()
+        token = base64.b64encode(f"{gate['username']}:{password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    return context, headers
+
+
+def _get(url: str, timeout: float = 3, data: bytes | None = None, gate: dict | None = None) -> tuple[int, bytes]:
+    context, headers = _client(gate)
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET", headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
 
 
-def _json(url: str, data: bytes | None = None):
-    status, body = _get(url, data=data)
+def _json(url: str, data: bytes | None = None, gate: dict | None = None):
+    status, body = _get(url, data=data, gate=gate)
     if status != 200:
         raise GateError(f"{url} answered {status}")
     return json.loads(body)
 
 
 def check_http(gate: dict) -> tuple[bool, str]:
-    status, _ = _get(gate["url"])
+    status, _ = _get(gate["url"], gate=gate)
     return status == 200, f"{gate['url']} answered {status}"
 
 
@@ -64,19 +81,19 @@ def check_etcd(gate: dict) -> tuple[bool, str]:
     return True, "healthy"
 
 
-def _not_ready(what: str, url: str) -> str | None:
-    status, _ = _get(f"{url}/-/ready")
+def _not_ready(what: str, gate: dict) -> str | None:
+    status, _ = _get(f"{gate['url']}/-/ready", gate=gate)
     return None if status == 200 else f"{what}: /-/ready answered {status}"
 
 
 def check_prometheus(gate: dict) -> tuple[bool, str]:
     """Ready, its last config reload succeeded, and every rule file of the bundle is loaded."""
-    if reason := _not_ready("prometheus", gate["url"]):
+    if reason := _not_ready("prometheus", gate):
         return False, reason
-    runtime = _json(f"{gate['url']}/api/v1/status/runtimeinfo")["data"]
+    runtime = _json(f"{gate['url']}/api/v1/status/runtimeinfo", gate=gate)["data"]
     if not runtime.get("reloadConfigSuccess", False):
         return False, "prometheus: the last configuration reload failed (see its log)"
-    groups = _json(f"{gate['url']}/api/v1/rules")["data"]["groups"]
+    groups = _json(f"{gate['url']}/api/v1/rules", gate=gate)["data"]["groups"]
     loaded = {g["file"] for g in groups}
     missing = [f for f in gate["rule_files"] if f not in loaded]
     if missing:
@@ -86,12 +103,12 @@ def check_prometheus(gate: dict) -> tuple[bool, str]:
 
 def check_alertmanager(gate: dict) -> tuple[bool, str]:
     """Ready, configuration loaded, and clustered with every peer where there are peers."""
-    if reason := _not_ready("alertmanager", gate["url"]):
+    if reason := _not_ready("alertmanager", gate):
         return False, reason
-    _, metrics = _get(f"{gate['url']}/metrics")
+    _, metrics = _get(f"{gate['url']}/metrics", gate=gate)
     if b"alertmanager_config_last_reload_successful 1" not in metrics:
         return False, "alertmanager: the last configuration reload failed (see its log)"
-    state = _json(f"{gate['url']}/api/v2/status")
+    state = _json(f"{gate['url']}/api/v2/status", gate=gate)
     if gate["peers"] > 1:
         cluster = state.get("cluster", {})
         peers = len(cluster.get("peers") or [])

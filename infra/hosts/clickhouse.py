@@ -1,11 +1,11 @@
-"""The ClickHouse server, with its Prometheus endpoint on."""
+"""The ClickHouse server, with its Prometheus endpoint on and its `default` user's password from SSM."""
 
 from __future__ import annotations
 
-from infra.hosts.spec import BASE_PACKAGES, DataVolume, HostSpec, node_exporter_file, place
-from infra.render.clickhouse import render_clickhouse
+from infra.hosts.spec import BASE_PACKAGES, DataVolume, HostSpec, SecretEnvironment, node_exporter_file, place
+from infra.render.clickhouse import DEFAULT_PASSWORD_ENV, render_clickhouse
 from infra.settings import StackSettings
-from infra.topology import Host, Paths, Topology
+from infra.topology import Host, Paths, SecretNames, Topology
 
 
 def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
@@ -13,8 +13,13 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         host=host,
         instance_type=settings.clickhouse.instance_type,
         packages=BASE_PACKAGES + ("clickhouse-server",),
-        files=(*place(render_clickhouse(settings, topology), {"clickhouse/config.d/": Paths.CLICKHOUSE_CONFIG_D + "/"}),
+        files=(*place(render_clickhouse(settings, topology), {"clickhouse/config.d/": Paths.CLICKHOUSE_CONFIG_D + "/",
+                                                              "clickhouse/users.d/": Paths.CLICKHOUSE_USERS_D + "/"}),
                node_exporter_file()),
         services=("clickhouse-server", "prometheus-node-exporter"),
         volume=DataVolume("clickhouse-data", Paths.CLICKHOUSE_DATA, "clickhouse:clickhouse", settings.clickhouse.data_volume),
+        # users.d/default.xml reads it `from_env`: the server's environment, never a rendered file.
+        secret_environments=(
+            SecretEnvironment("clickhouse-server", ((DEFAULT_PASSWORD_ENV, SecretNames.CLICKHOUSE_DEFAULT_PASSWORD),)),
+        ),
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from infra.hosts.spec import BASE_PACKAGES, HostSpec, SecretEnvironment, node_exporter_file, place, tls_files
+from infra.hosts.spec import BASE_PACKAGES, HostSpec, SecretEnvironment, SecretFile, node_exporter_file, place, tls_files
 from infra.render.grafana import render_grafana
 from infra.settings import StackSettings
 from infra.topology import Host, Paths, SecretNames, Topology
@@ -14,11 +14,14 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         instance_type=settings.monitoring.grafana.instance_type,
         packages=BASE_PACKAGES + ("grafana",),
         files=(*place(render_grafana(settings, topology), {
+            "grafana/grafana.ini": Paths.GRAFANA_CONFIG,
             "grafana/provisioning/": Paths.GRAFANA_PROVISIONING + "/",
             "grafana/dashboards/": Paths.GRAFANA_DASHBOARDS + "/",
         }, owner="root:grafana", mode="0640"), node_exporter_file()),
         services=("grafana-server", "prometheus-node-exporter"),
-        secret_files=tls_files(topology, host),
+        # Its data sources' password (read through $__file at start); Grafana reads its certificate at start only.
+        secret_files=(SecretFile(SecretNames.MONITORING_PASSWORD, "grafana:grafana"),
+                      *tls_files(topology, host, reloads=(("grafana-server", "restart"),))),
         secret_environments=(
             # Grafana reads any setting from a GF_<SECTION>_<KEY> environment variable.
             SecretEnvironment("grafana-server", (("GF_SECURITY_ADMIN_PASSWORD", SecretNames.GRAFANA_ADMIN_PASSWORD),),

@@ -25,6 +25,9 @@ MONITORING_SECRETS = (
     SecretNames.SLACK_CRITICAL_WEBHOOK,
     SecretNames.SLACK_WARNINGS_WEBHOOK,
     SecretNames.DEADMAN_HEARTBEAT_KEY,
+    # The monitoring API's web config (TLS, the password's hash) and the password Prometheus scrapes and alerts with.
+    SecretNames.MONITORING_WEB_CONFIG,
+    SecretNames.MONITORING_PASSWORD,
 )
 
 
@@ -55,7 +58,10 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         services=("prometheus", "prometheus-alertmanager", "prometheus-redis-exporter", "prometheus-node-exporter"),
         volume=DataVolume("prometheus-tsdb", Paths.PROMETHEUS_DATA, "prometheus:prometheus", prometheus_settings.volume),
         secret_files=tuple(SecretFile(name, "prometheus:prometheus") for name in MONITORING_SECRETS + (
-            (SecretNames.SMTP_AUTH_PASSWORD,) if settings.alerting.smtp_auth_username else ())) + tls_files(topology, host),
+            (SecretNames.SMTP_AUTH_PASSWORD,) if settings.alerting.smtp_auth_username else ()))
+        # No reloads: Prometheus and Alertmanager read the web config, hence the key and certificate, at every
+        # request (exporter-toolkit), and Prometheus' clients re-read a changed CA file (prometheus/common).
+        + tls_files(topology, host),
         secret_environments=(
             SecretEnvironment("prometheus-redis-exporter", (("REDIS_PASSWORD", SecretNames.REDIS_AUTH_TOKEN),),
                               "prometheus:prometheus"),

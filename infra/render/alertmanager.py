@@ -11,6 +11,7 @@ from __future__ import annotations
 import yaml
 
 from infra.render.prometheus import cluster_name
+from infra.render.webconfig import server_flags
 from infra.settings import StackSettings
 from infra.topology import Host, Paths, Ports, SecretNames, Topology, secret_path
 
@@ -140,6 +141,7 @@ def alertmanager_args(settings: StackSettings, topology: Topology, host: Host) -
         f"--config.file={Paths.ALERTMANAGER_CONFIG}",
         f"--storage.path={Paths.ALERTMANAGER_DATA}",
         f"--web.listen-address=0.0.0.0:{Ports.ALERTMANAGER}",
+        *server_flags(),
     ]
     peers = [h for h in topology.monitoring if h.name != host.name]
     if peers:

@@ -1,4 +1,5 @@
-"""ClickHouse config.d overrides: the Prometheus endpoint (off by default) and listen address."""
+"""ClickHouse overrides: config.d (the Prometheus endpoint, off by default, and the listen address) and users.d
+(the `default` user's password and networks)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,25 @@ import xml.etree.ElementTree as ET
 from infra.settings import StackSettings
 from infra.topology import Ports, Topology
 
+# The `default` user's password, from the server's environment (its EnvironmentFile, written from SSM):
+# ClickHouse substitutes `from_env` attributes when it preprocesses config and users files alike.
+DEFAULT_PASSWORD_ENV = "CLICKHOUSE_DEFAULT_PASSWORD"
+
 
 def _xml(root: ET.Element) -> bytes:
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+def default_user(settings: StackSettings) -> ET.Element:
+    """The packaged users.xml gives `default` an empty password from ::/0: here a password, and only the VPC.
+    `replace` drops the packaged children instead of merging with them (an <ip>::/0</ip> would stay)."""
+    root = ET.Element("clickhouse")
+    default = ET.SubElement(ET.SubElement(root, "users"), "default")
+    ET.SubElement(default, "password", {"from_env": DEFAULT_PASSWORD_ENV, "replace": "replace"})
+    networks = ET.SubElement(default, "networks", {"replace": "replace"})
+    ET.SubElement(networks, "ip").text = settings.vpc_cidr
+    return root
 
 
 def render_clickhouse(settings: StackSettings, topology: Topology) -> dict[str, bytes]:
@@ -35,4 +51,5 @@ def render_clickhouse(settings: StackSettings, topology: Topology) -> dict[str, 
     return {
         "clickhouse/config.d/prometheus.xml": _xml(prometheus),
         "clickhouse/config.d/network.xml": _xml(network),
+        "clickhouse/users.d/default.xml": _xml(default_user(settings)),
     }

@@ -4,7 +4,12 @@ Dashboards are built with grafana-foundation-sdk (typed builders, no hand-writte
 "Database Overview" and "Application Overview" with the requirements document's panels (queries
 corrected like the alert rules: aggregated ratios, metrics that exist), and "SLOs & Error Budget"
 built from the SLO catalog. Pure: settings + topology in, bytes out. Grafana's admin password is
-not here: the service reads it from GF_SECURITY_ADMIN_PASSWORD__FILE at run time.
+not here: the service reads it from GF_SECURITY_ADMIN_PASSWORD at run time (its EnvironmentFile, from SSM).
+
+grafana.ini serves HTTPS with the host's identity (infra/pki.py). The data sources reach Prometheus and
+Alertmanager over https, verifying them against the stack's CA, with the monitoring credential
+(infra/render/webconfig.py); both secrets are `$__file{...}` references that Grafana expands when it reads the
+provisioning file, so the rendered file holds neither.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
+from infra import pki
 from infra.render.prometheus import cluster_name
+from infra.render.webconfig import MONITORING_USER, password_path
 from infra.settings import StackSettings
 from infra.slo import ERROR_BUDGET_POLICY, SLO, SLOS
 from infra.topology import Paths, Ports, Topology
@@ -202,8 +209,40 @@ def dashboard_queries(document: dict) -> list[str]:
     return [target["expr"] for panel in panels for target in panel.get("targets", []) if target.get("expr")]
 
 
+# Grafana expands `$__file{PATH}` in provisioning files to the file's content at start (provisioning docs).
+def _file_reference(path: str) -> str:
+    return f"$__file{{{path}}}"
+
+
+def _monitoring_client() -> tuple[dict, dict]:
+    """(jsonData, secureJsonData) of a data source on the monitoring API: basic auth, the stack's CA."""
+    json_data = {"tlsAuthWithCACert": True, "tlsAuth": False, "tlsSkipVerify": False}
+    secure = {"basicAuthPassword": _file_reference(password_path()), "tlsCACert": _file_reference(pki.ca_path())}
+    return json_data, secure
+
+
+def grafana_ini() -> bytes:
+    """Only what differs from Grafana's defaults.ini: HTTPS with the host's key and certificate, secure cookies."""
+    lines = [
+        "[server]",
+        "protocol = https",
+        f"http_port = {Ports.GRAFANA}",
+        f"cert_file = {pki.cert_path()}",
+        f"cert_key = {pki.key_path()}",
+        "min_tls_version = TLS1.2",
+        "",
+        "[security]",
+        "admin_user = admin",
+        "; admin_password: GF_SECURITY_ADMIN_PASSWORD, from its EnvironmentFile (SSM)",
+        "cookie_secure = true",
+        "",
+    ]
+    return "\n".join(lines).encode()
+
+
 def render_grafana(settings: StackSettings, topology: Topology) -> dict[str, bytes]:
     prometheus_hosts = topology.monitoring
+    client_json, client_secure = _monitoring_client()
     datasources = {
         "apiVersion": 1,
         "datasources": [
@@ -213,19 +252,25 @@ def render_grafana(settings: StackSettings, topology: Topology) -> dict[str, byt
                 "uid": PROMETHEUS_UID,
                 "access": "proxy",
                 # The first replica; both hold the same data (same config, same targets).
-                "url": f"http://{prometheus_hosts[0].fqdn}:{Ports.PROMETHEUS}",
+                "url": f"https://{prometheus_hosts[0].fqdn}:{Ports.PROMETHEUS}",
                 "isDefault": True,
                 "editable": False,
-                "jsonData": {"timeInterval": settings.monitoring.prometheus.scrape_interval},
+                "basicAuth": True,
+                "basicAuthUser": MONITORING_USER,
+                "jsonData": {"timeInterval": settings.monitoring.prometheus.scrape_interval, **client_json},
+                "secureJsonData": client_secure,
             },
             {
                 "name": "Alertmanager",
                 "type": "alertmanager",
                 "uid": ALERTMANAGER_UID,
                 "access": "proxy",
-                "url": f"http://{prometheus_hosts[0].fqdn}:{Ports.ALERTMANAGER}",
+                "url": f"https://{prometheus_hosts[0].fqdn}:{Ports.ALERTMANAGER}",
                 "editable": False,
-                "jsonData": {"implementation": "prometheus", "handleGrafanaManagedAlerts": False},
+                "basicAuth": True,
+                "basicAuthUser": MONITORING_USER,
+                "jsonData": {"implementation": "prometheus", "handleGrafanaManagedAlerts": False, **client_json},
+                "secureJsonData": client_secure,
             },
         ],
     }
@@ -243,6 +288,7 @@ def render_grafana(settings: StackSettings, topology: Topology) -> dict[str, byt
         ],
     }
     files = {
+        "grafana/grafana.ini": grafana_ini(),
         "grafana/provisioning/datasources/datasources.yml": yaml.safe_dump(datasources, sort_keys=False).encode(),
         "grafana/provisioning/dashboards/dashboards.yml": yaml.safe_dump(providers, sort_keys=False).encode(),
     }

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from infra import pki
+from infra.render.webconfig import client_http_config, server_flags
 from infra.settings import StackSettings
 from infra.slo import BURN_RATE_ALERTS, BURN_RATE_WINDOWS, SLIS, SLO, SLOS
 from infra.topology import Host, Paths, Ports, Topology
@@ -611,9 +613,12 @@ def _static(hosts: tuple[Host, ...], port: int, **labels: str) -> list[dict]:
 def scrape_configs(topology: Topology) -> list[dict]:
     fast = {"scrape_interval": FAST_SCRAPE_INTERVAL}
     jobs: list[dict] = [
-        {"job_name": "prometheus", "static_configs": _static(topology.monitoring, Ports.PROMETHEUS)},
-        {"job_name": "alertmanager", "static_configs": _static(topology.monitoring, Ports.ALERTMANAGER)},
-        {"job_name": "grafana", "static_configs": _static(topology.grafana, Ports.GRAFANA)},
+        # The monitoring endpoints: https with the monitoring credential (Grafana's /metrics takes none).
+        {"job_name": "prometheus", **client_http_config(), "static_configs": _static(topology.monitoring, Ports.PROMETHEUS)},
+        {"job_name": "alertmanager", **client_http_config(),
+         "static_configs": _static(topology.monitoring, Ports.ALERTMANAGER)},
+        {"job_name": "grafana", "scheme": "https", "tls_config": {"ca_file": pki.ca_path()},
+         "static_configs": _static(topology.grafana, Ports.GRAFANA)},
         {"job_name": "node", "static_configs": _static(topology.hosts, Ports.NODE_EXPORTER)},
         {"job_name": "postgres", **fast, "static_configs": _static(topology.postgres, Ports.POSTGRES_EXPORTER)},
         {"job_name": "patroni", **fast, "static_configs": _static(topology.postgres, Ports.PATRONI_API)},
@@ -658,7 +663,8 @@ def prometheus_config(settings: StackSettings, topology: Topology) -> dict:
         "rule_files": [f"{Paths.PROMETHEUS_RULES_DIR}/*.yml"],
         "alerting": {
             "alertmanagers": [
-                {"static_configs": [{"targets": [f"{h.fqdn}:{Ports.ALERTMANAGER}" for h in topology.monitoring]}]}
+                {**client_http_config(),
+                 "static_configs": [{"targets": [f"{h.fqdn}:{Ports.ALERTMANAGER}" for h in topology.monitoring]}]}
             ]
         },
         "scrape_configs": scrape_configs(topology),
@@ -681,4 +687,5 @@ def prometheus_args(settings: StackSettings) -> tuple[str, ...]:
         f"--storage.tsdb.retention.time={prom.retention_time}",
         f"--storage.tsdb.retention.size={prom.retention_size}",
         f"--web.listen-address=0.0.0.0:{Ports.PROMETHEUS}",
+        *server_flags(),
     )

@@ -208,6 +208,15 @@ def _parameter_key(parameter: str) -> str:
     return parameter.split("/", 3)[3] if parameter.startswith("/betting/") else parameter
 
 
+def monitoring_web_config(password: str) -> str:
+    """The web config for `password`, as the Monitoring component renders it from RandomPassword's bcrypt_hash."""
+    import bcrypt
+
+    from infra.render.webconfig import web_config
+
+    return web_config(bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=10)).decode())
+
+
 class SecretStore:
     """The sandbox's stand-in for SSM SecureString parameters: generated once, kept in its secrets dir."""
 
@@ -254,9 +263,18 @@ class SecretStore:
                     cert, key = signed_identity(*self._ca(), common_name=host)
                     self._write(f"hosts/{host}/tls_key", key)
                     self._write(f"hosts/{host}/tls_cert", cert)
+                elif name == SecretNames.MONITORING_WEB_CONFIG:  # pulumi-random's bcrypt_hash, rendered likewise
+                    self._write(name, monitoring_web_config(self._generated(SecretNames.MONITORING_PASSWORD)))
                 else:
-                    self._write(name, self.placeholders.get(name, secrets.token_urlsafe(24)))
+                    self._generated(name)
             return path.read_text().rstrip("\n")
+
+    def _generated(self, name: str) -> str:
+        """A plain secret: its placeholder, else a random value; generated once (the caller holds the lock)."""
+        path = self.folder / name
+        if not path.exists():
+            self._write(name, self.placeholders.get(name, secrets.token_urlsafe(24)))
+        return path.read_text().rstrip("\n")
 
     def ca_file(self) -> Path:
         """The CA certificate, for clients on this machine (tests, health checks) verifying the sandbox's hosts."""

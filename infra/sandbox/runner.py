@@ -161,16 +161,22 @@ class Sandbox:
     def secret(self, name: str) -> str:
         return (self.layout.secrets_dir / name).read_text().strip()
 
+    def ca_file(self) -> Path:
+        """The sandbox CA's certificate: what a client on this machine verifies the hosts' TLS endpoints with."""
+        return SecretStore(self.layout.secrets_dir, PLACEHOLDER_SECRETS).ca_file()
+
+    def monitoring_session(self) -> requests.Session:
+        """A client of the sandbox's Prometheus and Alertmanager: https with the CA, the monitoring credential."""
+        from scripts.monitoring_client import session
+
+        return session(self.ca_file(), self.secret(SecretNames.MONITORING_PASSWORD))
+
     # ---- endpoints used by tests, scripts and the bench --------------------------------
     def node(self, name: str) -> Host:
         return next(h for h in self.topology.postgres if h.name == name)
 
     def patroni_url(self, node: Host) -> str:
         return f"http://{m.LOOPBACK}:{self.layout.patroni(node)}"
-
-    def ca_file(self) -> Path:
-        """The sandbox's CA certificate (the stack output ca_certificate on AWS), for clients on this machine."""
-        return SecretStore(self.layout.secrets_dir, PLACEHOLDER_SECRETS).ca_file()
 
     def client_tls(self) -> dict[str, str]:
         """libpq's TLS settings for a client of the sandbox's PostgreSQL or PgBouncer: what a client on AWS uses,
@@ -246,9 +252,9 @@ class Sandbox:
             optional[process_name(host.name, "prometheus-redis-exporter")] = (
                 f"redis_exporter {host.name}", f"http://{m.LOOPBACK}:{layout.redis_exporter(host)}/metrics")
             optional[process_name(host.name, "prometheus")] = (f"prometheus {host.name}",
-                                                               f"http://{m.LOOPBACK}:{layout.prometheus(host)}")
+                                                               f"https://{m.LOOPBACK}:{layout.prometheus(host)}")
             optional[process_name(host.name, "prometheus-alertmanager")] = (
-                f"alertmanager {host.name}", f"http://{m.LOOPBACK}:{layout.alertmanager(host)}")
+                f"alertmanager {host.name}", f"https://{m.LOOPBACK}:{layout.alertmanager(host)}")
         for host in self.hosts():
             optional[process_name(host.name, "prometheus-node-exporter")] = (
                 f"node_exporter {host.name}", f"http://{m.LOOPBACK}:{layout.node_exporter(host, topology)}/metrics")

@@ -2,8 +2,11 @@
 
 Only hosts, ports and paths are mapped (targets to a local test exporter, secrets to a temporary
 folder, receivers' URLs to a local webhook); routing, inhibition, rules and their `for` stay as
-rendered. Intervals are mapped only when a caller asks (the live test does, to stay short; the
-benchmark does not). Used by tests/monitoring/test_live.py and bench/alert_latency.py.
+rendered. Both serve TLS and basic auth from the web config the Monitoring component renders
+(infra/render/webconfig.py), with a CA and a 127.0.0.1 certificate made as the sandbox makes its own
+(infra/sandbox/platform.py); `Stack.client` is a session with that CA and the credential.
+Intervals are mapped only when a caller asks (the live test does, to stay short; the benchmark does not).
+Used by tests/monitoring/test_live.py and bench/alert_latency.py.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from pathlib import Path
 import requests
 import yaml
 
-from infra.topology import Paths
+from infra import pki
+from infra.sandbox.platform import ca_identity, monitoring_web_config, signed_identity
+from infra.topology import Paths, SecretNames
 from tests.ports import port
 
 PORT_RANGE = (port(29000), port(29999))  # this part's share of loopback ports
@@ -193,13 +198,16 @@ def map_prometheus(
     alertmanager: str,
     targets: dict[str, list[tuple[str, str]]],
     intervals: dict[str, str] | None = None,
+    secrets_dir: Path | None = None,
 ) -> dict:
     """Rule files, the Alertmanager and the scrape targets to loopback; `targets` maps a job to
-    (address, instance) pairs; jobs not in it are dropped. Per-job scrape intervals are kept."""
-    config = dict(config)
+    (address, instance) pairs; jobs not in it are dropped. Per-job scrape intervals are kept, and so are
+    the jobs' and the alerting's scheme, CA and credential (their files to `secrets_dir`)."""
+    config = _map_secret_paths(dict(config), secrets_dir) if secrets_dir is not None else dict(config)
     config["global"] = {**config["global"], **(intervals or {})}
     config["rule_files"] = [str(rules_dir / "*.yml")]
-    config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
+    rendered_alerting = {k: v for k, v in config["alerting"]["alertmanagers"][0].items() if k != "static_configs"}
+    config["alerting"] = {"alertmanagers": [{**rendered_alerting, "static_configs": [{"targets": [alertmanager]}]}]}
     jobs = []
     for job in config["scrape_configs"]:
         if job["job_name"] in targets:
@@ -249,6 +257,10 @@ class Stack:
     alertmanager_url: str
     processes: list[subprocess.Popen] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
+    # The stack's CA and the monitoring credential: what every client of its API needs.
+    client: requests.Session = field(default_factory=requests.Session)
+    ca_file: Path | None = None
+    web_config: Path | None = None
 
     def stop(self) -> None:
         for process in self.processes:
@@ -265,13 +277,30 @@ class Stack:
         return "\n".join(tails)
 
 
-def wait_ready(url: str, process: subprocess.Popen, timeout: float = 20) -> None:
+def write_tls(secrets_dir: Path) -> requests.Session:
+    """The files a monitoring host has in its secrets folder (a CA, this host's key and certificate for 127.0.0.1,
+    the monitoring password, the web config with its hash), and a client session trusting that CA with it."""
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    ca_cert, ca_key = ca_identity("monitoring test CA")
+    cert, key = signed_identity(ca_cert, ca_key, "monitoring-1")
+    password = random.randbytes(18).hex()
+    for name, content in ((pki.CA_CERT, ca_cert), (pki.HOST_CERT, cert), (pki.HOST_KEY, key),
+                          (SecretNames.MONITORING_PASSWORD, password),
+                          (SecretNames.MONITORING_WEB_CONFIG, monitoring_web_config(password))):
+        (secrets_dir / name).write_text(content.rstrip("\n") + "\n")
+        (secrets_dir / name).chmod(0o600)
+    from scripts.monitoring_client import session
+
+    return session(secrets_dir / pki.CA_CERT, password)
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 20, client: requests.Session | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
         try:
-            if requests.get(f"{url}/-/ready", timeout=1).status_code == 200:
+            if (client or requests).get(f"{url}/-/ready", timeout=1).status_code == 200:
                 return
         except requests.ConnectionError:
             pass
@@ -287,9 +316,13 @@ def start_stack(
     intervals: dict[str, str] | None = None,
     prometheus_bin: str = "prometheus",
     alertmanager_bin: str = "prometheus-alertmanager",
+    self_scrape: bool = False,
 ) -> Stack:
-    """Write the mapped files under `workdir` and start Alertmanager, then Prometheus, on loopback."""
+    """Write the mapped files under `workdir` and start Alertmanager, then Prometheus, on loopback.
+    `self_scrape`: the jobs prometheus and alertmanager scrape this stack's two daemons (as monitoring-1)."""
     workdir.mkdir(parents=True, exist_ok=True)
+    secrets_dir = workdir / "secrets"
+    client = write_tls(secrets_dir)
     rules_dir = workdir / "rules"
     rules_dir.mkdir(exist_ok=True)
     for path, content in files.items():
@@ -297,45 +330,51 @@ def start_stack(
             (rules_dir / Path(path).name).write_bytes(content)
 
     am_port, prom_port = free_port(), free_port()
-    am_config = map_alertmanager(yaml.safe_load(files["alertmanager/alertmanager.yml"]), workdir / "secrets", webhook)
+    am_config = map_alertmanager(yaml.safe_load(files["alertmanager/alertmanager.yml"]), secrets_dir, webhook)
     (workdir / "alertmanager.yml").write_text(yaml.safe_dump(am_config, sort_keys=False))
+    if self_scrape:
+        targets = {**targets, "prometheus": [(f"127.0.0.1:{prom_port}", "monitoring-1")],
+                   "alertmanager": [(f"127.0.0.1:{am_port}", "monitoring-1")]}
     prom_config = map_prometheus(
-        yaml.safe_load(files["prometheus/prometheus.yml"]), rules_dir, f"127.0.0.1:{am_port}", targets, intervals
+        yaml.safe_load(files["prometheus/prometheus.yml"]), rules_dir, f"127.0.0.1:{am_port}", targets, intervals,
+        secrets_dir,
     )
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(prom_config, sort_keys=False))
 
-    stack = Stack(f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{am_port}")
+    web_config = secrets_dir / SecretNames.MONITORING_WEB_CONFIG
+    stack = Stack(f"https://127.0.0.1:{prom_port}", f"https://127.0.0.1:{am_port}", client=client,
+                  ca_file=secrets_dir / pki.CA_CERT, web_config=web_config)
     am_log, prom_log = workdir / "alertmanager.log", workdir / "prometheus.log"
     stack.logs = [am_log, prom_log]
     try:
         stack.processes.append(subprocess.Popen(
             [alertmanager_bin, f"--config.file={workdir / 'alertmanager.yml'}", f"--storage.path={workdir / 'am-data'}",
-             f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address="],
+             f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address=", f"--web.config.file={web_config}"],
             stdout=am_log.open("w"), stderr=subprocess.STDOUT,
         ))
-        wait_ready(stack.alertmanager_url, stack.processes[-1])
+        wait_ready(stack.alertmanager_url, stack.processes[-1], client=client)
         stack.processes.append(subprocess.Popen(
             [prometheus_bin, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"],
+             f"--web.listen-address=127.0.0.1:{prom_port}", f"--web.config.file={web_config}"],
             stdout=prom_log.open("w"), stderr=subprocess.STDOUT,
         ))
-        wait_ready(stack.prometheus_url, stack.processes[-1])
+        wait_ready(stack.prometheus_url, stack.processes[-1], client=client)
     except Exception:
         stack.stop()
         raise
     return stack
 
 
-def query(prometheus_url: str, expr: str) -> dict:
-    response = requests.get(f"{prometheus_url}/api/v1/query", params={"query": expr}, timeout=10)
+def query(prometheus_url: str, expr: str, client: requests.Session | None = None) -> dict:
+    response = (client or requests).get(f"{prometheus_url}/api/v1/query", params={"query": expr}, timeout=10)
     return response.json()
 
 
-def wait_scraped(prometheus_url: str, expr: str, timeout: float = 30) -> list:
-    """Wait until `expr` returns samples (for example `pg_up == 1`)."""
+def wait_scraped(prometheus_url: str, expr: str, timeout: float = 30, client: requests.Session | None = None) -> list:
+    """Wait until `expr` returns samples (for example `pg_up == 1`); `client`: a Stack's (TLS and credential)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        result = query(prometheus_url, expr)
+        result = query(prometheus_url, expr, client)
         if result.get("status") == "success" and result["data"]["result"]:
             return result["data"]["result"]
         time.sleep(0.2)

@@ -72,12 +72,12 @@ def _as_postgres(*command: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(wrapped, capture_output=True, text=True, check=True, **kwargs)
 
 
-def _scrape(url: str, timeout: float = 20, must_have: str = "") -> set[str]:
+def _scrape(url: str, timeout: float = 20, must_have: str = "", client: requests.Session | None = None) -> set[str]:
     deadline = time.monotonic() + timeout
     names: set[str] = set()
     while time.monotonic() < deadline:
         try:
-            text = requests.get(url, timeout=5).text
+            text = (client or requests).get(url, timeout=5).text
             names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
             if not must_have or must_have in names:
                 return names
@@ -291,8 +291,8 @@ def exported(tmp_path_factory):
             "redis": _scrape(f"http://127.0.0.1:{redis_exporter_port}/metrics", 20, "redis_up"),
             "node": _scrape(f"http://127.0.0.1:{node_port}/metrics", 20, "backup_last_success_timestamp"),
             "etcd": _scrape(f"http://127.0.0.1:{etcd_client}/metrics", 20, "etcd_server_has_leader"),
-            "prometheus": _scrape(f"{stack.prometheus_url}/metrics", 20, "prometheus_notifications_sent_total"),
-            "alertmanager": _scrape(f"{stack.alertmanager_url}/metrics", 20),
+            "prometheus": _scrape(f"{stack.prometheus_url}/metrics", 20, "prometheus_notifications_sent_total", stack.client),
+            "alertmanager": _scrape(f"{stack.alertmanager_url}/metrics", 20, client=stack.client),
             "patroni": set(re.findall(r'"(patroni_[a-z_]+)', PATRONI_API_SOURCE.read_text())),
             "pgbouncer": _scrape(f"http://127.0.0.1:{pgbouncer_exporter_port}/metrics", 20,
                                  "pgbouncer_pools_client_maxwait_seconds"),

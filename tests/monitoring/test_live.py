@@ -12,7 +12,6 @@ import json
 import time
 
 import pytest
-import requests
 
 from infra.render.grafana import dashboard_queries
 from infra.settings import load_settings
@@ -50,12 +49,12 @@ def live(tmp_path_factory):
 
 def test_every_dashboard_query_is_accepted(live):
     stack = live["stack"]
-    wait_scraped(stack.prometheus_url, 'up{job="postgres"}')
+    wait_scraped(stack.prometheus_url, 'up{job="postgres"}', client=stack.client)
     checked = 0
     for path, content in live["files"].items():
         if path.startswith("grafana/dashboards/"):
             for expr in dashboard_queries(json.loads(content)):
-                answer = query(stack.prometheus_url, expr)
+                answer = query(stack.prometheus_url, expr, stack.client)
                 assert answer.get("status") == "success", f"{path}: {expr}: {answer}"
                 checked += 1
     assert checked >= 40
@@ -65,7 +64,7 @@ def test_inhibition_and_routes_through_the_live_alertmanager(live):
     """Synthetic alerts (scripts/alert_test.py): each reaches its receivers; the warning twin of a
     firing critical with the same alertname and instance is suppressed and never delivered."""
     stack, webhook = live["stack"], live["webhook"]
-    test_id, results = alert_test.run(stack.alertmanager_url, wait=5)
+    test_id, results = alert_test.run(stack.alertmanager_url, wait=5, client=stack.client)
     assert all(r.ok for r in results), alert_test.table(results)
     # Delivered through the expected routes (group_wait 10 s).
     assert webhook.wait_for(lambda n: n.path == "/slack-warnings" and mentions(n, "AlertTestWarning"), 30), "warning lost"
@@ -89,14 +88,14 @@ def test_breaching_metric_pages_through_the_critical_routes(live):
     assert not [n for n in webhook.received if n.path in ("/slack-warnings", "/default") and mentions(n, "PostgreSQLDown")]
     # The Watchdog reached the dead-man receiver, and nothing else.
     assert webhook.wait_for(lambda n: n.path == "/deadman" and mentions(n, "Watchdog"), 15)
-    alerts = requests.get(f"{stack.prometheus_url}/api/v1/alerts", timeout=5).json()["data"]["alerts"]
+    alerts = stack.client.get(f"{stack.prometheus_url}/api/v1/alerts", timeout=5).json()["data"]["alerts"]
     down = [a for a in alerts if a["labels"]["alertname"] == "PostgreSQLDown"]
     assert down and down[0]["labels"]["instance"] == "pg-1" and down[0]["state"] == "firing"
 
 
 def test_rules_evaluate_without_errors(live):
     stack = live["stack"]
-    groups = requests.get(f"{stack.prometheus_url}/api/v1/rules", timeout=5).json()["data"]["groups"]
+    groups = stack.client.get(f"{stack.prometheus_url}/api/v1/rules", timeout=5).json()["data"]["groups"]
     assert len(groups) >= 8
     errors = [(g["name"], r["name"], r.get("lastError")) for g in groups for r in g["rules"] if r.get("health") == "err"]
     assert not errors, errors

@@ -326,7 +326,7 @@ def test_an_unreachable_repository_pages_on_wal_archiving_and_fails_the_backup_n
                         prometheus_bin=binary("prometheus"), alertmanager_bin=binary("prometheus-alertmanager"))
     cluster.endpoint.stop()
     try:
-        wait_scraped(stack.prometheus_url, f'pg_stat_archiver_archived_count{{instance="{leader.name}"}}')
+        wait_scraped(stack.prometheus_url, f'pg_stat_archiver_archived_count{{instance="{leader.name}"}}', client=stack.client)
         cluster.sql("CREATE TABLE IF NOT EXISTS archive_probe (note text)")
         cluster.sql("INSERT INTO archive_probe VALUES ('written while the repository is down')")
         pending = cluster.switch_wal()
