@@ -18,7 +18,7 @@ from infra.components.network import Network, NetworkArgs
 from infra.components.patroni import PatroniCluster, PatroniClusterArgs
 from infra.components.pki import CertificateAuthority, CertificateAuthorityArgs
 from infra.components.redis import RedisCache, RedisCacheArgs
-from infra.components.rollout import Rollout, RolloutArgs
+from infra.components.rollout import Rollout, RolloutArgs, secrets_revision
 from infra.hosts import host_specs
 from infra.platforms.aws import AwsContext
 from infra.platforms.kms import cloudwatch_logs_statement, key_policy
@@ -31,6 +31,13 @@ DEBIAN_ACCOUNT = "136693071363"  # publishes the official Debian AMIs
 def stack_config() -> dict[str, Any]:
     """The stack's config as the engine hands it to the program (env for `pulumi up`, set_all_config for mocks)."""
     return {**get_config_env(), **CONFIG.get()}
+
+
+def secret_revision(spec, parameters: dict[str, aws.ssm.Parameter]) -> pulumi.Output[str]:
+    """secrets_revision of what `spec`'s host reads: every secret the program made that its bundle names."""
+    names = [name for name in spec.secret_names if name in parameters]
+    return pulumi.Output.all(*(parameters[name].version for name in names)).apply(
+        lambda versions: secrets_revision(dict(zip(names, versions, strict=True))))
 
 
 def run() -> None:
@@ -75,8 +82,9 @@ def run() -> None:
                                                          account_id=account_id))
     bundles = HostBundles("bundles", HostBundlesArgs(settings=settings, topology=topology, specs=specs,
                                                    key_arn=data_key.arn, tags=tags))
+    secret_parameters: dict[str, aws.ssm.Parameter] = {}  # every component's, by name (rollout revisions)
     authority = CertificateAuthority("pki", CertificateAuthorityArgs(
-        environment=settings.environment, topology=topology, key_arn=data_key.arn))
+        environment=settings.environment, topology=topology, key_arn=data_key.arn, registry=secret_parameters))
     # A host boots once its bundle is published and the secrets it reads exist.
     boot_dependencies = {host: [*bundles.published.get(host, []), *authority.parameters.get(host, [])]
                          for host in {s.host.name for s in specs}}
@@ -99,6 +107,7 @@ def run() -> None:
         data_key_arn=data_key.arn,
         bundle_bucket=topology.bundle_bucket,
         boot_dependencies=boot_dependencies,
+        secret_parameters=secret_parameters,
         roll_host=settings.roll_host,
         bucket_key_arns={topology.backup_bucket: backups.key.arn, topology.audit_bucket: backups.key.arn},
         protect_data=protect,
@@ -129,7 +138,7 @@ def run() -> None:
                       for spec, host in zip(by_role[role], instances[role], strict=True)] for role in instances},
         published=[r for resources in bundles.published.values() for r in resources],
         tags=tags,
-        secret_revisions=authority.revisions,
+        secret_revisions={spec.host.name: secret_revision(spec, secret_parameters) for spec in specs},
     ))
 
     pulumi.export("environment", settings.environment)

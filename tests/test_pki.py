@@ -16,8 +16,7 @@ import subprocess
 import pytest
 
 from infra import pki
-from infra.components.pki import secrets_revision
-from infra.components.rollout import SECRETS_PATTERN, secrets_parameter
+from infra.components.rollout import SECRETS_PATTERN, secrets_parameter, secrets_revision
 from infra.hostagent import agent
 from infra.sandbox.platform import SecretStore
 from infra.settings import load_settings
@@ -82,8 +81,9 @@ def test_the_stack_exports_the_ca_certificate():
 def test_a_renewal_changes_the_rollout_parameter_and_nothing_else():
     """A renewed certificate is a new parameter version: the role's `secrets` parameter changes, so State Manager
     runs the association again; the digests (the bundles) stay."""
-    before = [secrets_revision([1, 1, 1]), secrets_revision([1, 1, 1])]
-    after = [secrets_revision([1, 1, 1]), secrets_revision([1, 1, 2])]
+    pair = {"tls_ca_cert": 1, "hosts/pg-1/tls_key": 1, "hosts/pg-1/tls_cert": 1}
+    before = [secrets_revision(pair), secrets_revision(pair)]
+    after = [secrets_revision(pair), secrets_revision({**pair, "hosts/pg-1/tls_cert": 2})]
     assert secrets_parameter(before) != secrets_parameter(after)
     for association in of_type("prod", "ssm/association:Association"):
         parameters = association.props["parameters"]
@@ -146,3 +146,17 @@ def test_a_certificate_from_another_ca_does_not_verify(store, tmp_path):
     other = SecretStore(tmp_path / "elsewhere", {})
     (tmp_path / "foreign.crt").write_text(other.get("hosts/pg-1/tls_cert"))
     assert _openssl("verify", "-CAfile", str(store.ca_file()), str(tmp_path / "foreign.crt")).returncode != 0
+
+
+def test_every_secret_a_host_reads_is_made_by_the_program_so_its_version_reaches_the_rollout():
+    """secret_revision (infra/program.py) digests the versions of the parameters a host reads, as components register
+    them through create_secret_parameter: a secret made elsewhere would rotate without rolling. Under the mock engine
+    no version ever changes; that SSM gives a changed value a new version is AWS's documented behaviour."""
+    from infra.hosts import host_specs
+
+    settings = load_settings(stack_config("prod"), "prod")
+    made = {p.props["name"] for p in of_type("prod", "ssm/parameter:Parameter")}
+    for spec in host_specs(settings, build_topology(settings)):
+        for name in spec.secret_names:
+            assert f"/betting/prod/{name}" in made, (spec.host.name, name)
+    assert secrets_revision({"a": 1, "b": 2}) == secrets_revision({"b": 2, "a": 1}) != secrets_revision({"a": 1, "b": 3})

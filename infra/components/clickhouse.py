@@ -31,7 +31,7 @@ class ClickHouse(pulumi.ComponentResource):
         self.default_password = pulumi.Output.secret(password.result)
         parameter = create_secret_parameter(f"{name}-default-password-parameter", ctx.environment,
                                             SecretNames.CLICKHOUSE_DEFAULT_PASSWORD, self.default_password,
-                                            ctx.data_key_arn, self)
+                                            ctx.data_key_arn, self, registry=ctx.secret_parameters)
         self.hosts = [create_host(name, spec, ctx, self, boots_after=[parameter]) for spec in args.specs]
         self.register_outputs({
             "http_endpoints": [f"{spec.host.fqdn}:{Ports.CLICKHOUSE_HTTP}" for spec in args.specs],

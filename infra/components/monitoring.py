@@ -46,13 +46,13 @@ class Monitoring(pulumi.ComponentResource):
             *([(SecretNames.SMTP_AUTH_PASSWORD, args.smtp_auth_password)] if args.smtp_auth_password is not None else []),
         ):
             parameters.append(create_secret_parameter(f"{name}-{secret.replace('_', '-')}", ctx.environment, secret, value,
-                                                      ctx.data_key_arn, self))
+                                                      ctx.data_key_arn, self, registry=ctx.secret_parameters))
         grafana_password = random.RandomPassword(f"{name}-grafana-admin-password", length=32, special=False, opts=child)
         # Explicit: the provider's additional_secret_outputs is not honoured by every engine (the mock one ignores it).
         self.grafana_admin_password = pulumi.Output.secret(grafana_password.result)
         grafana_parameter = create_secret_parameter(f"{name}-grafana-admin-password-parameter", ctx.environment,
                                                     SecretNames.GRAFANA_ADMIN_PASSWORD, self.grafana_admin_password,
-                                                    ctx.data_key_arn, self)
+                                                    ctx.data_key_arn, self, registry=ctx.secret_parameters)
 
         # The monitoring API's credential: clients read the password, Prometheus and Alertmanager check its hash, which
         # reaches them inside the web config (a secret too: infra/render/webconfig.py renders it from the hash).
@@ -60,11 +60,12 @@ class Monitoring(pulumi.ComponentResource):
         self.monitoring_password = pulumi.Output.secret(monitoring_password.result)
         monitoring_parameters = [
             create_secret_parameter(f"{name}-monitoring-password-parameter", ctx.environment,
-                                    SecretNames.MONITORING_PASSWORD, self.monitoring_password, ctx.data_key_arn, self),
+                                    SecretNames.MONITORING_PASSWORD, self.monitoring_password, ctx.data_key_arn, self,
+                                    registry=ctx.secret_parameters),
             create_secret_parameter(f"{name}-monitoring-web-config-parameter", ctx.environment,
                                     SecretNames.MONITORING_WEB_CONFIG,
                                     pulumi.Output.secret(monitoring_password.bcrypt_hash).apply(web_config),
-                                    ctx.data_key_arn, self),
+                                    ctx.data_key_arn, self, registry=ctx.secret_parameters),
         ]
 
         self.prometheus = [create_host(name, spec, ctx, self, boots_after=parameters + monitoring_parameters)

@@ -89,7 +89,8 @@ class PatroniCluster(pulumi.ComponentResource):
             )
             parameters.append(create_secret_parameter(
                 f"{self._name}-{secret.replace('_', '-')}-parameter", self._args.settings.environment,
-                secret, pulumi.Output.secret(password.result), self._args.context.data_key_arn, self))
+                secret, pulumi.Output.secret(password.result), self._args.context.data_key_arn, self,
+                registry=self._args.context.secret_parameters))
             passwords[secret] = pulumi.Output.secret(password.result)
         return passwords, parameters
 
@@ -111,7 +112,8 @@ class PatroniCluster(pulumi.ComponentResource):
         )
         return [
             create_secret_parameter(f"{name}-{secret.replace('_', '-')}-parameter", args.settings.environment, secret,
-                                    pulumi.Output.secret(value), args.context.data_key_arn, self)
+                                    pulumi.Output.secret(value), args.context.data_key_arn, self,
+                                    registry=args.context.secret_parameters)
             for secret, value in ((SecretNames.PGBACKREST_TLS_KEY, key.private_key_pem),
                                   (SecretNames.PGBACKREST_TLS_CERT, certificate.cert_pem))
         ]

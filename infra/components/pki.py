@@ -2,14 +2,13 @@
 made with pulumi-tls and stored as SSM SecureString parameters that the hosts read like their other secrets.
 
 Renewal is a `pulumi up`: inside its early-renewal window a certificate is replaced, its parameter takes the new
-value (a new parameter version), and the rollout, whose association carries each role's secret versions, runs the
-agent on that role's hosts one at a time; the agent rewrites the files and reloads the daemons that serve them.
+value (a new parameter version), and the rollout, whose association carries the versions of every secret its role's
+hosts read (infra/components/rollout.py), runs the agent on that role's hosts one at a time; the agent rewrites the
+files and reloads the daemons that serve them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 import pulumi
@@ -28,17 +27,12 @@ class CertificateAuthorityArgs:
     environment: str
     topology: Topology
     key_arn: pulumi.Input[str]  # encrypts the parameters (the data key)
-
-
-def secrets_revision(versions: list[int | None]) -> str:
-    """One hex digest of a host's secret parameter versions: what a renewal changes in the rollout."""
-    return hashlib.sha256(json.dumps([v or 0 for v in versions]).encode()).hexdigest()
+    registry: dict[str, aws.ssm.Parameter]  # AwsContext.secret_parameters: the rollout reads their versions
 
 
 class CertificateAuthority(pulumi.ComponentResource):
     ca_certificate: pulumi.Output[str]
     parameters: dict[str, list[aws.ssm.Parameter]]  # host -> the parameters it reads (CA certificate, own pair)
-    revisions: dict[str, pulumi.Output[str]]  # host -> secrets_revision of those parameters
 
     def __init__(self, name: str, args: CertificateAuthorityArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("betting:security:CertificateAuthority", name, None, opts)
@@ -59,11 +53,11 @@ class CertificateAuthority(pulumi.ComponentResource):
 
         def parameter(suffix: str, secret: str, value: pulumi.Input[str]) -> aws.ssm.Parameter:
             return create_secret_parameter(f"{name}-{suffix}-parameter", args.environment, secret, pulumi.Output.secret(value),
-                                           args.key_arn, self)
+                                           args.key_arn, self, registry=args.registry)
 
         ca_parameter = parameter("ca-cert", pki.CA_CERT_PARAMETER, ca_cert.cert_pem)
         parameter("ca-key", pki.CA_KEY_PARAMETER, ca_key.private_key_pem)  # no host reads it: the next `pulumi up` does
-        self.parameters, self.revisions = {}, {}
+        self.parameters = {}
         for ident in pki.identities(args.topology):
             host = ident.host.name
             key = tls.PrivateKey(f"{name}-{host}-key", **ALGORITHM, opts=child)
@@ -87,6 +81,5 @@ class CertificateAuthority(pulumi.ComponentResource):
             own = [parameter(f"{host}-key", ident.key_parameter, key.private_key_pem),
                    parameter(f"{host}-cert", ident.cert_parameter, cert.cert_pem)]
             self.parameters[host] = [ca_parameter, *own]
-            self.revisions[host] = pulumi.Output.all(*(p.version for p in self.parameters[host])).apply(secrets_revision)
 
         self.register_outputs({"ca_certificate": self.ca_certificate})

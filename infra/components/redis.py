@@ -38,7 +38,7 @@ class RedisCache(pulumi.ComponentResource):
             opts=child,
         )
         create_secret_parameter(f"{name}-auth-token-parameter", ctx.environment, SecretNames.REDIS_AUTH_TOKEN,
-                                pulumi.Output.secret(token.result), ctx.data_key_arn, self)
+                                pulumi.Output.secret(token.result), ctx.data_key_arn, self, registry=ctx.secret_parameters)
         subnets = aws.elasticache.SubnetGroup(
             f"{name}-subnets",
             subnet_ids=list(ctx.subnet_ids.values()),

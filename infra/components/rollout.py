@@ -56,8 +56,13 @@ def digests_parameter(digests: dict[str, str]) -> str:
     return json.dumps(dict(sorted(digests.items())))
 
 
+def secrets_revision(versions: dict[str, int | None]) -> str:
+    """One digest of a host's secret parameters' versions, by name: what a rotated secret changes in the rollout."""
+    return hashlib.sha256(json.dumps({k: v or 0 for k, v in sorted(versions.items())}).encode()).hexdigest()
+
+
 def secrets_parameter(revisions: list[str]) -> str:
-    """One digest of the role's hosts' secret revisions (infra/components/pki.py secrets_revision), in host order."""
+    """One digest of the role's hosts' secrets revisions (secrets_revision), in host order."""
     return hashlib.sha256(json.dumps(revisions).encode()).hexdigest()
 
 
@@ -68,7 +73,7 @@ class RolloutArgs:
     hosts: dict[str, list[tuple[str, pulumi.Input[str], str]]]
     published: list[pulumi.Resource]  # the bundle objects and digest parameters the hosts fetch
     tags: dict[str, str]
-    # host -> the revision of the secrets it reads that can change without a bundle (its TLS pair); none: ""
+    # host -> secrets_revision of every secret it reads (they change without a bundle: a renewal, a rotation)
     secret_revisions: dict[str, pulumi.Input[str]] = field(default_factory=dict)
 
 

@@ -61,6 +61,9 @@ class AwsContext:
     data_key_arn: pulumi.Input[str]  # encrypts volumes and SSM SecureStrings
     bundle_bucket: str = ""  # the hosts' bundles: bundles/<host>/<sha256>.json, SSE-KMS with data_key_arn
     boot_dependencies: dict[str, list[pulumi.Resource]] = field(default_factory=dict)  # host -> its published bundle
+    # Every secret parameter the program makes, by its name under /betting/<env>/ (create_secret_parameter adds each):
+    # a host's rollout carries the versions of those it reads, so a rotated secret re-runs its association.
+    secret_parameters: dict[str, aws.ssm.Parameter] = field(default_factory=dict)
     roll_host: str = ""  # `infra roll`: this host's image and stub may change in this update
     bucket_key_arns: dict[str, pulumi.Input[str]] = field(default_factory=dict)  # bucket name -> its KMS key
     protect_data: bool = False  # prod: data volumes and stateful instances are protected
@@ -220,9 +223,11 @@ def create_host(prefix: str, spec: HostSpec, ctx: AwsContext, parent: pulumi.Res
 
 
 def create_secret_parameter(resource_name: str, environment: str, secret_name: str, value: pulumi.Input[str],
-                            key_arn: pulumi.Input[str], parent: pulumi.Resource) -> aws.ssm.Parameter:
-    """A secret as an SSM SecureString under /betting/<env>/<name>, read by hosts at boot."""
-    return aws.ssm.Parameter(
+                            key_arn: pulumi.Input[str], parent: pulumi.Resource,
+                            registry: dict[str, aws.ssm.Parameter] | None = None) -> aws.ssm.Parameter:
+    """A secret as an SSM SecureString under /betting/<env>/<name>, read by hosts at boot; kept in `registry`
+    (AwsContext.secret_parameters) for the rollout."""
+    parameter = aws.ssm.Parameter(
         resource_name,
         name=ssm_parameter_name(environment, secret_name),
         type="SecureString",
@@ -230,6 +235,9 @@ def create_secret_parameter(resource_name: str, environment: str, secret_name: s
         value=pulumi.Output.secret(value),
         opts=pulumi.ResourceOptions(parent=parent),
     )
+    if registry is not None:
+        registry[secret_name] = parameter
+    return parameter
 
 
 @dataclass
