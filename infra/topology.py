@@ -182,6 +182,9 @@ class SecretNames:
     # pgBackRest's TLS identity, shared by the PostgreSQL hosts: server and client certificate in one, its own CA.
     PGBACKREST_TLS_KEY = "pgbackrest_tls_key"
     PGBACKREST_TLS_CERT = "pgbackrest_tls_cert"
+    # Patroni's REST API: the login its unsafe endpoints (switchover, restart, PATCH /config...) ask for.
+    PATRONI_RESTAPI_USERNAME = "patroni_restapi_username"
+    PATRONI_RESTAPI_PASSWORD = "patroni_restapi_password"
 
 
 def secret_path(name: str) -> str:

@@ -42,6 +42,7 @@ class Targets:
     """Where each service answers; None means the target does not run it."""
 
     patroni_urls: tuple[str, ...] = ()
+    ca_file: str | None = None  # the stack's CA: Patroni's REST API is TLS (None: the system's trust store)
     postgres_user: str = "postgres"
     postgres_password: str | None = None
     redis: tuple[str, int] | None = None
@@ -64,8 +65,12 @@ class Result:
     data: dict = field(default_factory=dict)
 
 
-def _get(url: str, timeout: float) -> requests.Response:
-    return requests.get(url, timeout=timeout)
+def _get(url: str, timeout: float, verify: str | bool = True) -> requests.Response:
+    return requests.get(url, timeout=timeout, verify=verify)
+
+
+def _patroni_get(targets: Targets, url: str, timeout: float) -> requests.Response:
+    return _get(url, timeout, targets.ca_file or True)
 
 
 def check_patroni(targets: Targets, timeout: float) -> Result:
@@ -74,7 +79,7 @@ def check_patroni(targets: Targets, timeout: float) -> Result:
     cluster, errors = None, []
     for url in targets.patroni_urls:
         try:
-            cluster = _get(f"{url}/cluster", timeout).json()
+            cluster = _patroni_get(targets, f"{url}/cluster", timeout).json()
             break
         except (requests.RequestException, ValueError) as error:
             errors.append(f"{url}: {type(error).__name__}")
@@ -99,7 +104,7 @@ def check_patroni(targets: Targets, timeout: float) -> Result:
         elif lag > MAX_LAG_BYTES:
             problems.append(f"{member['name']} lags {lag} bytes")
     try:
-        status = _get(leader["api_url"], timeout).json()
+        status = _patroni_get(targets, leader["api_url"], timeout).json()
         streaming = sorted(r["application_name"] for r in status.get("replication", []) if r.get("state") == "streaming")
     except (requests.RequestException, ValueError, KeyError) as error:
         streaming = []
@@ -122,9 +127,9 @@ def check_postgres(targets: Targets, timeout: float) -> Result:
         return Result("postgres", NOT_DEPLOYED, "no PostgreSQL in this target")
     for url in targets.patroni_urls:
         try:
-            if _get(f"{url}/primary", timeout).status_code != 200:
+            if _patroni_get(targets, f"{url}/primary", timeout).status_code != 200:
                 continue
-            members = _get(f"{url}/cluster", timeout).json()["members"]
+            members = _patroni_get(targets, f"{url}/cluster", timeout).json()["members"]
             me = next(m for m in members if m["api_url"].startswith(url + "/"))
         except (requests.RequestException, ValueError, KeyError, StopIteration):
             continue
@@ -275,6 +280,7 @@ def sandbox_targets(state_dir: Path, port_base: int) -> Targets:
         absent |= {"postgres", "patroni"}
     return Targets(
         patroni_urls=tuple(sandbox.patroni_url(n) for n in sandbox.topology.postgres) if pg else (),
+        ca_file=sandbox.ca_file if pg else None,
         postgres_password=sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD) if pg else None,
         redis=(LOOPBACK, layout.redis) if "redis" in services else None,
         prometheus_url=f"http://{LOOPBACK}:{layout.prometheus(host)}" if host else None,
@@ -286,6 +292,8 @@ def sandbox_targets(state_dir: Path, port_base: int) -> Targets:
 
 def stack_targets(stack: str) -> Targets:
     """A deployed stack, by its private DNS names (run from a host inside the VPC)."""
+    from infra.pki import ca_path
+    from infra.render.patroni import restapi_url
     from infra.sandbox.cli import stack_settings
     from infra.topology import Ports, SecretNames, build_topology, secret_path
 
@@ -298,7 +306,8 @@ def stack_targets(stack: str) -> Targets:
             return None
 
     return Targets(
-        patroni_urls=tuple(f"http://{h.fqdn}:{Ports.PATRONI_API}" for h in topology.postgres),
+        patroni_urls=tuple(restapi_url(h) for h in topology.postgres),
+        ca_file=ca_path(),  # a host of the stack has it
         postgres_user="postgres_exporter",
         postgres_password=secret(SecretNames.POSTGRES_EXPORTER_PASSWORD),
         redis=(topology.redis_endpoint, Ports.REDIS),

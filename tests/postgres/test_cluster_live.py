@@ -32,7 +32,7 @@ def _members(sandbox) -> dict[str, dict]:
 
 
 def _status(sandbox, node, path: str) -> int:
-    return requests.get(f"{sandbox.patroni_url(node)}/{path}", timeout=3).status_code
+    return requests.get(f"{sandbox.patroni_url(node)}/{path}", timeout=3, verify=sandbox.ca_file).status_code
 
 
 def _query(sandbox, node, sql: str, *params):
@@ -56,7 +56,7 @@ def test_rest_api_answers_as_patroni_documents(cluster):
         assert _status(cluster, node, "primary") == (200 if is_leader else 503), node.name
         assert _status(cluster, node, "replica") == (503 if is_leader else 200), node.name
         assert _status(cluster, node, "health") == 200, node.name
-        metrics = requests.get(f"{cluster.patroni_url(node)}/metrics", timeout=3).text
+        metrics = requests.get(f"{cluster.patroni_url(node)}/metrics", timeout=3, verify=cluster.ca_file).text
         assert f'patroni_primary{{scope="{cluster.topology.patroni_scope}"}} {int(is_leader)}' in metrics
 
 
