@@ -162,8 +162,9 @@ def _restapi(topology: Topology, node: Host) -> dict:
         "certfile": pki.cert_path(),
         "keyfile": pki.key_path(),
         "cafile": pki.ca_path(),
-        # Local tools (the agent's calls to its own member, patronictl on the host) and the monitoring hosts.
-        "allowlist": ["127.0.0.1", *(h.fqdn for h in topology.postgres), *(h.fqdn for h in topology.monitoring)],
+        # The members (the agent and patronictl call a member by its name, so from the host's own address) and the
+        # monitoring hosts.
+        "allowlist": [*(h.fqdn for h in topology.postgres), *(h.fqdn for h in topology.monitoring)],
         "allowlist_include_members": True,
     }
 
