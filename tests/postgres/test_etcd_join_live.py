@@ -429,7 +429,7 @@ def test_a_late_original_member_starts_as_rendered_and_new_hosts_booting_togethe
     assert sizes == [4, 5]  # one joined 4 members, the other, after it, 5
     assert [get_local(h, "/service/betting-prod/leader") for h in (e4, e5)] == ["pg-1", "pg-1"]
     # The join lock is gone with its lease once both have started.
-    lock = _post(f"{e1.client_url}/v3/kv/range", {"key": _b64(etcd.LOCK_NAME), "range_end": _b64(etcd.LOCK_NAME + "0")})
+    lock = _post(f"{e1.client_url}/v3/kv/range", {"key": _b64(etcd.LOCK_NAME), "range_end": _b64(etcd.LOCK_NAME + "0")}, e1)
     assert lock.get("kvs", []) == []
 
 
