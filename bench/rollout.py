@@ -41,11 +41,12 @@ def roll(sandbox: Sandbox, settings, new_max_connections: int) -> dict:
     urls = {n.name: sandbox.patroni_url(n) for n in sandbox.topology.postgres}
     changed = settings.model_copy(update={"patroni": settings.patroni.model_copy(
         update={"max_connections": new_max_connections})})
-    history = len(requests.get(f"{next(iter(urls.values()))}/history", timeout=3).json())
-    writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD), tls=sandbox.client_tls())
+    history = len(requests.get(f"{next(iter(urls.values()))}/history", timeout=3, verify=sandbox.ca_file).json())
+    writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD),
+                    verify=sandbox.ca_file, tls=sandbox.client_tls())
     writer.ensure_table()
     writer.start()
-    with ClusterSampler(urls) as sampler:
+    with ClusterSampler(urls, verify=sandbox.ca_file) as sampler:
         start = time.monotonic()
         sandbox.roll(changed)
         took = time.monotonic() - start
@@ -57,7 +58,7 @@ def roll(sandbox: Sandbox, settings, new_max_connections: int) -> dict:
     values = {n.name: _max_connections(sandbox, n) for n in sandbox.topology.postgres}
     return {"took": took, "gap": max(gaps, default=0.0), "lost": len(writer.missing(sandbox.dsn(leader))),
             "down": sampler.most_down, "acks": len(writer.acks), "values": values,
-            "switchovers": len(requests.get(f"{urls[leader.name]}/history", timeout=3).json()) - history}
+            "switchovers": len(requests.get(f"{urls[leader.name]}/history", timeout=3, verify=sandbox.ca_file).json()) - history}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from infra.hosts.spec import File, HostSpec
 from infra.hosts.system import CHRONY_UNIT, SYSCTL_UNIT, THP_UNIT
 from infra.render.backup import SERVICE_TEMPLATE, TIMERS
 from infra.render.haproxy import HEALTH_WRITER
-from infra.render.patroni import EXTENSIONS_SQL, patroni_config
+from infra.render.patroni import EXTENSIONS_SQL, patroni_config, restapi_url
 from infra.render.webconfig import MONITORING_USER, password_path
 from infra.settings import StackSettings
 from infra.topology import Paths, Ports, Topology, secret_path, ssm_parameter_name
@@ -116,14 +116,24 @@ def change_rule(path: str) -> ChangeRule:
     return rules[0]
 
 
+def etcd_url(spec: HostSpec) -> str:
+    """This member's client URL by its name, which its certificate has."""
+    return f"https://{spec.host.fqdn}:{Ports.ETCD_CLIENT}"
+
+
+def client_tls() -> dict:
+    """The host's own pair as its client certificate, and the CA it verifies servers with (infra/pki.py)."""
+    return {"ca_file": pki.ca_path(), "cert": pki.cert_path(), "key": pki.key_path()}
+
+
 def _gate(spec: HostSpec, topology: Topology, unit: str) -> dict | None:
     """How the agent knows `unit` is healthy again on this host (None: running is enough)."""
     local = "http://127.0.0.1"
-    if unit == "patroni":
-        return {"kind": "patroni", "api": f"{local}:{Ports.PATRONI_API}", "name": spec.host.name}
+    if unit == "patroni":  # over TLS by the host's name; its GET endpoints need no login
+        return {"kind": "patroni", "api": restapi_url(spec.host), "name": spec.host.name, "ca_file": pki.ca_path()}
     if unit == "etcd":
-        return {"kind": "etcd", "url": f"{local}:{Ports.ETCD_CLIENT}", "name": spec.host.name,
-                "members": len(topology.etcd)}
+        return {"kind": "etcd", "url": etcd_url(spec), "name": spec.host.name,
+                "members": len(topology.etcd), "tls": client_tls()}
     # The monitoring endpoints serve TLS with the host's identity: the gate asks by the host's name, which the
     # certificate names, verifying it against the stack's CA, with the monitoring credential.
     own = f"https://{spec.host.fqdn}"
@@ -202,7 +212,10 @@ def bundle_document(spec: HostSpec, settings: StackSettings, topology: Topology)
     if spec.host.role == "postgres":
         # Patroni keeps these in the DCS after bootstrap; the agent PATCHes /config when they differ.
         dynamic = patroni_config(settings, topology, spec.host)["bootstrap"]["dcs"]
-        document["patroni"] = {"api": f"http://127.0.0.1:{Ports.PATRONI_API}", "dynamic": dynamic,
+        # The agent calls its member by name over TLS, with the login Patroni's own environment file has.
+        env = next(e for e in spec.secret_environments if e.unit == "patroni")
+        document["patroni"] = {"api": restapi_url(spec.host), "ca_file": pki.ca_path(), "credentials": env.path,
+                               "dynamic": dynamic,
                                "members": len(topology.postgres),
                                # pgaudit's object audit grants, run on the leader after Patroni is healthy.
                                "audit": {"database": settings.audit.database, "sql": AUDIT_SQL},
@@ -215,8 +228,9 @@ def bundle_document(spec: HostSpec, settings: StackSettings, topology: Topology)
         # cluster runs already, and joins it (infra/hostagent/etcd.py); the rest it reads from env_file.
         document["etcd"] = {
             "env_file": Paths.ETCD_CONFIG,
-            "url": f"http://127.0.0.1:{Ports.ETCD_CLIENT}",
-            "client_urls": {m.name: f"http://{m.fqdn}:{Ports.ETCD_CLIENT}" for m in topology.etcd if m != spec.host},
+            "url": etcd_url(spec),
+            "client_urls": {m.name: f"https://{m.fqdn}:{Ports.ETCD_CLIENT}" for m in topology.etcd if m != spec.host},
+            "tls": client_tls(),
         }
     return document
 

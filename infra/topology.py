@@ -189,6 +189,9 @@ class SecretNames:
     MONITORING_WEB_CONFIG = "monitoring_web_config"
     # ClickHouse's `default` user (infra/render/clickhouse.py).
     CLICKHOUSE_DEFAULT_PASSWORD = "clickhouse_default_password"
+    # Patroni's REST API: the login its unsafe endpoints (switchover, restart, PATCH /config...) ask for.
+    PATRONI_RESTAPI_USERNAME = "patroni_restapi_username"
+    PATRONI_RESTAPI_PASSWORD = "patroni_restapi_password"
 
 
 def secret_path(name: str) -> str:

@@ -34,6 +34,7 @@ import re
 import secrets
 import shlex
 import shutil
+import ssl
 import subprocess
 import sys
 import threading
@@ -71,9 +72,9 @@ METRICS = {
     "backup_last_size_bytes": "Size of the database the last successful base backup covers.",
 }
 CONFIG_KEYS = (
-    "STANZA", "NODE_NAME", "PATRONI_URL", "PGBACKREST", "PGBACKREST_CONFIG", "PGBACKREST_LOCK_PATH", "POSTGRES_BIN",
-    "PGDATA", "PGHOST", "PGPORT", "SUPERUSER_PASSWORD_FILE", "SSL_ROOT_CERT", "SCRATCH_DIR", "TEXTFILE_DIR", "BUCKET", "REGION",
-    "S3_ENDPOINT", "REPOSITORY_PREFIX", "VERIFICATION_PREFIX", "KMS_KEY",
+    "STANZA", "NODE_NAME", "PATRONI_URL", "PATRONI_CA_FILE", "PGBACKREST", "PGBACKREST_CONFIG", "PGBACKREST_LOCK_PATH",
+    "POSTGRES_BIN", "PGDATA", "PGHOST", "PGPORT", "SUPERUSER_PASSWORD_FILE", "SSL_ROOT_CERT", "SCRATCH_DIR", "TEXTFILE_DIR",
+    "BUCKET", "REGION", "S3_ENDPOINT", "REPOSITORY_PREFIX", "VERIFICATION_PREFIX", "KMS_KEY",
 )
 
 
@@ -220,7 +221,10 @@ def _mb(size: float) -> str:
 # ---- Patroni: which node backs up -------------------------------------------------------------------------
 def cluster_members(cfg: Config) -> list[dict]:
     try:
-        with urllib.request.urlopen(f"{cfg.patroni_url}/cluster", timeout=10) as response:
+        # The REST API is TLS with the stack's CA (GET /cluster needs no login).
+        https = cfg.patroni_url.startswith("https://")
+        context = ssl.create_default_context(cafile=cfg.patroni_ca_file) if https else None
+        with urllib.request.urlopen(f"{cfg.patroni_url}/cluster", timeout=10, context=context) as response:
             return json.load(response).get("members", [])
     except (OSError, ValueError) as error:
         raise StepFailed("designate", f"Patroni's REST API at {cfg.patroni_url} did not answer: {error}") from None

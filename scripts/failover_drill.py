@@ -78,6 +78,7 @@ class Writer:
     acks: list[Ack] = field(default_factory=list)
     errors: int = 0
     sync_cancel_warnings: int = 0
+    verify: str | bool = True  # the CA file Patroni's REST API is verified with (requests' `verify`)
     renew_every: int = 0  # open a new connection after this many writes on one (0: keep it while it works)
     tls: dict[str, str] = field(default_factory=dict)  # libpq's sslmode and sslrootcert (Sandbox.client_tls)
     failures: list[float] = field(default_factory=list)  # when a write or a connection failed
@@ -90,12 +91,12 @@ class Writer:
         """The member whose Patroni says it is the primary (200 on /primary)."""
         for url in self.api_urls:
             try:
-                response = requests.get(f"{url}/primary", timeout=0.5)
+                response = requests.get(f"{url}/primary", timeout=0.5, verify=self.verify)
             except requests.RequestException:
                 continue
             if response.status_code == 200:
                 # /primary answers with the node's status, not its connect address: /cluster has that.
-                members = requests.get(f"{url}/cluster", timeout=0.5).json()["members"]
+                members = requests.get(f"{url}/cluster", timeout=0.5, verify=self.verify).json()["members"]
                 me = next(m for m in members if m["api_url"].startswith(url + "/"))
                 return {"name": me["name"], "host": me["host"], "port": me["port"]}
         return None
@@ -295,15 +296,15 @@ class ClusterSampler(Sampler):
     """GET /cluster every 0.2 s from the first member that answers; records who is not running
     (members missing from /cluster included), so a rollout can show how many were down at once."""
 
-    def __init__(self, urls: dict[str, str], interval: float = 0.2):
+    def __init__(self, urls: dict[str, str], interval: float = 0.2, verify: str | bool = True):
         super().__init__(interval)
-        self.urls, self.names = urls, list(urls)
+        self.urls, self.names, self.verify = urls, list(urls), verify
         self.samples: list[tuple[float, list[str], str | None]] = []
 
     def sample(self) -> None:
         for url in self.urls.values():
             try:
-                members = {m["name"]: m for m in requests.get(f"{url}/cluster", timeout=1).json()["members"]}
+                members = {m["name"]: m for m in requests.get(f"{url}/cluster", timeout=1, verify=self.verify).json()["members"]}
             except (requests.RequestException, ValueError, KeyError):
                 continue
             down = [n for n in self.names if members.get(n, {}).get("state") != "running"]
@@ -354,14 +355,16 @@ class ReaderSampler(Sampler):
 class EtcdSampler(Sampler):
     """How many etcd members do not answer /health as healthy, at most, while it runs."""
 
-    def __init__(self, urls: list[str], interval: float = 0.2):
+    def __init__(self, urls: list[str], interval: float = 0.2, verify: str | bool = True,
+                 cert: tuple[str, str] | None = None):
+        """`verify`, `cert`: the CA and the client certificate etcd asks every client for."""
         super().__init__(interval)
         self.urls, self.most_down = urls, 0
+        self.verify, self.cert = verify, cert
 
-    @staticmethod
-    def _healthy(url: str) -> bool:
+    def _healthy(self, url: str) -> bool:
         try:
-            return requests.get(f"{url}/health", timeout=0.5).json().get("health") == "true"
+            return requests.get(f"{url}/health", timeout=0.5, verify=self.verify, cert=self.cert).json().get("health") == "true"
         except (requests.RequestException, ValueError):
             return False
 
@@ -447,7 +450,7 @@ def run_drill(sandbox: Sandbox, scenario: str, progress: Callable[[str], None] =
     login = prepare_client(sandbox) if sandbox.client_path_running() else None
     old = sandbox.wait_healthy()
     writer = Writer([sandbox.patroni_url(n) for n in sandbox.topology.postgres],
-                    sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD), tls=sandbox.client_tls())
+                    sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD), verify=sandbox.ca_file, tls=sandbox.client_tls())
     writer.ensure_table()
     writer.start()
     client = reader = None
@@ -483,7 +486,9 @@ def run_drill(sandbox: Sandbox, scenario: str, progress: Callable[[str], None] =
         say(f"SIGKILL {old.name}: postmaster (pid {postmaster_pid})")
     else:
         say(f"POST /switchover leader={old.name}")
-        response = requests.post(f"{sandbox.patroni_url(old)}/switchover", json={"leader": old.name}, timeout=60)
+        # An unsafe endpoint: Patroni asks for the REST API's login (the agent's, from the sandbox's secrets).
+        response = requests.post(f"{sandbox.patroni_url(old)}/switchover", json={"leader": old.name}, timeout=60,
+                                 verify=sandbox.ca_file, auth=sandbox.patroni_auth())
         say(f"Patroni answered {response.status_code}: {response.text.strip()}")
         if response.status_code != 200:
             stop_writers()

@@ -42,10 +42,9 @@ class Targets:
     """Where each service answers; None means the target does not run it."""
 
     patroni_urls: tuple[str, ...] = ()
+    ca_file: str | None = None  # the stack's CA: Patroni's REST API is TLS (None: the system's trust store)
     postgres_user: str = "postgres"
     postgres_password: str | None = None
-    # The stack's CA certificate (stack output ca_certificate; on a host pki.ca_path()): PostgreSQL is verify-full.
-    ca_file: str | None = None
     redis: tuple[str, int] | None = None
     redis_password: str | None = None
     clickhouse_url: str | None = None
@@ -70,8 +69,11 @@ class Result:
     data: dict = field(default_factory=dict)
 
 
-def _get(url: str, timeout: float, client: requests.Session | None = None) -> requests.Response:
-    return (client or requests).get(url, timeout=timeout)
+def _get(url: str, timeout: float, client: requests.Session | None = None, verify: str | bool = True) -> requests.Response:
+    """`client`: a session with its own CA and login (the monitoring endpoints); else `verify` is the CA file."""
+    if client is not None:
+        return client.get(url, timeout=timeout)
+    return requests.get(url, timeout=timeout, verify=verify)
 
 
 def _monitoring(targets: Targets) -> requests.Session:
@@ -80,13 +82,17 @@ def _monitoring(targets: Targets) -> requests.Session:
     return session(targets.monitoring_ca_file, targets.monitoring_password)
 
 
+def _patroni_get(targets: Targets, url: str, timeout: float) -> requests.Response:
+    return _get(url, timeout, verify=targets.ca_file or True)
+
+
 def check_patroni(targets: Targets, timeout: float) -> Result:
     if not targets.patroni_urls:
         return Result("patroni", NOT_DEPLOYED, "no Patroni nodes in this target")
     cluster, errors = None, []
     for url in targets.patroni_urls:
         try:
-            cluster = _get(f"{url}/cluster", timeout).json()
+            cluster = _patroni_get(targets, f"{url}/cluster", timeout).json()
             break
         except (requests.RequestException, ValueError) as error:
             errors.append(f"{url}: {type(error).__name__}")
@@ -111,7 +117,7 @@ def check_patroni(targets: Targets, timeout: float) -> Result:
         elif lag > MAX_LAG_BYTES:
             problems.append(f"{member['name']} lags {lag} bytes")
     try:
-        status = _get(leader["api_url"], timeout).json()
+        status = _patroni_get(targets, leader["api_url"], timeout).json()
         streaming = sorted(r["application_name"] for r in status.get("replication", []) if r.get("state") == "streaming")
     except (requests.RequestException, ValueError, KeyError) as error:
         streaming = []
@@ -134,9 +140,9 @@ def check_postgres(targets: Targets, timeout: float) -> Result:
         return Result("postgres", NOT_DEPLOYED, "no PostgreSQL in this target")
     for url in targets.patroni_urls:
         try:
-            if _get(f"{url}/primary", timeout).status_code != 200:
+            if _patroni_get(targets, f"{url}/primary", timeout).status_code != 200:
                 continue
-            members = _get(f"{url}/cluster", timeout).json()["members"]
+            members = _patroni_get(targets, f"{url}/cluster", timeout).json()["members"]
             me = next(m for m in members if m["api_url"].startswith(url + "/"))
         except (requests.RequestException, ValueError, KeyError, StopIteration):
             continue
@@ -291,12 +297,12 @@ def sandbox_targets(state_dir: Path, port_base: int) -> Targets:
         absent |= {"postgres", "patroni"}
     return Targets(
         patroni_urls=tuple(sandbox.patroni_url(n) for n in sandbox.topology.postgres) if pg else (),
+        ca_file=sandbox.ca_file if pg else None,
         postgres_password=sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD) if pg else None,
-        ca_file=str(sandbox.ca_file()) if pg else None,
         redis=(LOOPBACK, layout.redis) if "redis" in services else None,
         prometheus_url=f"https://{LOOPBACK}:{layout.prometheus(host)}" if host else None,
         alertmanager_url=f"https://{LOOPBACK}:{layout.alertmanager(host)}" if host else None,
-        monitoring_ca_file=str(sandbox.ca_file()) if host else None,
+        monitoring_ca_file=sandbox.ca_file if host else None,
         monitoring_password=sandbox.secret(SecretNames.MONITORING_PASSWORD) if host else None,
         absent_jobs=tuple(sorted(absent)),
         absent_hosts=tuple(h.name for h in sandbox.topology.hosts if h.role not in SANDBOX_ROLES),
@@ -305,7 +311,8 @@ def sandbox_targets(state_dir: Path, port_base: int) -> Targets:
 
 def stack_targets(stack: str) -> Targets:
     """A deployed stack, by its private DNS names (run from a host inside the VPC)."""
-    from infra import pki
+    from infra.pki import ca_path
+    from infra.render.patroni import restapi_url
     from infra.sandbox.cli import stack_settings
     from infra.topology import Ports, SecretNames, build_topology, secret_path
 
@@ -318,17 +325,17 @@ def stack_targets(stack: str) -> Targets:
             return None
 
     return Targets(
-        patroni_urls=tuple(f"http://{h.fqdn}:{Ports.PATRONI_API}" for h in topology.postgres),
+        patroni_urls=tuple(restapi_url(h) for h in topology.postgres),
+        ca_file=ca_path(),  # a host of the stack has it
         postgres_user="postgres_exporter",
         postgres_password=secret(SecretNames.POSTGRES_EXPORTER_PASSWORD),
-        ca_file=pki.ca_path(),
         redis=(topology.redis_endpoint, Ports.REDIS),
         redis_password=secret(SecretNames.REDIS_AUTH_TOKEN),
         clickhouse_url=f"http://{topology.clickhouse[0].fqdn}:{Ports.CLICKHOUSE_HTTP}" if topology.clickhouse else None,
         prometheus_url=f"https://{topology.monitoring[0].fqdn}:{Ports.PROMETHEUS}" if topology.monitoring else None,
         alertmanager_url=f"https://{topology.monitoring[0].fqdn}:{Ports.ALERTMANAGER}" if topology.monitoring else None,
         grafana_url=f"https://{topology.grafana[0].fqdn}:{Ports.GRAFANA}" if topology.grafana else None,
-        monitoring_ca_file=pki.ca_path(),
+        monitoring_ca_file=ca_path(),
         monitoring_password=secret(SecretNames.MONITORING_PASSWORD),
     )
 

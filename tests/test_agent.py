@@ -13,12 +13,14 @@ import os
 import stat
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
 from infra.bundle import render_bundle
 from infra.hostagent import agent
 from infra.hosts import host_specs
+from infra.sandbox.platform import SecretStore
 from infra.settings import load_settings
 from infra.topology import build_topology
 from tests.conftest import stack_config
@@ -44,6 +46,9 @@ class RecordingPlatform:
         return False
 
     def secret(self, parameter):
+        if parameter not in self.secrets and parameter.endswith(("/tls_ca_cert", "/tls_cert", "/tls_key")):
+            # The host's TLS identity is read by the agent's own clients (etcd's join): real PEM, the sandbox's.
+            return SecretStore(Path(self.root) / "ssm", {}).get(parameter)
         return self.secrets.get(parameter, f"secret-of-{parameter}")
 
     def chown(self, path, owner):

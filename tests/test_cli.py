@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from infra import pki
 from infra.cli import main
+from infra.sandbox.platform import ca_identity, signed_identity
+from infra.topology import Paths
 from tests.conftest import ROOT
 
 
@@ -91,7 +94,15 @@ def test_promtool_accepts_the_rendered_prometheus_config_with_its_rules(rendered
     config = yaml.safe_load((rendered_prod / "prometheus/prometheus.yml").read_text())
     # Only the rule path is mapped, so promtool checks the rendered rules too.
     config["rule_files"] = [str(rendered_prod / "prometheus/rules/*.yml")]
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    # promtool opens the TLS files a scrape job names: the host's, here a CA and a pair of the sandbox's.
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    ca_cert, ca_key = ca_identity("test CA")
+    cert, key = signed_identity(ca_cert, ca_key, common_name="monitoring-1")
+    for name, pem in ((pki.CA_CERT, ca_cert), (pki.HOST_CERT, cert), (pki.HOST_KEY, key)):
+        (secrets / name).write_text(pem)
+    text = yaml.safe_dump(config).replace(Paths.SECRETS_DIR + "/", f"{secrets}/")
+    (tmp_path / "prometheus.yml").write_text(text)
     result = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout + result.stderr

@@ -149,7 +149,7 @@ def test_each_etcd_bundle_carries_the_join_section_and_the_module(settings, topo
         gate = next(s["gate"] for s in document["services"] if s["unit"] == "etcd")
         assert section["url"] == gate["url"]
         others = [m for m in topology.etcd if m != spec.host]
-        assert section["client_urls"] == {m.name: f"http://{m.fqdn}:2379" for m in others}
+        assert section["client_urls"] == {m.name: f"https://{m.fqdn}:2379" for m in others}
         # The join's own files are written by the agent at the join, never by a bundle.
         assert not paths & {etcd.JOIN_DROP_IN, etcd.JOIN_ENV}
 

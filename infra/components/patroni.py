@@ -17,6 +17,7 @@ import pulumi_tls as tls
 from infra.hosts import HostSpec
 from infra.platforms.aws import AwsContext, AwsHost, create_host, create_secret_parameter
 from infra.render.haproxy import HEALTH_READER, HEALTH_WRITER
+from infra.render.patroni import RESTAPI_USERNAME
 from infra.render.pgbackrest import TLS_CLIENT_CN, uses_tls_server
 from infra.settings import StackSettings
 from infra.topology import Ports, SecretNames, Topology
@@ -26,6 +27,7 @@ PASSWORDS = (
     SecretNames.POSTGRES_REPLICATION_PASSWORD,
     SecretNames.POSTGRES_REWIND_PASSWORD,
     SecretNames.POSTGRES_EXPORTER_PASSWORD,
+    SecretNames.PATRONI_RESTAPI_PASSWORD,
 )
 # The load balancer listens on the ports HAProxy listens on: a client's connection string is the same
 # through the load balancer and straight at a node.
@@ -92,6 +94,11 @@ class PatroniCluster(pulumi.ComponentResource):
                 secret, pulumi.Output.secret(password.result), self._args.context.data_key_arn, self,
                 registry=self._args.context.secret_parameters))
             passwords[secret] = pulumi.Output.secret(password.result)
+        # The REST API's user name is no secret, but travels with its password (Patroni's environment file).
+        parameters.append(create_secret_parameter(
+            f"{self._name}-{SecretNames.PATRONI_RESTAPI_USERNAME.replace('_', '-')}-parameter",
+            self._args.settings.environment, SecretNames.PATRONI_RESTAPI_USERNAME,
+            pulumi.Output.secret(RESTAPI_USERNAME), self._args.context.data_key_arn, self))
         return passwords, parameters
 
     def _create_pgbackrest_tls(self) -> list[aws.ssm.Parameter]:

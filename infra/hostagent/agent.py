@@ -31,6 +31,7 @@ import tempfile
 import time
 
 from infra.hostagent import etcd, gates, patroni
+from infra.hostagent.envfile import read_environment_file
 
 HOST_CONFIG = "/etc/betting/host.json"  # written by the boot stub's user data: host, region, bucket
 STATE_DIR = "/var/lib/betting"
@@ -227,6 +228,30 @@ def _escape_env(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
+GATE_FILES = ("ca_file", "cert", "key")  # a gate's TLS files: host paths
+
+
+def _gate_on(gate: dict | None, platform) -> dict | None:
+    """The gate with its TLS files where this platform has them."""
+    if gate is None:
+        return None
+    gate = {k: platform.path(v) if k in GATE_FILES else v for k, v in gate.items()}
+    if "tls" in gate:
+        gate["tls"] = {k: platform.path(v) for k, v in gate["tls"].items()}
+    return gate
+
+
+def configure_patroni_access(spec: dict, platform) -> None:
+    """The members' CA and the REST API's login for the unsafe calls: the login from Patroni's own
+    environment file (the SecretEnvironment the bundle wrote), so both always agree."""
+    username = password = None
+    with contextlib.suppress(FileNotFoundError):
+        with open(platform.path(spec["credentials"])) as handle:
+            env = read_environment_file(handle.read())
+        username, password = env.get("PATRONI_RESTAPI_USERNAME"), env.get("PATRONI_RESTAPI_PASSWORD")
+    patroni.configure(platform.path(spec["ca_file"]), username, password)
+
+
 def _wait_gate(host: str, unit: str, gate: dict | None, timeout: float | None = None) -> None:
     if gate is None:
         return
@@ -380,8 +405,10 @@ def apply(bundle: dict, platform, gate_timeout: float | None = None) -> Report:
     if units_changed:
         platform.daemon_reload()
 
+    if "ca_file" in bundle.get("patroni", {}):
+        configure_patroni_access(bundle["patroni"], platform)
     for service in bundle["services"]:
-        unit, gate = service["unit"], service["gate"]
+        unit, gate = service["unit"], _gate_on(service["gate"], platform)
         action = pending.get(unit, "none")
         reloaded = False
         if not platform.active(unit):

@@ -28,6 +28,9 @@ SSM rollout); a member that an earlier run added starts without it (it changes n
 member is added but not started, or while any other member is not healthy: adding a voting
 member to 3 raises the quorum to 3 of 4.
 
+etcd asks every client for a certificate of the stack's CA: `configure` with the host's own pair first
+(prepare_join does, from the bundle's `tls`).
+
 Standard library only, like the rest of the agent. Every host path goes through platform.path.
 """
 
@@ -38,6 +41,7 @@ import contextlib
 import hashlib
 import json
 import os
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -223,11 +227,31 @@ def override_files(local: Local, members: tuple[Member, ...]) -> dict[str, bytes
 
 
 # ---- the etcd v3 JSON gateway ---------------------------------------------------------------
+_tls: dict = {"context": None}
+
+
+def client_context(ca_file: str, cert: str, key: str) -> ssl.SSLContext:
+    """Verifies the member with the stack's CA and presents this host's certificate (etcd's client-cert auth)."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def configure(ca_file: str, cert: str, key: str) -> None:
+    _tls["context"] = client_context(ca_file, cert, key)
+
+
+def _open(request, timeout: float):
+    url = request.full_url if isinstance(request, urllib.request.Request) else request
+    context = _tls["context"] if url.startswith("https://") else None
+    return urllib.request.urlopen(request, timeout=timeout, context=context)
+
+
 def _post(url: str, body: dict, timeout: float = REQUEST_TIMEOUT) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _open(request, timeout) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as error:
         detail = error.read().decode(errors="replace").strip()
@@ -252,7 +276,7 @@ def _reconfigure(url: str, body: dict, timeout: float) -> dict:
 
 def _healthy(url: str) -> tuple[bool, str]:
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=REQUEST_TIMEOUT) as response:
+        with _open(f"{url}/health", REQUEST_TIMEOUT) as response:
             health = json.loads(response.read())
     except urllib.error.HTTPError as error:  # 503 with a body when there is no leader
         return False, f"{url}/health answered {error.code}"
@@ -429,6 +453,8 @@ def _write_override(platform, local: Local, members: tuple[Member, ...], join: J
 def prepare_join(spec: dict, platform, timeout: float) -> Join:
     """Before the first start of etcd on this host: decide, and for a join add the member and write the
     override. `spec` is the bundle's "etcd" section; `timeout` bounds each wait for the cluster."""
+    if "tls" in spec:
+        configure(*(platform.path(spec["tls"][k]) for k in ("ca_file", "cert", "key")))
     local = Local.from_env(read_env(platform.path(spec["env_file"])))
     join = Join(RESTART, local.name, local_url=spec["url"])
     if has_member(platform.path(local.wal_dir)):

@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 
-from infra.hostagent import patroni
+from infra.hostagent import etcd, patroni
 
 
 class GateError(RuntimeError):
@@ -36,8 +36,11 @@ def _client(gate: dict | None) -> tuple[ssl.SSLContext | None, dict[str, str]]:
     return context, headers
 
 
-def _get(url: str, timeout: float = 3, data: bytes | None = None, gate: dict | None = None) -> tuple[int, bytes]:
-    context, headers = _client(gate)
+def _get(url: str, timeout: float = 3, data: bytes | None = None, gate: dict | None = None,
+         context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+    """`context`: a TLS context made by the caller (etcd's, with the host's client certificate); else the gate's."""
+    gate_context, headers = _client(gate)
+    context = context or gate_context
     request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
@@ -46,8 +49,8 @@ def _get(url: str, timeout: float = 3, data: bytes | None = None, gate: dict | N
         return error.code, error.read()
 
 
-def _json(url: str, data: bytes | None = None, gate: dict | None = None):
-    status, body = _get(url, data=data, gate=gate)
+def _json(url: str, data: bytes | None = None, gate: dict | None = None, context: ssl.SSLContext | None = None):
+    status, body = _get(url, data=data, gate=gate, context=context)
     if status != 200:
         raise GateError(f"{url} answered {status}")
     return json.loads(body)
@@ -66,13 +69,16 @@ def check_tcp(gate: dict) -> tuple[bool, str]:
 
 
 def check_etcd(gate: dict) -> tuple[bool, str]:
-    """This member is healthy (it sees a leader and has quorum) and the cluster has every member started."""
-    health = _json(f"{gate['url']}/health")
+    """This member is healthy (it sees a leader and has quorum) and the cluster has every member started.
+    Asked with the host's own certificate (`tls`): etcd takes no client without one."""
+    tls = gate.get("tls")
+    context = etcd.client_context(tls["ca_file"], tls["cert"], tls["key"]) if tls else None
+    health = _json(f"{gate['url']}/health", context=context)
     if health.get("health") != "true":
         return False, f"etcd {gate['name']}: /health says {health}"
     # etcd 3.4's gRPC gateway. A started member has published its name and client URLs; one added but
     # not started has neither, and one known only from the bootstrap list has a name but no client URLs.
-    members = _json(f"{gate['url']}/v3/cluster/member/list", data=b"{}").get("members", [])
+    members = _json(f"{gate['url']}/v3/cluster/member/list", data=b"{}", context=context).get("members", [])
     started = sorted(m["name"] for m in members if m.get("name") and m.get("clientURLs"))
     if gate["name"] not in started:
         return False, f"etcd {gate['name']}: not a started member of the cluster ({started})"
@@ -148,6 +154,8 @@ def check_sysctl(gate: dict) -> tuple[bool, str]:
 
 
 def check_patroni(gate: dict) -> tuple[bool, str]:
+    if gate.get("ca_file"):
+        patroni.configure(ca_file=gate["ca_file"])
     return patroni.health(gate["api"], gate["name"])
 
 

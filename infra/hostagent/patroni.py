@@ -3,7 +3,7 @@
 Standard library only (it runs on the hosts' bare python3, like the rest of the agent). It talks to the
 local member's REST API and to the other members' APIs at the `api_url` Patroni reports in
 /cluster. Give `api` as the member advertises itself (restapi.connect_address, e.g.
-http://pg-1.prod.betting.internal:8008) so it can be found in /cluster, or pass `name`.
+https://pg-1.prod.betting.internal:8008) so it can be found in /cluster, or pass `name`.
 
 Written against Patroni 3.0.2 (Debian 12), whose REST API differs from the current docs:
 - /patroni says role "master" (not "primary") for the leader, has no member name, no
@@ -14,13 +14,18 @@ Written against Patroni 3.0.2 (Debian 12), whose REST API differs from the curre
   `pending_restart` one HA loop after /patroni shows it.
 - POST /restart {"role": "primary"} never matches the leader (its role is "master").
 
+The REST API is TLS (the stack's CA) and asks a login for its unsafe endpoints (POST, PATCH): `configure`
+once with the CA file and the login (the agent does, from the bundle) before calling; every member shares both.
+
 A typical rollout on each host in turn: apply_dynamic_config (once, anywhere), then
 restart_if_pending and wait_healthy on this host's member.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -36,12 +41,28 @@ class PatroniError(RuntimeError):
 
 
 # ---- HTTP --------------------------------------------------------------------------------
+_access: dict = {"context": None, "authorization": None}
+
+
+def configure(ca_file: str | None = None, username: str | None = None, password: str | None = None) -> None:
+    """Verify the members' certificates with `ca_file`; send `username`/`password` on unsafe calls. Only what is
+    given changes (a gate knows the CA, not the login)."""
+    if ca_file is not None:
+        _access["context"] = ssl.create_default_context(cafile=ca_file)
+    if username is not None and password is not None:
+        _access["authorization"] = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
 def _call(method: str, url: str, body: dict | None = None, timeout: float = HTTP_TIMEOUT) -> tuple[int, object]:
     """(status, JSON or text). Patroni answers errors with a body worth reading, so HTTPError is not raised."""
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if method != "GET" and _access["authorization"]:  # GETs need none: the login travels only where it is asked
+        headers["Authorization"] = _access["authorization"]
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        context = _access["context"] if url.startswith("https://") else None
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             status, raw = response.status, response.read()
     except urllib.error.HTTPError as error:
         status, raw = error.code, error.read()

@@ -20,5 +20,6 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
                data_volume_drop_in("etcd", volume)),
         services=("etcd", "prometheus-node-exporter"),
         volume=volume,
-        secret_files=tls_files(topology, host),
+        # etcd 3.4 reads its certificate and key again at each new connection, but its trusted CA only at start.
+        secret_files=tls_files(topology, host, reloads=(("etcd", "restart"),)),
     )

@@ -33,7 +33,14 @@ from infra.hosts.system import POSTGRES_HOST_UNITS, postgres_host_files
 from infra.render.backup import SERVICE_TEMPLATE, TIMERS, render_backup_timers
 from infra.render.exporters import render_exporters
 from infra.render.haproxy import render_haproxy
-from infra.render.patroni import EXTENSIONS_SQL, LOG_DIRECTORY, UNIX_SOCKET_DIR, render_patroni
+from infra.render.patroni import (
+    EXTENSIONS_SQL,
+    LOG_DIRECTORY,
+    RESTAPI_CREDENTIALS_ENV,
+    UNIX_SOCKET_DIR,
+    render_patroni,
+    restapi_url,
+)
 from infra.render.pgbackrest import PGBACKREST_BIN, render_pgbackrest, uses_tls_server
 from infra.render.pgbouncer import CONSOLE_DATABASE, STATS_USER, render_pgbouncer, socket_address, socket_query
 from infra.settings import StackSettings
@@ -56,6 +63,7 @@ PATRONI_ENVIRONMENT = (
     ("PATRONI_REPLICATION_PASSWORD", SecretNames.POSTGRES_REPLICATION_PASSWORD),
     ("PATRONI_REWIND_PASSWORD", SecretNames.POSTGRES_REWIND_PASSWORD),
     ("POSTGRES_EXPORTER_PASSWORD", SecretNames.POSTGRES_EXPORTER_PASSWORD),
+    *RESTAPI_CREDENTIALS_ENV.items(),
 )
 BACKUP_SCRIPT_SOURCE = ROOT / "scripts" / "backup.py"
 BACKUP_SCRIPT = f"{Paths.BACKUP_LIB}/backup.py"
@@ -117,7 +125,9 @@ def backup_environment(settings: StackSettings, topology: Topology, host: Host) 
     return {
         "STANZA": topology.patroni_scope,
         "NODE_NAME": host.name,
-        "PATRONI_URL": f"http://127.0.0.1:{Ports.PATRONI_API}",
+        # By the host's name, which its certificate has (not 127.0.0.1), verified with the stack's CA.
+        "PATRONI_URL": restapi_url(host),
+        "PATRONI_CA_FILE": pki.ca_path(),
         "PGBACKREST": PGBACKREST_BIN,
         "PGBACKREST_CONFIG": Paths.PGBACKREST_CONFIG,
         "PGBACKREST_LOCK_PATH": Paths.PGBACKREST_LOCKS,
@@ -221,9 +231,10 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         # The backup job writes its canary row on the leader, which it may reach only over TCP.
         SecretFile(SecretNames.POSTGRES_SUPERUSER_PASSWORD, "postgres:postgres"),
     ]
-    # A renewed certificate: Patroni's reload reloads PostgreSQL (SIGHUP, every ssl_* setting), PgBouncer rereads
-    # its client_tls_* files on its own reload; neither drops a connection.
-    secret_files += tls_files(topology, host, reloads=(("patroni", "reload"), ("pgbouncer", "reload")))
+    # A renewed certificate: Patroni's reload reloads PostgreSQL (SIGHUP, every ssl_* setting) and swaps its REST API's
+    # certificate (when the serial changed); PgBouncer rereads its client_tls_* files and HAProxy its checks' CA file on
+    # their own reloads; none drops a connection.
+    secret_files += tls_files(topology, host, reloads=(("patroni", "reload"), ("pgbouncer", "reload"), ("haproxy", "reload")))
     if tls:
         secret_files += [SecretFile(SecretNames.PGBACKREST_TLS_KEY, "postgres:postgres"),
                          SecretFile(SecretNames.PGBACKREST_TLS_CERT, "postgres:postgres")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from infra import pki
 from infra.settings import StackSettings
 from infra.topology import Host, Paths, Ports, Topology
 
@@ -13,12 +14,22 @@ def etcd_environment(settings: StackSettings, topology: Topology, member: Host) 
         raise ValueError(f"{member.name} is not an etcd member of this topology")
     return {
         "ETCD_NAME": member.name,
+        # Clients and peers alike present a certificate of the stack's CA (client-certificate authentication):
+        # Patroni and the agents with their host's pair, Prometheus with the monitoring host's.
+        "ETCD_CLIENT_CERT_AUTH": "true",
+        "ETCD_TRUSTED_CA_FILE": pki.ca_path(),
+        "ETCD_CERT_FILE": pki.cert_path(),
+        "ETCD_KEY_FILE": pki.key_path(),
+        "ETCD_PEER_CLIENT_CERT_AUTH": "true",
+        "ETCD_PEER_TRUSTED_CA_FILE": pki.ca_path(),
+        "ETCD_PEER_CERT_FILE": pki.cert_path(),
+        "ETCD_PEER_KEY_FILE": pki.key_path(),
         "ETCD_DATA_DIR": f"{Paths.ETCD_DATA}/{member.name}",
-        "ETCD_LISTEN_PEER_URLS": f"http://0.0.0.0:{Ports.ETCD_PEER}",
-        "ETCD_LISTEN_CLIENT_URLS": f"http://0.0.0.0:{Ports.ETCD_CLIENT}",
-        "ETCD_INITIAL_ADVERTISE_PEER_URLS": f"http://{member.fqdn}:{Ports.ETCD_PEER}",
-        "ETCD_ADVERTISE_CLIENT_URLS": f"http://{member.fqdn}:{Ports.ETCD_CLIENT}",
-        "ETCD_INITIAL_CLUSTER": ",".join(f"{m.name}=http://{m.fqdn}:{Ports.ETCD_PEER}" for m in topology.etcd),
+        "ETCD_LISTEN_PEER_URLS": f"https://0.0.0.0:{Ports.ETCD_PEER}",
+        "ETCD_LISTEN_CLIENT_URLS": f"https://0.0.0.0:{Ports.ETCD_CLIENT}",
+        "ETCD_INITIAL_ADVERTISE_PEER_URLS": f"https://{member.fqdn}:{Ports.ETCD_PEER}",
+        "ETCD_ADVERTISE_CLIENT_URLS": f"https://{member.fqdn}:{Ports.ETCD_CLIENT}",
+        "ETCD_INITIAL_CLUSTER": ",".join(f"{m.name}=https://{m.fqdn}:{Ports.ETCD_PEER}" for m in topology.etcd),
         "ETCD_INITIAL_CLUSTER_STATE": "new",
         "ETCD_INITIAL_CLUSTER_TOKEN": topology.patroni_scope,
         # Defaults 100 ms / 1500 ms: etcd's own suit one data centre; members in different AZs see a

@@ -13,6 +13,7 @@ The proxy names `primary` and `replicas` are what HAProxy's Prometheus exporter 
 
 from __future__ import annotations
 
+from infra import pki
 from infra.settings import StackSettings
 from infra.topology import Host, Ports, Topology
 
@@ -45,8 +46,18 @@ def server_address(node: Host) -> str:
     return f"{node.fqdn}:{Ports.PGBOUNCER} check port {Ports.PATRONI_API}"
 
 
+# The checks speak TLS to Patroni and verify its certificate with the stack's CA (the forwarded traffic to
+# PgBouncer stays as it is: `check-ssl` is the checks' alone).
+CHECK_TLS = f"check-ssl verify required ca-file {pki.ca_path()}"
+
+
+def check_name(node: Host) -> str:
+    """The name the check verifies Patroni's certificate by: the node's, which its certificate has."""
+    return f"verifyhost {node.fqdn}"
+
+
 def _proxy(name: str, port: int, check: str, balance: str, topology: Topology, maxconn: int) -> str:
-    servers = "\n".join(f"    server {node.name} {server_address(node)}" for node in topology.postgres)
+    servers = "\n".join(f"    server {node.name} {server_address(node)} {check_name(node)}" for node in topology.postgres)
     return f"""\
 listen {name}
     bind {LISTEN_ADDRESS}:{port}
@@ -57,7 +68,7 @@ listen {name}
     http-check expect status 200
     # A server whose Patroni stops answering 200 loses its sessions at once: a demoted primary keeps no
     # writer, a promoted replica no reader.
-    default-server {CHECK_TIMING} on-marked-down shutdown-sessions resolvers {RESOLVERS} init-addr last,libc,none
+    default-server {CHECK_TIMING} on-marked-down shutdown-sessions resolvers {RESOLVERS} init-addr last,libc,none {CHECK_TLS}
 {servers}
 """
 

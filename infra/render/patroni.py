@@ -28,6 +28,14 @@ PASSWORD_ENV = {
     "PATRONI_REWIND_PASSWORD": SecretNames.POSTGRES_REWIND_PASSWORD,
 }
 
+# The REST API's login for its unsafe endpoints (POST /switchover, /restart, /reinitialize, PATCH /config...):
+# Patroni reads it from these variables (its config loader fills restapi.authentication), never from this file.
+RESTAPI_CREDENTIALS_ENV = {
+    "PATRONI_RESTAPI_USERNAME": SecretNames.PATRONI_RESTAPI_USERNAME,
+    "PATRONI_RESTAPI_PASSWORD": SecretNames.PATRONI_RESTAPI_PASSWORD,
+}
+RESTAPI_USERNAME = "patroni"  # the value of PATRONI_RESTAPI_USERNAME (infra/components/patroni.py stores it)
+
 # postgres_exporter's login (pg_monitor), created by the post_bootstrap script with a password from the
 # environment Patroni runs in, never from this file.
 EXPORTER_ROLE = "postgres_exporter"
@@ -159,6 +167,48 @@ def _pg_hba(settings: StackSettings) -> list[str]:
     ]
 
 
+def restapi_url(node: Host) -> str:
+    """The member's REST API as it advertises itself (api_url in /cluster): its FQDN, the name its certificate has."""
+    return f"https://{node.fqdn}:{Ports.PATRONI_API}"
+
+
+def _restapi(topology: Topology, node: Host) -> dict:
+    """TLS with the host's identity. Patroni 3.0.2 applies `allowlist` and `authentication` to the unsafe
+    endpoints only (its check_access decorator: PATCH/PUT /config, POST /reload, /restart, /reinitialize,
+    /switchover, /failover, /failsafe, /sigterm, DELETE /restart, /switchover); GET /primary, /replica, /health,
+    /metrics, /cluster stay open (HAProxy's checks and Prometheus read them), over TLS. The members call each
+    other's unsafe endpoints (the leader's POST /failsafe while the DCS is down, with this login): by name here,
+    resolved when Patroni loads the file, and from the DCS (allowlist_include_members) for a member added later."""
+    return {
+        "listen": f"0.0.0.0:{Ports.PATRONI_API}",
+        "connect_address": f"{node.fqdn}:{Ports.PATRONI_API}",
+        "certfile": pki.cert_path(),
+        "keyfile": pki.key_path(),
+        "cafile": pki.ca_path(),
+        # The members (the agent and patronictl call a member by its name, so from the host's own address) and the
+        # monitoring hosts.
+        "allowlist": [*(h.fqdn for h in topology.postgres), *(h.fqdn for h in topology.monitoring)],
+        "allowlist_include_members": True,
+    }
+
+
+def _etcd3(topology: Topology) -> dict:
+    """etcd with client-certificate authentication: the host's own pair is its client certificate."""
+    return {
+        "hosts": [f"{member.fqdn}:{Ports.ETCD_CLIENT}" for member in topology.etcd],
+        "protocol": "https",
+        "cacert": pki.ca_path(),
+        "cert": pki.cert_path(),
+        "key": pki.key_path(),
+    }
+
+
+def _ctl() -> dict:
+    """patronictl on the host (as postgres, which may read the key) over TLS; the login for its unsafe calls comes
+    from the environment as Patroni's does (README: Security)."""
+    return {"cacert": pki.ca_path(), "certfile": pki.cert_path(), "keyfile": pki.key_path()}
+
+
 def patroni_config(settings: StackSettings, topology: Topology, node: Host) -> dict:
     """The patroni.yml of `node` as data (render_patroni serialises it)."""
     if node not in topology.postgres:
@@ -171,11 +221,9 @@ def patroni_config(settings: StackSettings, topology: Topology, node: Host) -> d
         "namespace": "/service/",
         "name": node.name,
         "log": {"level": "INFO", "format": "%(asctime)s %(levelname)s: %(message)s"},
-        "restapi": {
-            "listen": f"0.0.0.0:{Ports.PATRONI_API}",
-            "connect_address": f"{node.fqdn}:{Ports.PATRONI_API}",
-        },
-        "etcd3": {"hosts": [f"{member.fqdn}:{Ports.ETCD_CLIENT}" for member in topology.etcd]},
+        "restapi": _restapi(topology, node),
+        "ctl": _ctl(),
+        "etcd3": _etcd3(topology),
         "bootstrap": {
             "dcs": {
                 "ttl": patroni.ttl,

@@ -610,6 +610,13 @@ def _static(hosts: tuple[Host, ...], port: int, **labels: str) -> list[dict]:
     return [{"targets": [f"{h.fqdn}:{port}"], "labels": {"instance": h.name, **labels}} for h in hosts]
 
 
+# Patroni's REST API and etcd serve TLS with the stack's CA; etcd takes only clients with a certificate of it
+# (this monitoring host's own pair).
+PATRONI_TLS = {"scheme": "https", "tls_config": {"ca_file": pki.ca_path()}}
+ETCD_TLS = {"scheme": "https",
+            "tls_config": {"ca_file": pki.ca_path(), "cert_file": pki.cert_path(), "key_file": pki.key_path()}}
+
+
 def scrape_configs(topology: Topology) -> list[dict]:
     fast = {"scrape_interval": FAST_SCRAPE_INTERVAL}
     jobs: list[dict] = [
@@ -621,11 +628,11 @@ def scrape_configs(topology: Topology) -> list[dict]:
          "static_configs": _static(topology.grafana, Ports.GRAFANA)},
         {"job_name": "node", "static_configs": _static(topology.hosts, Ports.NODE_EXPORTER)},
         {"job_name": "postgres", **fast, "static_configs": _static(topology.postgres, Ports.POSTGRES_EXPORTER)},
-        {"job_name": "patroni", **fast, "static_configs": _static(topology.postgres, Ports.PATRONI_API)},
+        {"job_name": "patroni", **fast, **PATRONI_TLS, "static_configs": _static(topology.postgres, Ports.PATRONI_API)},
         # The client path on every PostgreSQL node: PgBouncer's exporter, HAProxy's built-in /metrics.
         {"job_name": "pgbouncer", "static_configs": _static(topology.postgres, Ports.PGBOUNCER_EXPORTER)},
         {"job_name": "haproxy", "static_configs": _static(topology.postgres, Ports.HAPROXY_STATS)},
-        {"job_name": "etcd", "static_configs": _static(topology.etcd, Ports.ETCD_CLIENT)},
+        {"job_name": "etcd", **ETCD_TLS, "static_configs": _static(topology.etcd, Ports.ETCD_CLIENT)},
         {"job_name": "clickhouse", "static_configs": _static(topology.clickhouse, Ports.CLICKHOUSE_METRICS)},
         {
             # Every monitoring host runs a redis_exporter against the same ElastiCache endpoint: the

@@ -248,9 +248,11 @@ def _memory_pairs(settings: StackSettings) -> dict[str, str]:
 def _client_path_pairs(layout: Layout, topology: Topology, host: Host) -> dict[str, str]:
     """HAProxy, PgBouncer and its exporter name some addresses apart from `name:port`."""
     pairs = {
-        # HAProxy: each server's health-check port follows its address (`NAME:6432 check port 8008`).
+        # HAProxy: each server's health-check port follows its address (`NAME:6432 check port 8008`), and the
+        # name its check verifies Patroni's certificate by is apart too (`verifyhost NAME`).
         **{haproxy.server_address(node): f"{LOOPBACK}:{layout.pgbouncer(node)} check port {layout.patroni(node)}"
            for node in topology.postgres},
+        **{haproxy.check_name(node): f"verifyhost {LOOPBACK}" for node in topology.postgres},
         # pgbouncer.ini: its listen address and port are two settings.
         f"listen_addr = {pgbouncer.LISTEN_ADDRESS}": f"listen_addr = {LOOPBACK}",
         f"listen_port = {Ports.PGBOUNCER}": f"listen_port = {layout.pgbouncer(host)}",
@@ -281,6 +283,11 @@ def _unrun_scrape_targets(topology: Topology) -> dict[str, str]:
     return pairs
 
 
+def _allowlist_pairs(topology: Topology) -> dict[str, str]:
+    """patroni.yml's restapi.allowlist names hosts alone (no port), one YAML list entry each."""
+    return {f"- {h.fqdn}\n": f"- {LOOPBACK}\n" for h in (*topology.postgres, *topology.monitoring)}
+
+
 def host_mapping(layout: Layout, topology: Topology, host: Host, s3: SandboxS3 | None = None,
                  region: str = "", settings: StackSettings | None = None) -> dict[bytes, bytes]:
     """The literal tokens of `host`'s files: every host's DNS name:port, this host's listen addresses
@@ -299,6 +306,7 @@ def host_mapping(layout: Layout, topology: Topology, host: Host, s3: SandboxS3 |
         if settings is not None:
             pairs.update(_memory_pairs(settings))
         pairs.update(_client_path_pairs(layout, topology, host))
+        pairs.update(_allowlist_pairs(topology))
     else:
         pairs[PGBACKREST_BIN] = NO_S3_BIN
     if host.role == "monitoring":

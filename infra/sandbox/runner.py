@@ -34,7 +34,7 @@ from infra.bundle import bundle_document
 from infra.components.rollout import ROLE_ORDER
 from infra.hostagent import agent
 from infra.hosts import host_specs
-from infra.render.patroni import SUPERUSER
+from infra.render.patroni import RESTAPI_USERNAME, SUPERUSER
 from infra.render.redis import render_redis
 from infra.sandbox import mapping as m
 from infra.sandbox.monitoring import PLACEHOLDER_SECRETS
@@ -61,6 +61,9 @@ UNIT_GROUPS = {
 STATE_FILE = "sandbox.json"
 POSTGRES_USER = "postgres"
 PATRONI_BIN = "/usr/bin/patroni"
+# The sandbox's fixed values; every other secret it generates (SecretStore). The REST API's user name is the
+# program's own (infra/components/patroni.py stores the same).
+SANDBOX_PLACEHOLDERS = {**PLACEHOLDER_SECRETS, SecretNames.PATRONI_RESTAPI_USERNAME: RESTAPI_USERNAME}
 
 
 class SandboxError(RuntimeError):
@@ -161,27 +164,51 @@ class Sandbox:
     def secret(self, name: str) -> str:
         return (self.layout.secrets_dir / name).read_text().strip()
 
-    def ca_file(self) -> Path:
-        """The sandbox CA's certificate: what a client on this machine verifies the hosts' TLS endpoints with."""
-        return SecretStore(self.layout.secrets_dir, PLACEHOLDER_SECRETS).ca_file()
-
     def monitoring_session(self) -> requests.Session:
         """A client of the sandbox's Prometheus and Alertmanager: https with the CA, the monitoring credential."""
         from scripts.monitoring_client import session
 
-        return session(self.ca_file(), self.secret(SecretNames.MONITORING_PASSWORD))
+        return session(self.ca_file, self.secret(SecretNames.MONITORING_PASSWORD))
 
     # ---- endpoints used by tests, scripts and the bench --------------------------------
     def node(self, name: str) -> Host:
         return next(h for h in self.topology.postgres if h.name == name)
 
     def patroni_url(self, node: Host) -> str:
-        return f"http://{m.LOOPBACK}:{self.layout.patroni(node)}"
+        return f"https://{m.LOOPBACK}:{self.layout.patroni(node)}"
+
+    def etcd_url(self, member: Host) -> str:
+        return f"https://{m.LOOPBACK}:{self.layout.etcd_client(member)}"
+
+    @property
+    def ca_file(self) -> str:
+        """The sandbox's CA certificate: what a client on this machine verifies every host's TLS endpoint with
+        (PostgreSQL, PgBouncer, Patroni, etcd, Prometheus, Alertmanager); the stack output ca_certificate on AWS."""
+        return str(self.secret_store().ca_file())
+
+    def patroni_auth(self) -> tuple[str, str]:
+        """The REST API's login for its unsafe endpoints (POST /switchover, PATCH /config...)."""
+        return (self.secret_store().get(SecretNames.PATRONI_RESTAPI_USERNAME),
+                self.secret_store().get(SecretNames.PATRONI_RESTAPI_PASSWORD))
+
+    def etcd_client_cert(self, host: Host | None = None) -> tuple[str, str]:
+        """(certificate, key) a client presents to etcd: a monitoring or PostgreSQL host's pair as that host has it."""
+        from infra import pki
+
+        host = host or self.topology.postgres[0]
+        self.secret_store().get(pki.identity(self.topology, host).cert_parameter)
+        folder = self.layout.secrets_dir / "hosts" / host.name
+        return str(folder / "tls_cert"), str(folder / "tls_key")
+
+    def use_agent_clients(self) -> None:
+        """The agent's modules, in this process, verifying with the sandbox's CA and logging in to Patroni."""
+        agent.patroni.configure(self.ca_file, *self.patroni_auth())
+        agent.etcd.configure(self.ca_file, *self.etcd_client_cert())
 
     def client_tls(self) -> dict[str, str]:
         """libpq's TLS settings for a client of the sandbox's PostgreSQL or PgBouncer: what a client on AWS uses,
         with the sandbox's CA (every host is 127.0.0.1, which its certificate names)."""
-        return {"sslmode": "verify-full", "sslrootcert": str(self.ca_file())}
+        return {"sslmode": "verify-full", "sslrootcert": self.ca_file}
 
     def dsn(self, node: Host, dbname: str = "postgres") -> str:
         password = self.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD)
@@ -203,7 +230,7 @@ class Sandbox:
         """Patroni's /cluster from the first node that answers."""
         for node in self.topology.postgres:
             try:
-                return requests.get(f"{self.patroni_url(node)}/cluster", timeout=1).json()
+                return requests.get(f"{self.patroni_url(node)}/cluster", timeout=1, verify=self.ca_file).json()
             except (requests.RequestException, ValueError):
                 continue
         return {"members": []}
@@ -233,7 +260,7 @@ class Sandbox:
 
     def endpoints(self) -> dict[str, str]:
         layout, topology = self.layout, self.topology
-        points = {f"etcd {e.name}": f"http://{m.LOOPBACK}:{layout.etcd_client(e)}" for e in topology.etcd}
+        points = {f"etcd {e.name}": self.etcd_url(e) for e in topology.etcd}
         for node in topology.postgres:
             points[f"postgres {node.name}"] = f"postgresql://{SUPERUSER}@{m.LOOPBACK}:{layout.postgres(node)}/postgres"
             points[f"patroni {node.name}"] = self.patroni_url(node)
@@ -279,8 +306,11 @@ class Sandbox:
         settings = settings or self.settings
         return m.host_mapping(self.layout, topology or self.topology, host, self.s3, settings.region, settings)
 
+    def secret_store(self) -> SecretStore:
+        return SecretStore(self.layout.secrets_dir, SANDBOX_PLACEHOLDERS)
+
     def platform(self, host: Host) -> SandboxHost:
-        store = SecretStore(self.layout.secrets_dir, PLACEHOLDER_SECRETS)
+        store = self.secret_store()
         role = self.s3.environment() if self.s3 is not None and host.role == "postgres" else None
         return SandboxHost(self.layout, self.topology, host, store, self._spawn, self._process_pid, self.mapping(host),
                            role)

@@ -33,6 +33,7 @@ def running_sandbox(settings, port_base: int, prefix: str, services=ALL_SERVICES
     sandbox = Sandbox(state_dir, port_base)
     try:
         sandbox.up(settings, services=services)
+        sandbox.use_agent_clients()  # tests call the agent's Patroni and etcd functions themselves
         yield sandbox
     finally:
         sandbox.down()

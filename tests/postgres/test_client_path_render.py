@@ -17,6 +17,7 @@ from infra.hosts import host_specs
 from infra.render.haproxy import READER_PROXY, WRITER_PROXY, render_haproxy
 from infra.render.patroni import SUPERUSER, UNIX_SOCKET_DIR, render_patroni
 from infra.render.pgbouncer import AUTH_ROLE, AUTH_SCHEMA, IDENT_MAP, OS_USER, render_pgbouncer
+from infra.sandbox.platform import ca_identity
 from infra.sandbox.runner import ALL_SERVICES, Sandbox
 from infra.settings import load_settings
 from infra.topology import Paths, Ports, build_topology
@@ -25,6 +26,12 @@ from tests.monitoring.conftest import binary
 
 
 def _haproxy_check(tmp_path, text: str, *flags: str) -> subprocess.CompletedProcess:
+    """`haproxy -c` on `text`, with a CA file where it names one (HAProxy loads the checks' ca-file at parse)."""
+    for ca_file in set(re.findall(r"ca-file (\S+)", text)):
+        local = tmp_path / "ca" / ca_file.lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(ca_identity("test CA")[0])
+        text = text.replace(f"ca-file {ca_file}", f"ca-file {local}")
     path = tmp_path / "haproxy.cfg"
     path.write_text(text)
     return subprocess.run([binary("haproxy"), "-c", *flags, "-f", str(path)], capture_output=True, text=True)
@@ -78,8 +85,10 @@ def test_writer_and_reader_proxies_follow_patroni_on_every_node(settings, topolo
         timing = dict(re.findall(r"\b(inter|fastinter|downinter|fall|rise) (\S+)", default))
         assert timing == {"inter": "1s", "fastinter": "250ms", "downinter": "500ms", "fall": "2", "rise": "2"}
         servers = [line for line in lines if line.startswith("server ")]
-        assert servers == [f"server {n.name} {n.fqdn}:{Ports.PGBOUNCER} check port {Ports.PATRONI_API}"
+        assert servers == [f"server {n.name} {n.fqdn}:{Ports.PGBOUNCER} check port {Ports.PATRONI_API} verifyhost {n.fqdn}"
                            for n in topology.postgres]
+        # The checks speak TLS to Patroni and verify its certificate by the node's name (the line above).
+        assert default.endswith(f"check-ssl verify required ca-file {pki.ca_path()}")
         # Every node's share of what a PgBouncer accepts: all of them send writers to the leader's.
         assert f"maxconn {settings.client_path.max_client_connections // len(topology.postgres)}" in lines
     stats = sections["frontend stats"]

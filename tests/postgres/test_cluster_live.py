@@ -33,7 +33,42 @@ def _members(sandbox) -> dict[str, dict]:
 
 
 def _status(sandbox, node, path: str) -> int:
-    return requests.get(f"{sandbox.patroni_url(node)}/{path}", timeout=3).status_code
+    return requests.get(f"{sandbox.patroni_url(node)}/{path}", timeout=3, verify=sandbox.ca_file).status_code
+
+
+def test_unsafe_rest_api_calls_need_the_login_and_the_health_endpoints_stay_open_over_tls(cluster):
+    """Patroni's unsafe endpoints refuse a caller without the login (the drill's switchover below is the
+    authenticated one that works); the GETs HAProxy and Prometheus read answer without one, over TLS only.
+    What it cannot see: the allowlist, since every sandbox host is 127.0.0.1 (allowed)."""
+    leader = cluster.leader()
+    url = cluster.patroni_url(leader)
+    for method, path, body in (("POST", "switchover", {"leader": leader.name}), ("POST", "restart", {}),
+                               ("POST", "reinitialize", {}), ("PATCH", "config", {"ttl": 99})):
+        response = requests.request(method, f"{url}/{path}", json=body, timeout=5, verify=cluster.ca_file)
+        assert (response.status_code, response.text) == (401, "no auth header received"), path
+    wrong = requests.post(f"{url}/switchover", json={"leader": leader.name}, timeout=5, verify=cluster.ca_file,
+                          auth=(cluster.patroni_auth()[0], "not-the-password"))
+    assert wrong.status_code == 401
+    assert _status(cluster, leader, "primary") == 200 and cluster.leader() == leader  # nothing moved
+    with pytest.raises(requests.exceptions.SSLError):  # a certificate of the stack's CA, not the system's
+        requests.get(f"{url}/health", timeout=3)
+    with pytest.raises(requests.exceptions.ConnectionError):  # no plain HTTP beside it
+        requests.get(url.replace("https://", "http://") + "/health", timeout=3)
+
+
+def test_etcd_takes_only_clients_with_a_certificate_of_the_stacks_ca(cluster, tmp_path):
+    """Client-certificate authentication on etcd's client port (the v3 gateway Patroni and the agent use)."""
+    from infra.sandbox.platform import ca_identity, signed_identity
+
+    url = f"{cluster.etcd_url(cluster.topology.etcd[0])}/health"
+    assert requests.get(url, timeout=3, verify=cluster.ca_file, cert=cluster.etcd_client_cert()).json()["health"] == "true"
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(url, timeout=3, verify=cluster.ca_file)  # no certificate
+    other_cert, other_key = signed_identity(*ca_identity("another CA"), common_name="intruder")
+    (tmp_path / "c.pem").write_text(other_cert)
+    (tmp_path / "k.pem").write_text(other_key)
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(url, timeout=3, verify=cluster.ca_file, cert=(str(tmp_path / "c.pem"), str(tmp_path / "k.pem")))
 
 
 def _query(sandbox, node, sql: str, *params):
@@ -57,7 +92,7 @@ def test_rest_api_answers_as_patroni_documents(cluster):
         assert _status(cluster, node, "primary") == (200 if is_leader else 503), node.name
         assert _status(cluster, node, "replica") == (503 if is_leader else 200), node.name
         assert _status(cluster, node, "health") == 200, node.name
-        metrics = requests.get(f"{cluster.patroni_url(node)}/metrics", timeout=3).text
+        metrics = requests.get(f"{cluster.patroni_url(node)}/metrics", timeout=3, verify=cluster.ca_file).text
         assert f'patroni_primary{{scope="{cluster.topology.patroni_scope}"}} {int(is_leader)}' in metrics
 
 

@@ -5,7 +5,8 @@ its real bundle with only ports mapped to 127.0.0.1 (the sandbox's own mapping f
 its path mapping: the platform roots paths instead). The `etcd` unit is a real etcd started as
 systemd starts Debian's unit: the variables of /lib/systemd/system/etcd.service, then its
 EnvironmentFile (/etc/default/etcd), then each drop-in's EnvironmentFile in order, a later file
-winning. A 3-member cluster boots from the rendered 3-member files; members 4 and 5 of the
+winning. Members and clients speak TLS with client certificates, each host's pair from the sandbox's own CA
+(SecretStore, as the sandbox has them). A 3-member cluster boots from the rendered 3-member files; members 4 and 5 of the
 5-member topology join it one at a time, twice over and concurrently; an original member restarts
 with the 5-member files; a member whose volume is new rejoins. What it cannot see: systemd and
 DNS themselves (the drop-in's EnvironmentFile order is systemd.exec's documented rule).
@@ -29,6 +30,7 @@ from infra.bundle import render_bundle
 from infra.hostagent import agent, etcd, gates
 from infra.hosts import host_specs
 from infra.sandbox import mapping as m
+from infra.sandbox.platform import SecretStore
 from infra.settings import load_settings
 from infra.topology import build_topology
 from tests.conftest import stack_config
@@ -89,7 +91,12 @@ class EtcdHost:
 
     @property
     def client_url(self) -> str:
-        return f"http://{m.LOOPBACK}:{self.layout.etcd_client(self.host)}"
+        return f"https://{m.LOOPBACK}:{self.layout.etcd_client(self.host)}"
+
+    @property
+    def store(self) -> SecretStore:
+        """The cluster's stand-in for SSM: one CA, every host's pair (beside the hosts' roots)."""
+        return SecretStore(self.root.parent / "secrets", {})
 
     # ---- the platform the agent drives ----
     def path(self, path: str) -> str:
@@ -106,7 +113,7 @@ class EtcdHost:
         os.chown(path, *agent._owner_ids(owner))
 
     def secret(self, parameter):
-        raise AssertionError(f"an etcd host reads no secret ({parameter})")
+        return self.store.get(parameter)  # its TLS identity, the only secrets an etcd host reads
 
     def boot_command(self, command):
         self.calls.append(f"boot {command}")
@@ -153,7 +160,8 @@ class EtcdHost:
             if optional and not os.path.exists(path):
                 continue
             env.update(etcd.read_env(path))
-        env["ETCD_DATA_DIR"] = self.path(env["ETCD_DATA_DIR"])  # the platform roots host paths
+        for key in ("ETCD_DATA_DIR", *(k for k in env if k.endswith("_FILE"))):
+            env[key] = self.path(env[key])  # the platform roots host paths
         return env
 
     def stop(self):
@@ -179,11 +187,17 @@ class EtcdHost:
         return document
 
     def gate(self) -> dict:
-        return next(s["gate"] for s in self.bundle()["services"] if s["unit"] == "etcd")
+        """The etcd gate as the agent checks it on this host (its TLS files under the root)."""
+        return agent._gate_on(next(s["gate"] for s in self.bundle()["services"] if s["unit"] == "etcd"), self)
 
     def write_files(self) -> None:
-        for file in self.bundle()["files"]:
+        """What the agent writes before a first start: the bundle's files and the host's TLS identity."""
+        bundle = self.bundle()
+        for file in bundle["files"]:
             agent.converge_file(self.path(file["path"]), file["content"].encode(), file["mode"], file["owner"])
+        for secret in bundle["secret_files"]:
+            agent.converge_file(self.path(secret["path"]), self.secret(secret["parameter"]).encode(), secret["mode"],
+                                secret["owner"])
 
     def override(self) -> dict[str, str] | None:
         path = self.path(etcd.JOIN_ENV)
@@ -191,9 +205,17 @@ class EtcdHost:
 
 
 # ---- the etcd v3 gateway, as a client ----
-def _post(url: str, body: dict) -> dict:
+def _client_context(host: EtcdHost):
+    """A client of the cluster with a certificate of its CA (host etcd-1's pair): etcd takes no other."""
+    ca = host.store.ca_file()
+    host.store.get("hosts/etcd-1/tls_cert")
+    folder = host.store.folder / "hosts" / "etcd-1"
+    return etcd.client_context(str(ca), str(folder / "tls_cert"), str(folder / "tls_key"))
+
+
+def _post(url: str, body: dict, host: EtcdHost) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-    with urllib.request.urlopen(request, timeout=5) as response:
+    with urllib.request.urlopen(request, timeout=5, context=_client_context(host)) as response:
         return json.loads(response.read())
 
 
@@ -202,16 +224,17 @@ def _b64(text: str) -> str:
 
 
 def put(host: EtcdHost, key: str, value: str) -> None:
-    _post(f"{host.client_url}/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
+    _post(f"{host.client_url}/v3/kv/put", {"key": _b64(key), "value": _b64(value)}, host)
 
 
 def get_local(host: EtcdHost, key: str) -> str | None:
     """A serializable read: answered from this member's own copy of the data, not the leader's."""
-    kvs = _post(f"{host.client_url}/v3/kv/range", {"key": _b64(key), "serializable": True}).get("kvs", [])
+    kvs = _post(f"{host.client_url}/v3/kv/range", {"key": _b64(key), "serializable": True}, host).get("kvs", [])
     return base64.b64decode(kvs[0]["value"]).decode() if kvs else None
 
 
 def members(host: EtcdHost) -> list[etcd.Member]:
+    etcd._tls["context"] = _client_context(host)  # the agent's own client, as prepare_join configures it
     return list(etcd.member_list(host.client_url).members)
 
 
@@ -291,7 +314,7 @@ def test_members_4_and_5_join_a_running_cluster_one_at_a_time(make_hosts):
     # The ids the agent computes for a bootstrap are the ones etcd gave (how it tells an original member).
     token = TOPOLOGY[("prod", 3)].patroni_scope
     ids = {mem.name: mem.id for mem in members(e1)}
-    peers = {h.name: [f"http://{m.LOOPBACK}:{h.layout.etcd_peer(h.host)}"] for h in (e1, e2, e3)}
+    peers = {h.name: [f"https://{m.LOOPBACK}:{h.layout.etcd_peer(h.host)}"] for h in (e1, e2, e3)}
     assert ids == {name: etcd.member_id(urls, token) for name, urls in peers.items()}
     assert etcd.member_list(e1.client_url).cluster_id == etcd.cluster_id(list(ids.values()))
     for i in range(20):
@@ -406,7 +429,7 @@ def test_a_late_original_member_starts_as_rendered_and_new_hosts_booting_togethe
     assert sizes == [4, 5]  # one joined 4 members, the other, after it, 5
     assert [get_local(h, "/service/betting-prod/leader") for h in (e4, e5)] == ["pg-1", "pg-1"]
     # The join lock is gone with its lease once both have started.
-    lock = _post(f"{e1.client_url}/v3/kv/range", {"key": _b64(etcd.LOCK_NAME), "range_end": _b64(etcd.LOCK_NAME + "0")})
+    lock = _post(f"{e1.client_url}/v3/kv/range", {"key": _b64(etcd.LOCK_NAME), "range_end": _b64(etcd.LOCK_NAME + "0")}, e1)
     assert lock.get("kvs", []) == []
 
 

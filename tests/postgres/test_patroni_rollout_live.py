@@ -77,11 +77,12 @@ def test_dynamic_config_reaches_every_member_and_converges(healthy):
 def _rollout(sandbox, order: list[str], new_value: int) -> dict:
     """PATCH max_connections, then restart_if_pending on every member in `order`, under writes."""
     urls = _urls(sandbox)
-    history = requests.get(f"{urls[order[0]]}/history", timeout=3).json()
-    writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD), tls=sandbox.client_tls())
+    history = requests.get(f"{urls[order[0]]}/history", timeout=3, verify=sandbox.ca_file).json()
+    writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD),
+                    verify=sandbox.ca_file, tls=sandbox.client_tls())
     writer.ensure_table()
     writer.start()
-    with ClusterSampler(_urls(sandbox)) as sampler:
+    with ClusterSampler(_urls(sandbox), verify=sandbox.ca_file) as sampler:
         patch = patroni.apply_dynamic_config(urls[order[0]], {"postgresql": {"parameters": {"max_connections": new_value}}})
         assert patch == {"postgresql": {"parameters": {"max_connections": new_value}}}
         for name, url in urls.items():
@@ -98,7 +99,7 @@ def _rollout(sandbox, order: list[str], new_value: int) -> dict:
     gaps = [(b.at - a.at, a.at - start) for a, b in zip(writer.acks, writer.acks[1:], strict=False) if b.at >= start]
     return {
         "restarted": restarted, "took": took, "sampler": sampler, "writer": writer, "leader": leader.name,
-        "switchovers": len(requests.get(f"{urls[leader.name]}/history", timeout=3).json()) - len(history),
+        "switchovers": len(requests.get(f"{urls[leader.name]}/history", timeout=3, verify=sandbox.ca_file).json()) - len(history),
         "lost": writer.missing(sandbox.dsn(leader)), "gap": max(gaps), "acks": len(writer.acks),
         "pauses": ", ".join(f"{g:.2f}s@t+{t:.1f}" for g, t in gaps if g > 0.3),
     }
@@ -183,11 +184,12 @@ def test_the_agent_rolls_a_bundle_change_through_the_cluster(healthy, prod_setti
     urls, order = _urls(healthy), [n.name for n in healthy.topology.postgres]
     old = int(_setting(healthy, healthy.node(order[0]), "max_connections"))
     specs = {s.host.name: s for s in host_specs(prod_settings, healthy.topology) if s.host.role == "postgres"}
-    history = requests.get(f"{urls[order[0]]}/history", timeout=3).json()
-    writer = Writer(list(urls.values()), healthy.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD), tls=healthy.client_tls())
+    history = requests.get(f"{urls[order[0]]}/history", timeout=3, verify=healthy.ca_file).json()
+    writer = Writer(list(urls.values()), healthy.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD),
+                    verify=healthy.ca_file, tls=healthy.client_tls())
     writer.ensure_table()
     writer.start()
-    with ClusterSampler(_urls(healthy)) as sampler:
+    with ClusterSampler(_urls(healthy), verify=healthy.ca_file) as sampler:
         for name in order:
             section = bundle_document(specs[name], prod_settings, healthy.topology)["patroni"]
             section["api"] = urls[name]  # the sandbox's port for 127.0.0.1:8008: the only mapped part
@@ -204,4 +206,4 @@ def test_the_agent_rolls_a_bundle_change_through_the_cluster(healthy, prod_setti
         assert patroni.config(urls[node.name])["maximum_lag_on_failover"] == 2097152, node.name
     assert writer.missing(healthy.dsn(leader)) == []
     assert sampler.most_down <= 1
-    assert len(requests.get(f"{urls[leader.name]}/history", timeout=3).json()) - len(history) <= 1
+    assert len(requests.get(f"{urls[leader.name]}/history", timeout=3, verify=healthy.ca_file).json()) - len(history) <= 1

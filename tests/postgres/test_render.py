@@ -9,7 +9,13 @@ import yaml
 
 from infra import pki
 from infra.render.etcd import render_etcd
-from infra.render.patroni import EXPORTER_PASSWORD_ENV, EXTENSIONS_SQL, PASSWORD_ENV, render_patroni
+from infra.render.patroni import (
+    EXPORTER_PASSWORD_ENV,
+    EXTENSIONS_SQL,
+    PASSWORD_ENV,
+    RESTAPI_CREDENTIALS_ENV,
+    render_patroni,
+)
 from infra.render.pgbackrest import TLS_CLIENT_CN, render_pgbackrest
 from infra.render.redis import render_redis
 from infra.sandbox.mapping import Layout, map_file
@@ -93,6 +99,20 @@ def test_no_password_in_patroni_yml_they_come_from_patronis_env_vars(settings, t
     assert set(PASSWORD_ENV) == {"PATRONI_SUPERUSER_PASSWORD", "PATRONI_REPLICATION_PASSWORD", "PATRONI_REWIND_PASSWORD"}
     # Each variable is filled from a secret file the platform writes.
     assert all(secret_path(name).startswith(Paths.SECRETS_DIR + "/") for name in PASSWORD_ENV.values())
+
+
+def test_rest_api_serves_tls_asks_a_login_from_the_environment_and_allows_members_and_monitoring(settings, topology):
+    for node in topology.postgres:
+        config, _ = _patroni(settings, topology, node)
+        restapi = config["restapi"]
+        assert (restapi["certfile"], restapi["keyfile"], restapi["cafile"]) == (pki.cert_path(), pki.key_path(), pki.ca_path())
+        assert "authentication" not in restapi  # Patroni fills it from PATRONI_RESTAPI_USERNAME/PASSWORD
+        assert set(restapi["allowlist"]) == {h.fqdn for h in topology.postgres + topology.monitoring}
+        assert restapi["allowlist_include_members"] is True
+        assert config["ctl"] == {"cacert": pki.ca_path(), "certfile": pki.cert_path(), "keyfile": pki.key_path()}
+        assert config["etcd3"] | {"hosts": None} == {"hosts": None, "protocol": "https", "cacert": pki.ca_path(),
+                                                     "cert": pki.cert_path(), "key": pki.key_path()}
+    assert set(RESTAPI_CREDENTIALS_ENV) == {"PATRONI_RESTAPI_USERNAME", "PATRONI_RESTAPI_PASSWORD"}
 
 
 def test_exporter_role_and_stanza_are_created_at_bootstrap_by_the_shipped_script(settings, topology):
@@ -191,8 +211,14 @@ def test_etcd_members_form_one_cluster(settings, topology):
         (content,) = render_etcd(settings, topology, member).values()
         env = dict(line.split("=", 1) for line in content.decode().splitlines())
         assert env["ETCD_NAME"] == member.name
-        assert env["ETCD_ADVERTISE_CLIENT_URLS"] == f"http://{member.fqdn}:{Ports.ETCD_CLIENT}"
-        assert env["ETCD_INITIAL_ADVERTISE_PEER_URLS"] == f"http://{member.fqdn}:{Ports.ETCD_PEER}"
+        assert env["ETCD_ADVERTISE_CLIENT_URLS"] == f"https://{member.fqdn}:{Ports.ETCD_CLIENT}"
+        assert env["ETCD_INITIAL_ADVERTISE_PEER_URLS"] == f"https://{member.fqdn}:{Ports.ETCD_PEER}"
+        # Clients and peers both need a certificate of the stack's CA; the member serves its own pair.
+        assert env["ETCD_CLIENT_CERT_AUTH"] == env["ETCD_PEER_CLIENT_CERT_AUTH"] == "true"
+        assert env["ETCD_TRUSTED_CA_FILE"] == env["ETCD_PEER_TRUSTED_CA_FILE"] == pki.ca_path()
+        assert env["ETCD_CERT_FILE"] == env["ETCD_PEER_CERT_FILE"] == pki.cert_path()
+        assert env["ETCD_KEY_FILE"] == env["ETCD_PEER_KEY_FILE"] == pki.key_path()
+        assert env["ETCD_LISTEN_CLIENT_URLS"].startswith("https://") and env["ETCD_LISTEN_PEER_URLS"].startswith("https://")
         cluster = dict(entry.split("=", 1) for entry in env["ETCD_INITIAL_CLUSTER"].split(","))
         assert cluster[member.name] == env["ETCD_INITIAL_ADVERTISE_PEER_URLS"]
         assert len(cluster) == settings.etcd.members

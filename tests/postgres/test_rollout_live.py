@@ -64,13 +64,15 @@ def test_a_restart_and_a_dcs_change_roll_through_etcd_and_patroni_one_member_at_
     )
     urls = {node.name: sandbox.patroni_url(node) for node in topology.postgres}
     etcd_pids = {member.name: sandbox.running()[member.name].pid for member in topology.etcd}
-    history = requests.get(f"{next(iter(urls.values()))}/history", timeout=3).json()
-    writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD), tls=sandbox.client_tls())
+    history = requests.get(f"{next(iter(urls.values()))}/history", timeout=3, verify=sandbox.ca_file).json()
+    writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD),
+                    verify=sandbox.ca_file, tls=sandbox.client_tls())
     writer.ensure_table()
     writer.start()
-    etcd_urls = [f"http://127.0.0.1:{sandbox.layout.etcd_client(m)}" for m in topology.etcd]
+    etcd_urls = [sandbox.etcd_url(m) for m in topology.etcd]
     started = time.monotonic()
-    with ClusterSampler(urls) as patroni_sampler, EtcdSampler(etcd_urls) as etcd_sampler:
+    with (ClusterSampler(urls, verify=sandbox.ca_file) as patroni_sampler,
+          EtcdSampler(etcd_urls, verify=sandbox.ca_file, cert=sandbox.etcd_client_cert()) as etcd_sampler):
         reports = sandbox.roll(target)
         time.sleep(1)
     took = time.monotonic() - started
@@ -90,7 +92,7 @@ def test_a_restart_and_a_dcs_change_roll_through_etcd_and_patroni_one_member_at_
         assert not patroni.member(urls[node.name]).get("pending_restart"), node.name
     assert writer.missing(sandbox.dsn(leader)) == []
     assert etcd_sampler.most_down <= 1 and patroni_sampler.most_down <= 1
-    switchovers = len(requests.get(f"{urls[leader.name]}/history", timeout=3).json()) - len(history)
+    switchovers = len(requests.get(f"{urls[leader.name]}/history", timeout=3, verify=sandbox.ca_file).json()) - len(history)
     assert switchovers <= 1
     gaps = [b.at - a.at for a, b in zip(writer.acks, writer.acks[1:], strict=False)]
     print(f"\nrolled 3 etcd members and 3 Patroni nodes in {took:.1f}s: {len(writer.acks)} writes acknowledged, "
@@ -155,8 +157,8 @@ def test_adding_two_etcd_members_to_the_running_cluster(sandbox):
     for name, pid in before.items():
         assert reports[name].changed == ["/etc/default/etcd"] and reports[name].actions == [], name
         assert sandbox.running()[name].pid == pid, name
-    url = f"http://127.0.0.1:{sandbox.layout.etcd_client(sandbox.topology.etcd[0])}/v3/cluster/member/list"
-    members = requests.post(url, json={}, timeout=3).json()["members"]
+    url = f"{sandbox.etcd_url(sandbox.topology.etcd[0])}/v3/cluster/member/list"
+    members = requests.post(url, json={}, timeout=3, verify=sandbox.ca_file, cert=sandbox.etcd_client_cert()).json()["members"]
     assert sorted(m["name"] for m in members if m.get("clientURLs")) == [f"etcd-{i}" for i in range(1, 6)]
     sandbox.wait_healthy(60)
 
@@ -168,10 +170,11 @@ def test_adding_a_patroni_node_to_the_running_cluster(sandbox):
     more = _changed(current, patroni={"nodes": current.patroni.nodes + 1})
     urls = {node.name: sandbox.patroni_url(node) for node in sandbox.topology.postgres}
     senders_before = patroni.config(next(iter(urls.values())))["postgresql"]["parameters"]["max_wal_senders"]
-    writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD), tls=sandbox.client_tls())
+    writer = Writer(list(urls.values()), sandbox.secret(SecretNames.POSTGRES_SUPERUSER_PASSWORD),
+                    verify=sandbox.ca_file, tls=sandbox.client_tls())
     writer.ensure_table()
     writer.start()
-    with ClusterSampler(urls) as sampler:
+    with ClusterSampler(urls, verify=sandbox.ca_file) as sampler:
         reports = {r.host: r for r in sandbox.roll(more)}
         time.sleep(1)
     writer.stop()

@@ -135,9 +135,10 @@ def test_gates_and_the_patroni_api_point_at_the_hosts_own_ports(settings, tmp_pa
         assert urls
         own = set(layout.host_ports(host, topology).values())
         for url in urls:
-            assert int(re.search(r":(\d+)", url.removeprefix("http://127.0.0.1")).group(1)) in own, (host.name, url)
+            port = re.search(r":(\d+)", re.sub(r"^https?://127\.0\.0\.1", "", url)).group(1)
+            assert int(port) in own, (host.name, url)
         if host.role == "postgres":
-            assert bundle["patroni"]["api"] == f"http://127.0.0.1:{layout.patroni(host)}"
+            assert bundle["patroni"]["api"] == f"https://127.0.0.1:{layout.patroni(host)}"
 
 
 def test_only_the_asked_services_run_and_never_a_timer(settings, tmp_path):
@@ -226,7 +227,7 @@ def test_debian_units_give_the_daemons_the_bundles_files(settings, tmp_path):
     assert patroni.user == "postgres" and patroni.kill_mode == "process"
     etcd = sandbox.platform(member)
     env = etcd._environment(etcd.unit("etcd"))
-    assert env["ETCD_LISTEN_CLIENT_URLS"] == f"http://127.0.0.1:{sandbox.layout.etcd_client(member)}"
+    assert env["ETCD_LISTEN_CLIENT_URLS"] == f"https://127.0.0.1:{sandbox.layout.etcd_client(member)}"
     assert env["ETCD_DATA_DIR"].startswith(str(sandbox.layout.host_root(member)))
 
 
