@@ -183,4 +183,5 @@ def test_a_renewed_certificate_reloads_patroni_and_pgbouncer(settings, topology)
     spec = next(s for s in host_specs(settings, topology) if s.host.role == "postgres")
     tls = {f["path"]: f["reloads"] for f in bundle_document(spec, settings, topology)["secret_files"]
            if f["path"] in (pki.ca_path(), pki.key_path(), pki.cert_path())}
-    assert len(tls) == 3 and all(reloads == [["patroni", "reload"], ["pgbouncer", "reload"]] for reloads in tls.values())
+    assert len(tls) == 3 and all(reloads == [["patroni", "reload"], ["pgbouncer", "reload"], ["haproxy", "reload"]]
+                                 for reloads in tls.values())

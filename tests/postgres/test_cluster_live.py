@@ -200,7 +200,12 @@ def test_node_loss_fails_over_without_losing_an_acknowledged_write_and_the_old_l
     assert result.lost == 0
     _assert_the_client_path_followed(result, cluster)
     leader = cluster.leader()
-    members = _members(cluster)
+    # A member publishes its timeline in the DCS at its next HA loop, which may come after it streams already.
+    def published():
+        members = _members(cluster)
+        return members if "timeline" in members[old.name] else None
+
+    members = wait_for(f"{old.name} to publish its timeline", published, 30, 0.5)
     assert members[old.name]["role"] in ("replica", "sync_standby")
     assert members[old.name]["timeline"] == members[leader.name]["timeline"]
     assert _query(cluster, old, "SELECT status FROM pg_stat_wal_receiver")[0][0] == "streaming"
