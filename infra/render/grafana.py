@@ -45,6 +45,8 @@ BACKUP_STALE_SECONDS = 90000  # BackupFailed: no backup for 25 h
 BACKUP_UNVERIFIED_SECONDS = 43200  # BackupNotVerified: the newest backup 12 h old and unverified
 ARCHIVE_STALLED_SECONDS = 300  # WalArchivingFailing: the primary writes but archived nothing for 5 min
 PGBOUNCER_MAXWAIT_SECONDS = 1  # PgBouncerClientsWaiting
+# No node exports the figure: no backup has succeeded since the textfiles began (BackupFailed's absent() rule).
+_NO_BACKUP = "none on any node"
 _PRIMARY_ONLY = "and on (instance) max by (instance) (pg_replication_is_replica) == 0"
 _CLIENT_PROXIES = f'proxy=~"{WRITER_PROXY}|{READER_PROXY}"'
 
@@ -68,12 +70,15 @@ def _thresholds(*steps: tuple[float | None, str]) -> dashboard_builders.Threshol
 
 def _stat(title: str, unit: str, expr: str, legend: str = "", width: int = 6,
           thresholds: dashboard_builders.ThresholdsConfig | None = None,
-          mappings: list[dashboard_models.ValueMapping] | None = None, description: str = "") -> stat.Panel:
+          mappings: list[dashboard_models.ValueMapping] | None = None, description: str = "",
+          no_value: str = "") -> stat.Panel:
     panel = (stat.Panel().title(title).datasource(_PROMETHEUS).unit(unit).height(6).span(width)
              .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]))
              .with_target(_query(expr, legend)))
     if description:
         panel = panel.description(description)
+    if no_value:
+        panel = panel.no_value(no_value)
     if thresholds is not None:
         panel = panel.thresholds(thresholds)
     return panel.mappings(mappings) if mappings else panel
@@ -241,11 +246,11 @@ def backups_dashboard() -> dashboard_builders.Dashboard:
         _board("Backups & WAL Archiving", "backups-wal-archiving", ["postgresql", "backup"])
         .with_row(dashboard_builders.Row("Base backups and restore verification"))
         .with_panel(_stat("Newest successful backup (any node)", "s", "time() - max(backup_last_success_timestamp)",
-                          thresholds=stale, description="Taken and proven by a restore (scripts/backup.py run). "
-                          "Red where BackupFailed fires (25 h)."))
+                          thresholds=stale, no_value=_NO_BACKUP, description="Taken and proven by a restore "
+                          "(scripts/backup.py run). Red where BackupFailed fires (25 h)."))
         .with_panel(_stat("Newest verified restore (any node)", "s", "time() - max(backup_last_verified_timestamp)",
-                          thresholds=unverified, description="The last restore that passed pg_amcheck, the canary "
-                          "comparison and pg_checksums (run or verify)."))
+                          thresholds=unverified, no_value=_NO_BACKUP, description="The last restore that passed "
+                          "pg_amcheck, the canary comparison and pg_checksums (run or verify)."))
         .with_panel(_stat("Newest backup verified", "none",
                           "max(backup_last_verified_timestamp) >= bool max(backup_last_success_timestamp)",
                           mappings=verified_texts, thresholds=_thresholds((None, "red"), (1, "green")),
