@@ -8,21 +8,24 @@ EBS, SSM and systemd themselves (the sandbox runs the same apply against real da
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from infra.bundle import digest as bundle_digest
 from infra.bundle import render_bundle
 from infra.hostagent import agent
 from infra.hosts import host_specs
 from infra.sandbox.platform import SecretStore
 from infra.settings import load_settings
-from infra.topology import build_topology
+from infra.topology import Paths, build_topology
 from tests.conftest import stack_config
 
 
@@ -271,3 +274,49 @@ def test_an_etcd_member_list_change_is_written_without_a_restart_but_a_timing_ch
     env["content"] = env["content"].replace("ETCD_ELECTION_TIMEOUT=1500", "ETCD_ELECTION_TIMEOUT=1600")
     agent.apply(bundle, platform)
     assert "restart etcd" in platform.calls
+
+
+def test_a_healthy_apply_says_in_node_exporters_textfile_which_bundle_the_host_runs(tmp_path):
+    """betting_agent.prom (read by the rollouts dashboard): written atomically after each healthy apply, with the
+    bundle's digest as infra/bundle.py computes it (its S3 key), the role, and the rollout that asked for it."""
+    settings = load_settings(stack_config("prod"), "prod")
+    topology = build_topology(settings)
+    (spec,) = [s for s in host_specs(settings, topology) if s.host.name == "monitoring-1"]
+    assert agent.bundle_digest(json.loads(render_bundle(spec, settings, topology))) == bundle_digest(
+        render_bundle(spec, settings, topology))
+    assert agent.TEXTFILE_DIR == Paths.NODE_EXPORTER_TEXTFILE_DIR
+
+    bundle = _bundle("monitoring-1")
+    platform = RecordingPlatform(tmp_path)
+    digests = '{"monitoring-1": "' + "a" * 64 + '"}'
+    first = agent.apply(bundle, platform, rollout=agent.rollout_digest(digests))
+    folder = platform.path(Paths.NODE_EXPORTER_TEXTFILE_DIR)
+    assert os.listdir(folder) == ["betting_agent.prom"]  # no temporary file left beside it
+    text = open(os.path.join(folder, "betting_agent.prom")).read()
+    rollout = hashlib.sha256(digests.encode()).hexdigest()
+    assert (f'betting_agent_bundle_info{{digest="{agent.bundle_digest(bundle)}",role="monitoring",rollout="{rollout}"}} 1'
+            in text.splitlines())
+    assert f"betting_agent_apply_changed_files {len(first.changed)}" in text.splitlines()
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    # Applied again by hand: nothing changed, a newer time, no rollout label.
+    agent.apply(bundle, platform)
+    again = open(os.path.join(folder, "betting_agent.prom")).read()
+    assert "betting_agent_apply_changed_files 0" in again.splitlines() and "rollout=" not in again
+    applied_at = [float(line.split()[1]) for line in (text + again).splitlines()
+                  if line.startswith("betting_agent_last_apply_timestamp_seconds ")]
+    assert len(applied_at) == 2 and applied_at[1] >= applied_at[0]
+
+
+def test_a_failed_apply_leaves_the_last_healthy_applys_metrics(tmp_path):
+    bundle = _bundle("monitoring-1")
+    platform = RecordingPlatform(tmp_path)
+    agent.apply(bundle, platform)
+    path = os.path.join(platform.path(Paths.NODE_EXPORTER_TEXTFILE_DIR), "betting_agent.prom")
+    before = open(path).read()
+    bundle["services"][0]["gate"] = {"kind": "http", "url": "http://127.0.0.1:9/never"}
+    _file(bundle, bundle["files"][0]["path"])["content"] += "\n"
+    with pytest.raises(agent.ApplyError):
+        agent.apply(bundle, platform, gate_timeout=0.5)
+    assert open(path).read() == before

@@ -43,6 +43,10 @@ AGENT_COMMAND = "/usr/local/sbin/betting-agent"
 GATE_TIMEOUT = {"patroni": 600.0, "etcd": 180.0}  # a replica's rejoin or an etcd catch-up takes a while
 DEFAULT_GATE_TIMEOUT = 120.0
 ACTION_ORDER = {"none": 0, "reload": 1, "restart": 2}
+# node_exporter's textfile folder (infra/topology.py Paths.NODE_EXPORTER_TEXTFILE_DIR; the agent imports no infra
+# module but its own): after each healthy apply the agent says there which bundle it runs, so rollouts show in Prometheus.
+TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
+METRICS_FILE = "betting_agent.prom"
 
 
 class ApplyError(RuntimeError):
@@ -214,6 +218,37 @@ def converge_file(path: str, content: bytes, mode: str, owner: str | None) -> bo
 
 
 # ---- apply --------------------------------------------------------------------------------
+def bundle_digest(bundle: dict) -> str:
+    """The sha256 of the bundle's bytes as infra/bundle.py renders them (the digest its S3 key and SSM name)."""
+    return hashlib.sha256((json.dumps(bundle, indent=1, sort_keys=True) + "\n").encode()).hexdigest()
+
+
+def metrics_text(bundle: dict, changed: int, applied_at: float, rollout: str) -> str:
+    labels = f'digest="{bundle_digest(bundle)}",role="{bundle["role"]}"' + (f',rollout="{rollout}"' if rollout else "")
+    return "".join([
+        "# HELP betting_agent_last_apply_timestamp_seconds Unix time of the host agent's last apply that ended healthy.\n",
+        "# TYPE betting_agent_last_apply_timestamp_seconds gauge\n",
+        f"betting_agent_last_apply_timestamp_seconds {applied_at:.3f}\n",
+        "# HELP betting_agent_apply_changed_files Files, folders and secrets that apply changed.\n",
+        "# TYPE betting_agent_apply_changed_files gauge\n",
+        f"betting_agent_apply_changed_files {changed}\n",
+        "# HELP betting_agent_bundle_info The bundle this host runs (sha256), its role and the rollout that applied it"
+        " (sha256 of the role's digests parameter; none for an apply by hand or at boot).\n",
+        "# TYPE betting_agent_bundle_info gauge\n",
+        f"betting_agent_bundle_info{{{labels}}} 1\n",
+    ])
+
+
+def write_apply_metrics(bundle: dict, platform, report: Report, rollout: str = "") -> None:
+    """The textfile node_exporter serves: written beside it and renamed, so a scrape never reads half of it.
+    Only after a healthy apply: a failed one leaves the last good apply's figures (the dashboard shows it lagging)."""
+    path = os.path.join(platform.path(TEXTFILE_DIR), METRICS_FILE)
+    try:
+        write_atomic(path, metrics_text(bundle, len(report.changed), time.time(), rollout).encode(), "0644")
+    except OSError as error:  # the host is healthy: the apply stands, the stale figures say the rest
+        report.log(f"apply metrics not written: {path}: {error.strerror}")
+
+
 class Report:
     def __init__(self, host: str):
         self.host = host
@@ -358,8 +393,9 @@ def converge_pgbouncer_auth(host: str, spec: dict, platform, report: Report) -> 
     report.log(f"pgbouncer auth: pgbouncer.get_auth in {', '.join(databases)}")
 
 
-def apply(bundle: dict, platform, gate_timeout: float | None = None) -> Report:
-    """Apply `bundle` on `platform`; return what changed. Raises ApplyError at the first failed gate."""
+def apply(bundle: dict, platform, gate_timeout: float | None = None, rollout: str = "") -> Report:
+    """Apply `bundle` on `platform`; return what changed. Raises ApplyError at the first failed gate.
+    `rollout` names the rollout that asked for it (the apply metrics' label)."""
     host = bundle["host"]
     report = Report(host)
     volume = bundle["volume"]
@@ -431,6 +467,7 @@ def apply(bundle: dict, platform, gate_timeout: float | None = None) -> Report:
             converge_extensions(host, bundle["patroni"], platform, report)
         if unit == "patroni" and "pgbouncer_auth" in bundle.get("patroni", {}):
             converge_pgbouncer_auth(host, bundle["patroni"], platform, report)
+    write_apply_metrics(bundle, platform, report, rollout)
     return report
 
 
@@ -524,12 +561,17 @@ def _digest_for(config: dict, args: argparse.Namespace) -> str:
     return digests[config["host"]]
 
 
-def _apply_file(path: str, platform) -> int:
+def rollout_digest(digests: str) -> str:
+    """One name for a role's rollout: the sha256 of its digests parameter, equal on every host it reached."""
+    return hashlib.sha256(digests.encode()).hexdigest()
+
+
+def _apply_file(path: str, platform, rollout: str = "") -> int:
     with open(path) as handle:
         bundle = json.load(handle)
     with open(LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the boot stub and an association run may overlap on a new host
-        report = apply(bundle, platform)
+        report = apply(bundle, platform, rollout=rollout)
     os.makedirs(STATE_DIR, exist_ok=True)
     with open(f"{STATE_DIR}/applied.json", "w") as handle:
         json.dump({"bundle": path, "changed": report.changed, "actions": report.actions}, handle)
@@ -542,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     one = sub.add_parser("apply", help="apply a bundle file")
     one.add_argument("--bundle", required=True)
+    one.add_argument("--rollout", default="", help="the rollout's digest (rollout_digest), for the apply metrics")
     fetch_apply = sub.add_parser("fetch-apply", help="fetch this host's bundle from S3, verify it, apply it")
     which = fetch_apply.add_mutually_exclusive_group(required=True)
     which.add_argument("--digest")
@@ -554,17 +597,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "apply":
-            return _apply_file(args.bundle, DebianHost(_host_config()["region"]))
+            return _apply_file(args.bundle, DebianHost(_host_config()["region"]), args.rollout)
         config = _host_config()
         if args.command == "fetch-apply":
             path = fetch(config, _digest_for(config, args))
+            rollout = rollout_digest(args.digests) if args.digests else ""
             if args.secrets:
                 print(f"{config['host']}: rollout secrets revision {args.secrets}", file=sys.stderr)
             with open(path) as handle:
                 if install_agent(json.load(handle)):
                     # The new agent applies its own bundle.
-                    os.execv(AGENT_COMMAND, [AGENT_COMMAND, "apply", "--bundle", path])
-            return _apply_file(path, DebianHost(config["region"]))
+                    os.execv(AGENT_COMMAND, [AGENT_COMMAND, "apply", "--bundle", path, "--rollout", rollout])
+            return _apply_file(path, DebianHost(config["region"]), rollout)
         with open(f"{STATE_DIR}/applied.json") as handle:
             with open(json.load(handle)["bundle"]) as bundle_file:
                 bundle = json.load(bundle_file)

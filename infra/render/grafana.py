@@ -2,9 +2,12 @@
 
 Dashboards are built with grafana-foundation-sdk (typed builders, no hand-written JSON):
 "Database Overview" and "Application Overview" with the requirements document's panels (queries
-corrected like the alert rules: aggregated ratios, metrics that exist), and "SLOs & Error Budget"
-built from the SLO catalog. Pure: settings + topology in, bytes out. Grafana's admin password is
-not here: the service reads it from GF_SECURITY_ADMIN_PASSWORD at run time (its EnvironmentFile, from SSM).
+corrected like the alert rules: aggregated ratios, metrics that exist), "SLOs & Error Budget"
+built from the SLO catalog, and the operations boards: "Backups & WAL Archiving" (scripts/backup.py's
+textfile, pg_stat_archiver), "Client Path" (betting-pgbouncer-exporter, HAProxy's own exporter) and
+"Rollouts" (the host agent's textfile, infra/hostagent/agent.py). Pure: settings + topology in, bytes
+out. Grafana's admin password is not here: the service reads it from GF_SECURITY_ADMIN_PASSWORD at run
+time (its EnvironmentFile, from SSM).
 
 grafana.ini serves HTTPS with the host's identity (infra/pki.py). The data sources reach Prometheus and
 Alertmanager over https, verifying them against the stack's CA, with the monitoring credential
@@ -19,13 +22,14 @@ import json
 import yaml
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard as dashboard_builders
-from grafana_foundation_sdk.builders import heatmap, stat, timeseries
+from grafana_foundation_sdk.builders import heatmap, stat, table, timeseries
 from grafana_foundation_sdk.builders import prometheus as prometheus_query
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 from infra import pki
+from infra.render.haproxy import READER_PROXY, WRITER_PROXY
 from infra.render.prometheus import cluster_name
 from infra.render.webconfig import MONITORING_USER, password_path
 from infra.settings import StackSettings
@@ -36,6 +40,15 @@ PROMETHEUS_UID = "prometheus"
 ALERTMANAGER_UID = "alertmanager"
 _PROMETHEUS = dashboard_models.DataSourceRef(type_val="prometheus", uid=PROMETHEUS_UID)
 _POLICY_COLORS = {"healthy": "green", "caution": "yellow", "freeze": "orange", "exhausted": "red"}
+# The alert rules' thresholds (infra/render/prometheus.py), so a panel turns red when its alert would fire.
+BACKUP_STALE_SECONDS = 90000  # BackupFailed: no backup for 25 h
+BACKUP_UNVERIFIED_SECONDS = 43200  # BackupNotVerified: the newest backup 12 h old and unverified
+ARCHIVE_STALLED_SECONDS = 300  # WalArchivingFailing: the primary writes but archived nothing for 5 min
+PGBOUNCER_MAXWAIT_SECONDS = 1  # PgBouncerClientsWaiting
+# No node exports the figure: no backup has succeeded since the textfiles began (BackupFailed's absent() rule).
+_NO_BACKUP = "none on any node"
+_PRIMARY_ONLY = "and on (instance) max by (instance) (pg_replication_is_replica) == 0"
+_CLIENT_PROXIES = f'proxy=~"{WRITER_PROXY}|{READER_PROXY}"'
 
 
 def _query(expr: str, legend: str = "", ref: str = "A") -> prometheus_query.Dataquery:
@@ -48,6 +61,38 @@ def _timeseries(title: str, unit: str, *queries: tuple[str, str], width: int = 1
     for index, (expr, legend) in enumerate(queries):
         panel = panel.with_target(_query(expr, legend, chr(ord("A") + index)))
     return panel
+
+
+def _thresholds(*steps: tuple[float | None, str]) -> dashboard_builders.ThresholdsConfig:
+    return (dashboard_builders.ThresholdsConfig().mode(dashboard_models.ThresholdsMode.ABSOLUTE)
+            .steps([dashboard_models.Threshold(value=value, color=color) for value, color in steps]))
+
+
+def _stat(title: str, unit: str, expr: str, legend: str = "", width: int = 6,
+          thresholds: dashboard_builders.ThresholdsConfig | None = None,
+          mappings: list[dashboard_models.ValueMapping] | None = None, description: str = "",
+          no_value: str = "") -> stat.Panel:
+    panel = (stat.Panel().title(title).datasource(_PROMETHEUS).unit(unit).height(6).span(width)
+             .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]))
+             .with_target(_query(expr, legend)))
+    if description:
+        panel = panel.description(description)
+    if no_value:
+        panel = panel.no_value(no_value)
+    if thresholds is not None:
+        panel = panel.thresholds(thresholds)
+    return panel.mappings(mappings) if mappings else panel
+
+
+def _value_texts(texts: dict[str, tuple[str, str]]) -> list[dashboard_models.ValueMapping]:
+    """A stat's value shown as words: {value: (text, color)}."""
+    return [dashboard_models.ValueMap({value: dashboard_models.ValueMappingResult(text=text, color=color, index=index)})
+            for index, (value, (text, color)) in enumerate(texts.items())]
+
+
+def _board(title: str, uid: str, tags: list[str]) -> dashboard_builders.Dashboard:
+    return (dashboard_builders.Dashboard(title).uid(uid).tags(["betting", *tags, "generated"])
+            .refresh("1m").time("now-24h", "now"))
 
 
 def database_overview() -> dashboard_builders.Dashboard:
@@ -190,10 +235,165 @@ def slo_dashboard() -> dashboard_builders.Dashboard:
     return board
 
 
+def backups_dashboard() -> dashboard_builders.Dashboard:
+    """scripts/backup.py's textfile (one per PostgreSQL node: the node that took the backup has the newest
+    figures, a former designated node keeps its older ones) and postgres_exporter 0.11's pg_stat_archiver."""
+    stale = _thresholds((None, "green"), (BACKUP_STALE_SECONDS, "red"))
+    unverified = _thresholds((None, "green"), (BACKUP_UNVERIFIED_SECONDS, "red"))
+    verified_texts = _value_texts({"1": ("verified after the newest backup", "green"),
+                                   "0": ("newest backup not verified", "red")})
+    return (
+        _board("Backups & WAL Archiving", "backups-wal-archiving", ["postgresql", "backup"])
+        .with_row(dashboard_builders.Row("Base backups and restore verification"))
+        .with_panel(_stat("Newest successful backup (any node)", "s", "time() - max(backup_last_success_timestamp)",
+                          thresholds=stale, no_value=_NO_BACKUP, description="Taken and proven by a restore "
+                          "(scripts/backup.py run). Red where BackupFailed fires (25 h)."))
+        .with_panel(_stat("Newest verified restore (any node)", "s", "time() - max(backup_last_verified_timestamp)",
+                          thresholds=unverified, no_value=_NO_BACKUP, description="The last restore that passed "
+                          "pg_amcheck, the canary comparison and pg_checksums (run or verify)."))
+        .with_panel(_stat("Newest backup verified", "none",
+                          "max(backup_last_verified_timestamp) >= bool max(backup_last_success_timestamp)",
+                          mappings=verified_texts, thresholds=_thresholds((None, "red"), (1, "green")),
+                          description="What BackupNotVerified reads. A failed verification writes no metric: "
+                          "it leaves the last success in place, and its record in the bucket says why."))
+        .with_panel(_stat("Last backup size", "bytes",
+                          "max(backup_last_size_bytes and on (instance) backup_last_success_timestamp"
+                          " == on () group_left max(backup_last_success_timestamp))"))
+        .with_panel(_timeseries(
+            "Backup and verification age per node", "s",
+            ("time() - max by (instance) (backup_last_success_timestamp)", "{{instance}} backup"),
+            ("time() - max by (instance) (backup_last_verified_timestamp)", "{{instance}} verified"),
+            width=24,
+        ))
+        .with_panel(_timeseries("Backup duration per node", "s",
+                                ("max by (instance) (backup_last_duration_seconds)", "{{instance}}")))
+        .with_panel(_timeseries("Backup size per node", "bytes",
+                                ("max by (instance) (backup_last_size_bytes)", "{{instance}}")))
+        .with_row(dashboard_builders.Row("WAL archiving (pg_stat_archiver)"))
+        .with_panel(_stat("Archive failures (1 h, all nodes)", "short",
+                          "sum(increase(pg_stat_archiver_failed_count[1h]))",
+                          thresholds=_thresholds((None, "green"), (1, "red"))))
+        .with_panel(_stat("Last archive on the primary", "s", f"max(pg_stat_archiver_last_archive_age {_PRIMARY_ONLY})",
+                          thresholds=_thresholds((None, "green"), (ARCHIVE_STALLED_SECONDS, "orange")),
+                          description="archive_timeout closes a segment every minute while WAL is written; an idle "
+                          "primary archives nothing (WalArchivingFailing pages only while rows change).", width=6))
+        .with_panel(_timeseries(
+            "Segments archived and failed (10 min)", "short",
+            ("sum by (instance) (increase(pg_stat_archiver_archived_count[10m]))", "{{instance}} archived"),
+            ("sum by (instance) (increase(pg_stat_archiver_failed_count[10m]))", "{{instance}} failed"),
+        ))
+        .with_panel(_timeseries(
+            "Age of the last archived segment", "s",
+            (f"max by (instance) (pg_stat_archiver_last_archive_age) {_PRIMARY_ONLY}", "{{instance}} (primary)"),
+        ))
+    )
+
+
+def client_path_dashboard() -> dashboard_builders.Dashboard:
+    """Every PostgreSQL node's PgBouncer (betting-pgbouncer-exporter) and HAProxy (its built-in exporter)."""
+    up_texts = _value_texts({"1": ("up", "green"), "0": ("down", "red")})
+    pool = "instance, database, user"
+    return (
+        _board("Client Path: PgBouncer & HAProxy", "client-path", ["pgbouncer", "haproxy"])
+        .with_row(dashboard_builders.Row("PgBouncer pools"))
+        .with_panel(_stat("PgBouncer up", "none", "min by (instance) (pgbouncer_up)", "{{instance}}", width=8,
+                          mappings=up_texts, thresholds=_thresholds((None, "red"), (1, "green"))))
+        .with_panel(_stat("Clients waiting now (all pools)", "short",
+                          "sum(pgbouncer_pools_client_waiting_connections)", width=8,
+                          thresholds=_thresholds((None, "green"), (1, "orange"))))
+        .with_panel(_stat("Longest wait now", "s", "max(pgbouncer_pools_client_maxwait_seconds)", width=8,
+                          thresholds=_thresholds((None, "green"), (PGBOUNCER_MAXWAIT_SECONDS, "red"))))
+        .with_panel(_timeseries(
+            "Clients per pool (active, waiting)", "short",
+            (f"sum by ({pool}) (pgbouncer_pools_client_active_connections)", "{{instance}} {{database}}/{{user}} active"),
+            (f"sum by ({pool}) (pgbouncer_pools_client_waiting_connections)", "{{instance}} {{database}}/{{user}} waiting"),
+        ))
+        .with_panel(_timeseries(
+            "Server connections per pool (active, idle) and pool_size", "short",
+            (f"sum by ({pool}) (pgbouncer_pools_server_active_connections)", "{{instance}} {{database}}/{{user}} active"),
+            (f"sum by ({pool}) (pgbouncer_pools_server_idle_connections)", "{{instance}} {{database}}/{{user}} idle"),
+            ("max by (instance, database) (pgbouncer_databases_pool_size)", "{{instance}} {{database}} pool_size"),
+        ))
+        .with_panel(_timeseries(
+            "Oldest waiting client (maxwait)", "s",
+            (f"max by ({pool}) (pgbouncer_pools_client_maxwait_seconds)", "{{instance}} {{database}}/{{user}}"),
+        ))
+        .with_panel(_timeseries(
+            "Client connections and max_client_conn", "short",
+            ("max by (instance) (pgbouncer_used_clients)", "{{instance}} used"),
+            ("max by (instance) (pgbouncer_config_max_client_connections)", "{{instance}} max_client_conn"),
+        ))
+        .with_row(dashboard_builders.Row("HAProxy (writer: primary, readers: replicas)"))
+        .with_panel(_timeseries(
+            "Servers up per backend", "short",
+            (f"max by (instance, proxy) (haproxy_backend_active_servers{{{_CLIENT_PROXIES}}})", "{{instance}} {{proxy}}"),
+        ))
+        .with_panel(_timeseries(
+            "Sessions per backend", "short",
+            (f"sum by (instance, proxy) (haproxy_backend_current_sessions{{{_CLIENT_PROXIES}}})", "{{instance}} {{proxy}}"),
+        ))
+        .with_panel(_timeseries(
+            "Health check: server UP (1) or not (0)", "short",
+            (f'max by (instance, proxy, server) (haproxy_server_status{{{_CLIENT_PROXIES},state="UP"}})',
+             "{{instance}} {{proxy}}/{{server}}"),
+        ))
+        .with_panel(_timeseries(
+            "Failed health checks (5 min)", "short",
+            (f"sum by (instance, proxy, server) (increase(haproxy_server_check_failures_total{{{_CLIENT_PROXIES}}}[5m]))",
+             "{{instance}} {{proxy}}/{{server}}"),
+        ))
+    )
+
+
+# Hosts whose rollout (the sha256 of their role's digests parameter, infra/hostagent/agent.py) is not the one most
+# of their role last applied: mid-rollout the hosts already done, after a stopped one those it did not reach.
+_ROLLOUT_COUNTS = "count by (role, rollout) (betting_agent_bundle_info)"
+ROLLOUT_STRAGGLERS = (
+    f"max by (instance, role, rollout, digest) (betting_agent_bundle_info)\n"
+    f"  unless on (role, rollout) ({_ROLLOUT_COUNTS} == on (role) group_left max by (role) ({_ROLLOUT_COUNTS}))"
+)
+
+
+def rollouts_dashboard() -> dashboard_builders.Dashboard:
+    """The host agent's textfile: written after every apply that ended healthy (a failed one leaves the last)."""
+    bundles = (
+        table.Panel().title("Bundle each host runs").datasource(_PROMETHEUS).height(9).span(24).show_header(True)
+        .description("digest: the sha256 of the host's bundle (its S3 key, bundles/<host>/<digest>.json); rollout: "
+                     "the sha256 of the role's digests parameter that applied it (none: by hand or at boot).")
+        .with_target(_query("max by (instance, role, digest, rollout) (betting_agent_bundle_info)")
+                     .instant().format(PromQueryFormat.TABLE))
+        .with_transformation(dashboard_models.DataTransformerConfig(
+            id_val="organize", options={"excludeByName": {"Time": True, "Value": True}}))
+    )
+    stragglers = (
+        table.Panel().title("Hosts whose rollout differs from most of their role").datasource(_PROMETHEUS).show_header(True)
+        .height(7).span(12).no_value("none: every host of each role applied the same rollout")
+        .with_target(_query(ROLLOUT_STRAGGLERS).instant().format(PromQueryFormat.TABLE))
+        .with_transformation(dashboard_models.DataTransformerConfig(
+            id_val="organize", options={"excludeByName": {"Time": True, "Value": True}}))
+    )
+    return (
+        _board("Rollouts", "rollouts", ["rollout", "host-agent"])
+        .with_panel(bundles)
+        .with_panel(stragglers)
+        .with_panel(_stat("Roles running more than one rollout", "short",
+                          f"count(count by (role) ({_ROLLOUT_COUNTS}) > 1) or vector(0)", width=12,
+                          thresholds=_thresholds((None, "green"), (1, "orange"))))
+        .with_panel(_timeseries("Time since each host's last healthy apply", "s",
+                                ("time() - max by (instance, role) (betting_agent_last_apply_timestamp_seconds)",
+                                 "{{instance}} ({{role}})")))
+        .with_panel(_timeseries("Files changed by each host's last apply", "short",
+                                ("max by (instance) (betting_agent_apply_changed_files)", "{{instance}}")))
+    )
+
+
 DASHBOARDS = {
     "database-overview": database_overview,
     "application-overview": application_overview,
     "slos-error-budget": slo_dashboard,
+    "backups-wal-archiving": backups_dashboard,
+    "client-path": client_path_dashboard,
+    "rollouts": rollouts_dashboard,
 }
 
 

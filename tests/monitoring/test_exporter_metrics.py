@@ -2,8 +2,11 @@
 
 Starts, on loopback: a PostgreSQL 15 primary with a streaming replica and a postgres_exporter
 (with the rendered custom queries) on each, redis-server with redis_exporter, node_exporter with
-a backup textfile, a one-member etcd, and Prometheus + Alertmanager from the rendered files. The
-metric names are taken from the rendered rules and dashboards, so a new expression is checked too.
+the textfiles of the backup job and the host agent (written by their own code), a one-member etcd,
+and Prometheus + Alertmanager from the rendered files. The metric names are taken from the rendered
+rules and dashboards, so a new expression is checked too. Prometheus scrapes the PostgreSQL, node,
+PgBouncer and HAProxy exporters (every 1 s), so every panel of the operations dashboards is shown
+to answer with data from them.
 Patroni's names are checked against the installed Patroni's REST API source (running it needs a
 whole cluster; tests/postgres does that).
 
@@ -32,12 +35,17 @@ import pytest
 import requests
 import yaml
 
+from infra.bundle import render_bundle
+from infra.hostagent import agent
+from infra.hosts import host_specs
+from infra.render.grafana import ROLLOUT_STRAGGLERS, dashboard_queries
 from infra.settings import load_settings
 from infra.slo import SLOS
 from infra.topology import build_topology
+from scripts import backup as backup_job
 from tests.conftest import stack_config
 from tests.monitoring.conftest import binary, render_all
-from tests.monitoring.harness import Webhook, free_port, start_stack
+from tests.monitoring.harness import Webhook, free_port, query, start_stack
 
 pytestmark = pytest.mark.live
 
@@ -45,10 +53,12 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PATRONI_API_SOURCE = Path("/usr/lib/python3/dist-packages/patroni/api.py")
 # A name not followed by a label matcher (`name="..."` is a label, `name == 0` a metric).
 EXPORTER_METRIC = re.compile(
-    r"\b((?:pg|redis|node|etcd|prometheus|alertmanager|patroni|pgbouncer|haproxy)_[a-zA-Z0-9_]+)\b"
+    r"\b((?:pg|redis|node|etcd|prometheus|alertmanager|patroni|pgbouncer|haproxy|backup|betting_agent)_[a-zA-Z0-9_]+)\b"
     r'(?!\s*(?:=~|!~|!=|=)\s*")'
 )
 PGBOUNCER_EXPORTER = Path(__file__).resolve().parents[2] / "infra" / "hostagent" / "files" / "betting-pgbouncer-exporter"
+# The dashboards whose every panel must show data from the exporters started here.
+OPERATIONS_DASHBOARDS = ("backups-wal-archiving", "client-path", "rollouts")
 # The pool of this test's pgbouncer.ini: small, so three sleeping clients leave one waiting.
 POOL_SIZE = 2
 
@@ -203,7 +213,8 @@ class Processes:
 def exported(tmp_path_factory):
     """Metric names exported by the real daemons: {source: names}."""
     settings = load_settings(stack_config("prod"), "prod")
-    files = render_all(settings, build_topology(settings))
+    topology = build_topology(settings)
+    files = render_all(settings, topology)
     logs = tmp_path_factory.mktemp("exporter-logs")
     # The postgres user cannot enter pytest's root-only temporary folder.
     pg_root = Path(tempfile.mkdtemp(prefix="monitoring-pg-", dir="/tmp"))
@@ -217,7 +228,10 @@ def exported(tmp_path_factory):
     primary_port, replica_port = free_port(), free_port()
     try:
         _as_postgres(str(PG_BIN / "initdb"), "-D", str(primary), "-U", "postgres", "--auth=trust")
-        options = f"-c listen_addresses=127.0.0.1 -c unix_socket_directories={pg_root} -c port="
+        # Archiving on (to nowhere): pg_stat_archiver's last_archive_age is NULL, exported as NaN, until a
+        # segment is archived. A standby with archive_mode on does not archive.
+        options = (f"-c listen_addresses=127.0.0.1 -c unix_socket_directories={pg_root} -c archive_mode=on "
+                   "-c archive_command=/bin/true -c port=")
         for data, port in ((primary, primary_port), (replica, replica_port)):
             if data == replica:
                 _as_postgres(str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary_port), "-U", "postgres",
@@ -230,6 +244,8 @@ def exported(tmp_path_factory):
         for port, slot in ((primary_port, "pg_2"), (replica_port, "pg_3")):
             _as_postgres(str(PG_BIN / "psql"), "-X", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c",
                          f"SELECT pg_create_physical_replication_slot('{slot}', true)")
+        _as_postgres(str(PG_BIN / "psql"), "-X", "-h", "127.0.0.1", "-p", str(primary_port), "-U", "postgres", "-c",
+                     "CREATE TABLE archived (id int); SELECT pg_switch_wal()")
 
         queries = logs / "queries.yaml"
         queries.write_bytes(files["postgres_exporter/queries.yaml"])
@@ -248,9 +264,16 @@ def exported(tmp_path_factory):
 
         textfiles = logs / "textfile"
         textfiles.mkdir()
-        # What the backup job writes after a successful pgBackRest run.
-        (textfiles / "backup.prom").write_text(f"backup_last_success_timestamp {int(time.time())}\n"
-                                               f"backup_last_verified_timestamp {int(time.time())}\n")
+        # What the backup job writes after a backup it took and verified, and the host agent after a healthy apply:
+        # their own serialisers (scripts/backup.py metrics_text, infra/hostagent/agent.py metrics_text).
+        now = time.time()
+        (textfiles / backup_job.METRICS_FILE).write_text(backup_job.metrics_text(
+            "betting-prod", {"backup_last_success_timestamp": f"{now:.3f}", "backup_last_verified_timestamp": f"{now:.3f}",
+                             "backup_last_duration_seconds": "61.5", "backup_last_size_bytes": "123456789"}))
+        (spec,) = [s for s in host_specs(settings, topology) if s.host.name == "pg-1"]
+        bundle = json.loads(render_bundle(spec, settings, topology))
+        (textfiles / agent.METRICS_FILE).write_text(
+            agent.metrics_text(bundle, 3, now, agent.rollout_digest('{"pg-1": "' + "0" * 64 + '"}')))
         node_port = free_port()
         processes.start([binary("prometheus-node-exporter"), f"--web.listen-address=127.0.0.1:{node_port}",
                          f"--collector.textfile.directory={textfiles}"], logs / "node_exporter.log")
@@ -279,7 +302,12 @@ def exported(tmp_path_factory):
         (logs / "haproxy.cfg").write_text(_haproxy_cfg(haproxy_stats, free_port(), pgbouncer_port, patroni.port))
         processes.start([binary("haproxy"), "-f", str(logs / "haproxy.cfg")], logs / "haproxy.log")
 
-        stack = start_stack(logs / "stack", files, {}, webhook,
+        targets = {"postgres": [(f"127.0.0.1:{exporter_ports['primary']}", "pg-1"),
+                                (f"127.0.0.1:{exporter_ports['replica']}", "pg-2")],
+                   "node": [(f"127.0.0.1:{node_port}", "pg-1")],
+                   "pgbouncer": [(f"127.0.0.1:{pgbouncer_exporter_port}", "pg-1")],
+                   "haproxy": [(f"127.0.0.1:{haproxy_stats}", "pg-1")]}
+        stack = start_stack(logs / "stack", files, targets, webhook, {"scrape_interval": "1s", "evaluation_interval": "1s"},
                             prometheus_bin=binary("prometheus"), alertmanager_bin=binary("prometheus-alertmanager"))
 
         # The primary's exporter lists the replica in pg_stat_replication once it streams.
@@ -298,6 +326,7 @@ def exported(tmp_path_factory):
                                  "pgbouncer_pools_client_maxwait_seconds"),
             "haproxy": _scrape(f"http://127.0.0.1:{haproxy_stats}/metrics", 20, "haproxy_backend_active_servers"),
             "files": files,
+            "stack": stack,
             "live": {"postgres_primary": f"http://127.0.0.1:{exporter_ports['primary']}/metrics",
                      "postgres_replica": f"http://127.0.0.1:{exporter_ports['replica']}/metrics",
                      "pgbouncer_port": pgbouncer_port, "pgbouncer_exporter": f"http://127.0.0.1:{pgbouncer_exporter_port}/metrics",
@@ -320,7 +349,7 @@ def exported(tmp_path_factory):
 def test_every_referenced_exporter_metric_is_exported(exported):
     referenced = referenced_metrics(exported["files"])
     assert {"pg_up", "pg_stat_replication_pg_wal_lsn_diff", "redis_memory_max_bytes", "etcd_server_has_leader"} <= referenced
-    available = set().union(*(names for source, names in exported.items() if source not in ("files", "live")))
+    available = set().union(*(names for source, names in exported.items() if source not in ("files", "live", "stack")))
     assert "patroni_primary" in exported["patroni"], "Patroni's metrics source not found"
     missing = sorted(referenced - available)
     assert not missing, f"not exported by the installed exporters: {missing}"
@@ -422,3 +451,38 @@ def test_debians_pgbouncer_exporter_cannot_read_pgbouncer_118(exported, tmp_path
                              "--pgbouncer-user", "pgbouncer"], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "KeyError: 'total_requests'" in result.stderr
+
+
+def _answer(stack, expr: str, timeout: float = 30) -> list:
+    """The query's series once it has some and none is NaN (a rate needs two scrapes; pg_stat_archiver's age is NaN
+    until the first archived segment), else the last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = query(stack.prometheus_url, expr, stack.client)
+        assert answer.get("status") == "success", f"{expr}: {answer}"
+        result = answer["data"]["result"]
+        if (result and all(r["value"][1] != "NaN" for r in result)) or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
+
+
+def test_every_operations_dashboard_panel_shows_data_from_the_real_exporters(exported):
+    """Each query of the backups, client-path and rollouts dashboards, on the Prometheus scraping the real
+    exporters, returns series with numbers (no NaN): the names, labels and joins (pg_replication_is_replica by
+    instance, the rendered proxies primary and replicas) are the exporters'. Except the rollout stragglers: one host
+    never differs (tests/monitoring/test_dashboards.py has promtool find them among several)."""
+    stack, files = exported["stack"], exported["files"]
+    empty = []
+    for uid in OPERATIONS_DASHBOARDS:
+        for expr in dashboard_queries(json.loads(files[f"grafana/dashboards/{uid}.json"])):
+            if expr == ROLLOUT_STRAGGLERS:
+                assert _answer(stack, expr, timeout=0) == [], expr
+            else:
+                result = _answer(stack, expr)
+                if not result or any(r["value"][1] == "NaN" for r in result):
+                    empty.append(f"{uid}: {expr}: {result}")
+    assert not empty, "\n".join(empty)
+    (bundle,) = _answer(stack, "betting_agent_bundle_info")
+    assert bundle["metric"]["role"] == "postgres" and len(bundle["metric"]["digest"]) == 64
+    proxies = {r["metric"]["proxy"] for r in _answer(stack, "haproxy_backend_active_servers")}
+    assert {"primary", "replicas"} <= proxies
