@@ -66,6 +66,8 @@ CHANGE_RULES = (
     ChangeRule("/etc/default/prometheus-alertmanager", "prometheus-alertmanager", "restart"),
     ChangeRule("/etc/default/prometheus-redis-exporter", "prometheus-redis-exporter", "restart"),
     ChangeRule("/etc/default/prometheus-node-exporter", "prometheus-node-exporter", "restart"),
+    # node_exporter and postgres_exporter read their web config (exporter-toolkit) at every connection.
+    ChangeRule(Paths.EXPORTER_WEB_CONFIG, None, "none"),
     # PgBouncer re-reads its files on SIGHUP (Debian's ExecReload): pools, limits, users; its clients stay.
     ChangeRule(Paths.PGBOUNCER_CONFIG, "pgbouncer", "reload"),
     ChangeRule(Paths.PGBOUNCER_HBA, "pgbouncer", "reload"),
@@ -148,15 +150,17 @@ def _gate(spec: HostSpec, topology: Topology, unit: str) -> dict | None:
                 **monitoring_client}
     if unit == "grafana-server":
         return {"kind": "http", "url": f"{own}:{Ports.GRAFANA}/api/health", "ca": pki.ca_path()}
+    # The exporters serve TLS with the host's identity too (no login).
+    exporters = {"prometheus-node-exporter": Ports.NODE_EXPORTER, "prometheus-postgres-exporter": Ports.POSTGRES_EXPORTER,
+                 "prometheus-redis-exporter": Ports.REDIS_EXPORTER}
+    if unit in exporters:
+        return {"kind": "http", "url": f"{own}:{exporters[unit]}/metrics", "ca": pki.ca_path()}
     if unit == "pgbouncer":  # no HTTP: it listens, and takes logins (the exporter's gate shows its console answers)
         return {"kind": "tcp", "address": f"127.0.0.1:{Ports.PGBOUNCER}"}
     http = {
         # HAProxy sees the Patroni leader: this node forwards writes (what the load balancer's check asks).
         "haproxy": f"{local}:{Ports.HAPROXY_STATS}{HEALTH_WRITER}",
         PGBOUNCER_EXPORTER_UNIT: f"{local}:{Ports.PGBOUNCER_EXPORTER}/metrics",
-        "prometheus-node-exporter": f"{local}:{Ports.NODE_EXPORTER}/metrics",
-        "prometheus-postgres-exporter": f"{local}:{Ports.POSTGRES_EXPORTER}/metrics",
-        "prometheus-redis-exporter": f"{local}:{Ports.REDIS_EXPORTER}/metrics",
         "clickhouse-server": f"{local}:{Ports.CLICKHOUSE_HTTP}/ping",
     }
     return {"kind": "http", "url": http[unit]} if unit in http else None

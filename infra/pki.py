@@ -4,7 +4,7 @@ files live on the host and in SSM, and how long certificates last.
 One CA per stack (infra/components/pki.py makes it with pulumi-tls; the sandbox makes its own with the
 same identities, infra/sandbox/platform.py). Every host has one key and one certificate signed by it, for
 server and client authentication: PostgreSQL, PgBouncer, Patroni's REST API, etcd, Prometheus,
-Alertmanager and Grafana serve it, and the same pair is the host's client certificate towards etcd.
+Alertmanager, Grafana and the exporters serve it, and the same pair is the host's client certificate towards etcd.
 The CA certificate is on every host; the CA key is in SSM for the next `pulumi up` only, no host reads it.
 """
 
@@ -19,6 +19,11 @@ from infra.topology import Host, Paths, Topology
 CA_CERT = "tls_ca.crt"
 HOST_KEY = "tls.key"
 HOST_CERT = "tls.crt"
+# The exporters (node_exporter everywhere, postgres_exporter, redis_exporter) run as prometheus, not as the role's
+# daemon user who owns HOST_KEY: they serve a copy of the same pair, from the same SSM parameters, that is theirs.
+EXPORTER_KEY = "exporter_tls.key"
+EXPORTER_CERT = "exporter_tls.crt"
+EXPORTER_OWNER = "prometheus:prometheus"
 # SSM: the CA's (under /betting/<env>/) and each host's own (under /betting/<env>/hosts/<host>/).
 CA_CERT_PARAMETER = "tls_ca_cert"
 CA_KEY_PARAMETER = "tls_ca_key"
@@ -37,8 +42,9 @@ KEY_OWNERS = {
     "monitoring": "prometheus:prometheus",  # Prometheus and Alertmanager
     "grafana": "grafana:grafana",
 }
-# The roles that serve TLS (ClickHouse is reached only inside the VPC with a password: infra/render/clickhouse.py).
-TLS_ROLES = tuple(KEY_OWNERS)
+# The roles whose hosts have an identity. A ClickHouse host's serves only its node_exporter (ClickHouse itself is
+# reached only inside the VPC with a password: infra/render/clickhouse.py), so it has no KEY_OWNERS entry.
+TLS_ROLES = (*KEY_OWNERS, "clickhouse")
 
 
 def ca_path() -> str:
@@ -51,6 +57,14 @@ def key_path() -> str:
 
 def cert_path() -> str:
     return f"{Paths.SECRETS_DIR}/{HOST_CERT}"
+
+
+def exporter_key_path() -> str:
+    return f"{Paths.SECRETS_DIR}/{EXPORTER_KEY}"
+
+
+def exporter_cert_path() -> str:
+    return f"{Paths.SECRETS_DIR}/{EXPORTER_CERT}"
 
 
 def host_parameter(host: Host, name: str) -> str:

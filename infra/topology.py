@@ -137,6 +137,7 @@ class Paths:
     ALERTMANAGER_CONFIG = "/etc/prometheus/alertmanager.yml"
     ALERTMANAGER_DATA = "/var/lib/prometheus/alertmanager"
     NODE_EXPORTER_TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"  # backup_last_success_timestamp lands here
+    EXPORTER_WEB_CONFIG = "/etc/prometheus/exporter-web.yml"  # node_exporter's and postgres_exporter's TLS
     GRAFANA_CONFIG = "/etc/grafana/grafana.ini"
     GRAFANA_PROVISIONING = "/etc/grafana/provisioning"
     GRAFANA_DASHBOARDS = "/var/lib/grafana/dashboards"

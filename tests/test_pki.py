@@ -39,7 +39,8 @@ def test_one_ca_per_stack_and_one_signed_pair_per_tls_host():
     signed = {r.name: r for r in of_type("prod", "tls:index/locallySignedCert:LocallySignedCert")}
     tls_hosts = [h for h in topology.hosts if h.role in pki.TLS_ROLES]
     assert set(signed) == {f"pki-{h.name}-cert" for h in tls_hosts}
-    assert not [h for h in topology.hosts if h.role == "clickhouse" and f"pki-{h.name}-cert" in signed]
+    # A ClickHouse host's pair serves only its node_exporter.
+    assert all(f"pki-{h.name}-cert" in signed for h in topology.clickhouse) and topology.clickhouse
     for host in tls_hosts:
         request = named("prod", f"pki-{host.name}-request")
         assert request.props["subject"]["commonName"] == host.fqdn
@@ -104,7 +105,8 @@ def test_a_renewed_certificate_is_rewritten_and_reloads_what_serves_it(tmp_path)
     platform.calls.clear()
     platform.secrets[cert["parameter"]] = "renewed certificate"
     report = agent.apply(bundle, platform)
-    assert report.changed == [cert["path"]]
+    # The exporters' copy is the same parameter: it is rewritten too (and reloads nothing, tests/monitoring/test_exporter_tls.py).
+    assert sorted(report.changed) == sorted([cert["path"], pki.exporter_cert_path()])
     assert "reload patroni" in platform.calls
     assert open(platform.path(cert["path"])).read() == "renewed certificate"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from infra.hosts.spec import BASE_PACKAGES, DataVolume, HostSpec, node_exporter_file, place, tls_files
+from infra.hosts.spec import BASE_PACKAGES, DataVolume, HostSpec, node_exporter_files, place, tls_files
 from infra.hosts.system import data_volume_drop_in
 from infra.render.etcd import render_etcd
 from infra.settings import StackSettings
@@ -16,7 +16,7 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         host=host,
         instance_type=settings.etcd.instance_type,
         packages=BASE_PACKAGES + ("etcd-server",),
-        files=(*place(rendered, {f"etcd/{host.name}.env": Paths.ETCD_CONFIG}), node_exporter_file(),
+        files=(*place(rendered, {f"etcd/{host.name}.env": Paths.ETCD_CONFIG}), *node_exporter_files(),
                data_volume_drop_in("etcd", volume)),
         services=("etcd", "prometheus-node-exporter"),
         volume=volume,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from infra.hosts.spec import BASE_PACKAGES, HostSpec, SecretEnvironment, SecretFile, node_exporter_file, place, tls_files
+from infra.hosts.spec import BASE_PACKAGES, HostSpec, SecretEnvironment, SecretFile, node_exporter_files, place, tls_files
 from infra.render.grafana import render_grafana
 from infra.settings import StackSettings
 from infra.topology import Host, Paths, SecretNames, Topology
@@ -17,7 +17,7 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
             "grafana/grafana.ini": Paths.GRAFANA_CONFIG,
             "grafana/provisioning/": Paths.GRAFANA_PROVISIONING + "/",
             "grafana/dashboards/": Paths.GRAFANA_DASHBOARDS + "/",
-        }, owner="root:grafana", mode="0640"), node_exporter_file()),
+        }, owner="root:grafana", mode="0640"), *node_exporter_files()),
         services=("grafana-server", "prometheus-node-exporter"),
         # Its data sources' password (read through $__file at start); Grafana reads its certificate at start only.
         secret_files=(SecretFile(SecretNames.MONITORING_PASSWORD, "grafana:grafana"),

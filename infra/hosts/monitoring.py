@@ -10,13 +10,14 @@ from infra.hosts.spec import (
     SecretEnvironment,
     SecretFile,
     env_file,
-    node_exporter_file,
+    node_exporter_files,
     place,
     shell_args,
     tls_files,
 )
 from infra.render.alertmanager import alertmanager_args, render_alertmanager
 from infra.render.prometheus import prometheus_args, render_prometheus
+from infra.render.webconfig import redis_exporter_tls_flags
 from infra.settings import StackSettings
 from infra.topology import Host, Paths, Ports, SecretNames, Topology
 
@@ -37,6 +38,7 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
     redis_exporter_args = [
         f"--redis.addr=rediss://{topology.redis_endpoint}:{Ports.REDIS}",
         f"--web.listen-address=:{Ports.REDIS_EXPORTER}",
+        *redis_exporter_tls_flags(),
     ]
     files = [
         *place(prometheus, {"prometheus/prometheus.yml": Paths.PROMETHEUS_CONFIG,
@@ -47,7 +49,7 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         File("/etc/default/prometheus", env_file({"ARGS": shell_args(prometheus_args(settings))})),
         File("/etc/default/prometheus-alertmanager", env_file({"ARGS": shell_args(alertmanager_args(settings, topology, host))})),
         File("/etc/default/prometheus-redis-exporter", env_file({"ARGS": shell_args(redis_exporter_args)})),
-        node_exporter_file(),
+        *node_exporter_files(),
     ]
     prometheus_settings = settings.monitoring.prometheus
     return HostSpec(
@@ -60,7 +62,8 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         secret_files=tuple(SecretFile(name, "prometheus:prometheus") for name in MONITORING_SECRETS + (
             (SecretNames.SMTP_AUTH_PASSWORD,) if settings.alerting.smtp_auth_username else ()))
         # No reloads: Prometheus and Alertmanager read the web config, hence the key and certificate, at every
-        # request (exporter-toolkit), and Prometheus' clients re-read a changed CA file (prometheus/common).
+        # request (exporter-toolkit), redis_exporter its pair at every handshake, and Prometheus' clients re-read a
+        # changed CA file (prometheus/common).
         + tls_files(topology, host),
         secret_environments=(
             SecretEnvironment("prometheus-redis-exporter", (("REDIS_PASSWORD", SecretNames.REDIS_AUTH_TOKEN),),

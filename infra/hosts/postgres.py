@@ -24,7 +24,7 @@ from infra.hosts.spec import (
     SecretEnvironment,
     SecretFile,
     env_file,
-    node_exporter_file,
+    node_exporter_files,
     place,
     shell_args,
     tls_files,
@@ -43,6 +43,7 @@ from infra.render.patroni import (
 )
 from infra.render.pgbackrest import PGBACKREST_BIN, render_pgbackrest, uses_tls_server
 from infra.render.pgbouncer import CONSOLE_DATABASE, STATS_USER, render_pgbouncer, socket_address, socket_query
+from infra.render.webconfig import exporter_server_flags
 from infra.settings import StackSettings
 from infra.topology import (
     BackupLayout,
@@ -206,7 +207,7 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
             "DATA_SOURCE_USER": "postgres_exporter",
             "DATA_SOURCE_PASS_FILE": secret_path(SecretNames.POSTGRES_EXPORTER_PASSWORD),
             "ARGS": shell_args([f"--extend.query-path={Paths.POSTGRES_EXPORTER_QUERIES}",
-                                f"--web.listen-address=:{Ports.POSTGRES_EXPORTER}"]),
+                                f"--web.listen-address=:{Ports.POSTGRES_EXPORTER}", *exporter_server_flags()]),
         })),
         *backup_files(settings, topology, host),
         File(AUDIT_SQL, _AUDIT_SQL_BYTES),
@@ -216,7 +217,7 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         File(AUDIT_SHIP_ENV, env_file(audit_ship_environment(settings, topology, host))),
         *(File(f"/etc/systemd/system/{AUDIT_SHIP_UNIT}.{kind}", (_FILES / f"{AUDIT_SHIP_UNIT}.{kind}").read_bytes())
           for kind in ("service", "timer")),
-        node_exporter_file(),
+        *node_exporter_files(),
         *client_path_files(settings, topology),
     ]
     boot = []

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from infra import pki
+from infra.render.webconfig import exporter_server_flags, exporter_web_config
 from infra.settings import StackSettings, VolumeSettings
 from infra.topology import Host, Paths, Ports, Topology
 
@@ -165,14 +166,17 @@ def ingress_rules(settings: StackSettings) -> tuple[Ingress, ...]:
 
 def tls_files(topology: Topology, host: Host, reloads: tuple[tuple[str, str], ...] = ()) -> tuple[SecretFile, ...]:
     """The host's TLS identity (infra/pki.py): the CA certificate, readable by every user (HAProxy, clients on the
-    host), and the host's key and certificate, its role's daemons' alone; `reloads`: the units that serve them."""
+    host), the host's key and certificate, its role's daemons' alone (`reloads`: the units that serve them), and the
+    exporters' copy of that pair, prometheus' alone. The copy reloads nothing: node_exporter, postgres_exporter and
+    redis_exporter load the pair at every TLS handshake. A ClickHouse host's pair is the exporters' only."""
     ident = pki.identity(topology, host)
-    owner = pki.KEY_OWNERS[host.role]
-    return (
-        SecretFile(pki.CA_CERT, "root:root", "0444", parameter=pki.CA_CERT_PARAMETER, reloads=reloads),
-        SecretFile(pki.HOST_KEY, owner, "0400", parameter=ident.key_parameter, reloads=reloads),
-        SecretFile(pki.HOST_CERT, owner, "0444", parameter=ident.cert_parameter, reloads=reloads),
-    )
+    files = [SecretFile(pki.CA_CERT, "root:root", "0444", parameter=pki.CA_CERT_PARAMETER, reloads=reloads)]
+    if owner := pki.KEY_OWNERS.get(host.role):
+        files += [SecretFile(pki.HOST_KEY, owner, "0400", parameter=ident.key_parameter, reloads=reloads),
+                  SecretFile(pki.HOST_CERT, owner, "0444", parameter=ident.cert_parameter, reloads=reloads)]
+    files += [SecretFile(pki.EXPORTER_KEY, pki.EXPORTER_OWNER, "0400", parameter=ident.key_parameter),
+              SecretFile(pki.EXPORTER_CERT, pki.EXPORTER_OWNER, "0444", parameter=ident.cert_parameter)]
+    return tuple(files)
 
 
 def env_file(variables: dict[str, str]) -> bytes:
@@ -189,12 +193,16 @@ def shell_args(args: tuple[str, ...] | list[str]) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
-def node_exporter_file() -> File:
-    return File(
-        "/etc/default/prometheus-node-exporter",
-        # The listen address is Debian's default, said explicitly so the sandbox can map it.
-        env_file({"ARGS": f"--collector.textfile.directory={Paths.NODE_EXPORTER_TEXTFILE_DIR} --collector.systemd "
-                          f"--web.listen-address=:{Ports.NODE_EXPORTER}"}),
+def node_exporter_files() -> tuple[File, ...]:
+    """node_exporter's flags, serving TLS with the exporters' web config (also postgres_exporter's), and that file."""
+    return (
+        File(
+            "/etc/default/prometheus-node-exporter",
+            # The listen address is Debian's default, said explicitly so the sandbox can map it.
+            env_file({"ARGS": f"--collector.textfile.directory={Paths.NODE_EXPORTER_TEXTFILE_DIR} --collector.systemd "
+                              f"--web.listen-address=:{Ports.NODE_EXPORTER} {shell_args(exporter_server_flags())}"}),
+        ),
+        File(Paths.EXPORTER_WEB_CONFIG, exporter_web_config().encode()),
     )
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from infra import pki
-from infra.render.webconfig import client_http_config, server_flags
+from infra.render.webconfig import client_http_config, exporter_client_config, server_flags
 from infra.settings import StackSettings
 from infra.slo import BURN_RATE_ALERTS, BURN_RATE_WINDOWS, SLIS, SLO, SLOS
 from infra.topology import Host, Paths, Ports, Topology
@@ -626,10 +626,13 @@ def scrape_configs(topology: Topology) -> list[dict]:
          "static_configs": _static(topology.monitoring, Ports.ALERTMANAGER)},
         {"job_name": "grafana", "scheme": "https", "tls_config": {"ca_file": pki.ca_path()},
          "static_configs": _static(topology.grafana, Ports.GRAFANA)},
-        {"job_name": "node", "static_configs": _static(topology.hosts, Ports.NODE_EXPORTER)},
-        {"job_name": "postgres", **fast, "static_configs": _static(topology.postgres, Ports.POSTGRES_EXPORTER)},
+        # node_exporter, postgres_exporter and redis_exporter serve TLS with their host's identity (no login).
+        {"job_name": "node", **exporter_client_config(), "static_configs": _static(topology.hosts, Ports.NODE_EXPORTER)},
+        {"job_name": "postgres", **fast, **exporter_client_config(),
+         "static_configs": _static(topology.postgres, Ports.POSTGRES_EXPORTER)},
         {"job_name": "patroni", **fast, **PATRONI_TLS, "static_configs": _static(topology.postgres, Ports.PATRONI_API)},
-        # The client path on every PostgreSQL node: PgBouncer's exporter, HAProxy's built-in /metrics.
+        # The client path on every PostgreSQL node: PgBouncer's exporter, HAProxy's built-in /metrics, plain http (the
+        # stats port also answers the load balancer's health checks, which are plain HTTP; see README, Security).
         {"job_name": "pgbouncer", "static_configs": _static(topology.postgres, Ports.PGBOUNCER_EXPORTER)},
         {"job_name": "haproxy", "static_configs": _static(topology.postgres, Ports.HAPROXY_STATS)},
         {"job_name": "etcd", **ETCD_TLS, "static_configs": _static(topology.etcd, Ports.ETCD_CLIENT)},
@@ -638,6 +641,7 @@ def scrape_configs(topology: Topology) -> list[dict]:
             # Every monitoring host runs a redis_exporter against the same ElastiCache endpoint: the
             # series are told apart by `exporter`, and `instance` names the Redis they describe.
             "job_name": "redis",
+            **exporter_client_config(),
             "static_configs": [
                 {
                     "targets": [f"{h.fqdn}:{Ports.REDIS_EXPORTER}"],

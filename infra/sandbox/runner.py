@@ -270,21 +270,21 @@ class Sandbox:
         optional = {"redis": ("redis", f"redis://{m.LOOPBACK}:{layout.redis}")}
         for node in topology.postgres:
             optional[process_name(node.name, "prometheus-postgres-exporter")] = (
-                f"postgres_exporter {node.name}", f"http://{m.LOOPBACK}:{layout.postgres_exporter(node)}/metrics")
+                f"postgres_exporter {node.name}", f"https://{m.LOOPBACK}:{layout.postgres_exporter(node)}/metrics")
             optional[process_name(node.name, "haproxy")] = (
                 f"haproxy {node.name}", f"http://{m.LOOPBACK}:{layout.haproxy_stats(node)}/metrics")
             optional[process_name(node.name, "betting-pgbouncer-exporter")] = (
                 f"pgbouncer_exporter {node.name}", f"http://{m.LOOPBACK}:{layout.pgbouncer_exporter(node)}/metrics")
         for host in topology.monitoring:
             optional[process_name(host.name, "prometheus-redis-exporter")] = (
-                f"redis_exporter {host.name}", f"http://{m.LOOPBACK}:{layout.redis_exporter(host)}/metrics")
+                f"redis_exporter {host.name}", f"https://{m.LOOPBACK}:{layout.redis_exporter(host)}/metrics")
             optional[process_name(host.name, "prometheus")] = (f"prometheus {host.name}",
                                                                f"https://{m.LOOPBACK}:{layout.prometheus(host)}")
             optional[process_name(host.name, "prometheus-alertmanager")] = (
                 f"alertmanager {host.name}", f"https://{m.LOOPBACK}:{layout.alertmanager(host)}")
         for host in self.hosts():
             optional[process_name(host.name, "prometheus-node-exporter")] = (
-                f"node_exporter {host.name}", f"http://{m.LOOPBACK}:{layout.node_exporter(host, topology)}/metrics")
+                f"node_exporter {host.name}", f"https://{m.LOOPBACK}:{layout.node_exporter(host, topology)}/metrics")
         for proc, (label, url) in optional.items():
             if proc in running:
                 points[label] = url

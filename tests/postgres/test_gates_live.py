@@ -50,3 +50,20 @@ def test_gates_name_what_is_wrong(cluster):
     gates.wait(alertmanager, 120)
     ok, reason = gates.check({**alertmanager, "peers": 3})
     assert not ok and reason == "alertmanager: cluster ready with 2 of 3 peers"
+
+
+def test_exporter_gates_ask_over_tls_by_the_stacks_ca(cluster, tmp_path):
+    """node_exporter, postgres_exporter and redis_exporter serve TLS: their gates pass with the stack's CA (above),
+    fail with another CA, and plain http gets a 400."""
+    from infra.sandbox.platform import ca_identity
+
+    other = tmp_path / "other-ca.crt"
+    other.write_text(ca_identity("another CA")[0])
+    for host, unit in (("etcd-1", "prometheus-node-exporter"), ("pg-1", "prometheus-postgres-exporter"),
+                       ("monitoring-1", "prometheus-redis-exporter")):
+        gate = _gates(cluster, host)[unit]
+        assert gate["url"].startswith("https://127.0.0.1:") and gates.check(gate)[0], (host, unit, gate)
+        ok, reason = gates.check({**gate, "ca": str(other)})
+        assert not ok and "CERTIFICATE_VERIFY_FAILED" in reason, reason
+        ok, reason = gates.check({"kind": "http", "url": gate["url"].replace("https://", "http://")})
+        assert not ok and reason.endswith("answered 400"), reason
