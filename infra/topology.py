@@ -189,6 +189,9 @@ class SecretNames:
     MONITORING_WEB_CONFIG = "monitoring_web_config"
     # ClickHouse's `default` user (infra/render/clickhouse.py).
     CLICKHOUSE_DEFAULT_PASSWORD = "clickhouse_default_password"
+    # The stack's Amazon Managed Prometheus workspace id: no secret, but known only once the workspace exists, so it
+    # reaches the hosts like one (a SecureString; Prometheus and Grafana get it substituted at apply time).
+    AMP_WORKSPACE_ID = "amp_workspace_id"
 
 
 def secret_path(name: str) -> str:
