@@ -238,7 +238,8 @@ def test_secrets_stay_secret(stack):
         "postgres_superuser_password", "postgres_replication_password", "postgres_rewind_password",
         "postgres_exporter_password", "redis_auth_token", "pgbackrest_tls_key", "pgbackrest_tls_cert",
         "tls_ca_cert", "tls_ca_key", "tls_key", "tls_cert", "monitoring_password", "monitoring_web_config",
-        "clickhouse_default_password"} | ({"amp_workspace_id"} if settings_of(stack).monitoring.managed_prometheus.enabled else set())
+        "clickhouse_default_password",
+        *(["amp_workspace_id"] if settings_of(stack).monitoring.managed_prometheus.enabled else [])}
     for parameter in parameters:
         assert parameter.props["type"] == "SecureString" and parameter.props["value"] == SECRET_MASK
         assert parameter.props["name"].startswith(f"/betting/{stack}/")
