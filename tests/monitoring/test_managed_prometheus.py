@@ -1,6 +1,6 @@
 """Amazon Managed Prometheus (monitoring.managedPrometheus): the rendered remote_write checked by the real promtool,
-the workspace, its IAM scope and the Grafana data source under Pulumi's mock engine (prod ships with AMP on, dev and
-staging with it off), the agent's substitution of the workspace id, the sandbox cutting the section.
+the workspace, its IAM scope and the Grafana data source under Pulumi's mock engine (the shipped stacks keep it off;
+prod with it on is evaluated here), the agent's substitution of the workspace id, the sandbox cutting the section.
 
 What these cannot see: AWS itself (the workspace's real endpoint shape is AWS's documented
 `https://aps-workspaces.<region>.amazonaws.com/workspaces/<id>/`, which the mock engine copies; that IAM accepts
@@ -10,6 +10,7 @@ the actions). tests/monitoring/test_managed_prometheus_live.py runs the section 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import subprocess
 
@@ -17,6 +18,7 @@ import pytest
 import yaml
 
 from infra.bundle import bundle_document
+from infra.engine import evaluate
 from infra.hostagent import agent
 from infra.hosts import host_specs
 from infra.render import managed_prometheus
@@ -27,7 +29,7 @@ from infra.settings import load_settings
 from infra.topology import Paths, build_topology
 from tests.conftest import STACKS, stack_config
 from tests.monitoring.conftest import binary
-from tests.test_program import named, of_type, plan
+from tests.test_program import SENTINELS, bundle_of
 
 WORKSPACE = "monitoring-workspace_id"  # the mock engine's id for the component's workspace
 WORKSPACE_ARN = f"arn:aws:aps:eu-west-1:123456789012:workspace/{WORKSPACE}"
@@ -105,7 +107,7 @@ def test_disabled_stacks_render_nothing_of_amp():
 
 
 def test_each_replica_names_itself_and_alerts_drop_the_name():
-    settings = _settings()
+    settings = _settings(enabled=True)
     config = _prometheus_yml(settings)
     assert config["global"]["external_labels"]["__replica__"] == "${PROMETHEUS_REPLICA}"
     assert config["alerting"]["alert_relabel_configs"] == [{"action": "labeldrop", "regex": "__replica__"}]
@@ -117,7 +119,7 @@ def test_each_replica_names_itself_and_alerts_drop_the_name():
 
 
 def test_the_agent_writes_prometheus_yml_with_the_workspace_id(tmp_path):
-    settings = _settings()
+    settings = _settings(enabled=True)
     topology = build_topology(settings)
     spec = next(s for s in host_specs(settings, topology) if s.host.name == "monitoring-1")
     entry = next(f for f in bundle_document(spec, settings, topology)["files"] if f["path"] == Paths.PROMETHEUS_CONFIG)
@@ -136,7 +138,7 @@ def test_the_sandbox_cuts_the_remote_write_section():
     """The sandbox has no AWS: the section goes, and what is left is still valid YAML with every other key."""
     from infra.sandbox.mapping import _unsent_remote_write
 
-    settings = _settings()
+    settings = _settings(enabled=True)
     content = render_prometheus(settings, build_topology(settings))["prometheus/prometheus.yml"]
     mapping = {k.encode(): v.encode() for k, v in _unsent_remote_write(settings).items()}
     mapped = yaml.safe_load(map_bytes(content, mapping))
@@ -144,38 +146,54 @@ def test_the_sandbox_cuts_the_remote_write_section():
     assert set(mapped) == set(yaml.safe_load(content)) - {"remote_write"}
 
 
-# ---- under Pulumi's mock engine: the shipped stacks --------------------------------------------------------------
-@pytest.mark.parametrize("stack", STACKS)
-def test_the_workspace_exists_only_where_the_stack_enables_it(stack):
-    enabled = load_settings(stack_config(stack), stack).monitoring.managed_prometheus.enabled
-    assert enabled == (stack == "prod")  # what the stacks ship with (README, Monitoring)
-    workspaces = of_type(stack, "amp/workspace:Workspace")
-    aps = [s for p in of_type(stack, "iam/rolePolicy:RolePolicy") for s in json.loads(p.props["policy"])["Statement"]
-           if any(a.startswith("aps:") for a in s["Action"])]
-    if not enabled:
-        assert workspaces == [] and aps == []
-        assert "amp_workspace_endpoint" not in plan(stack).outputs
-        return
-    (workspace,) = workspaces
-    assert workspace.props["alias"] == f"betting-{stack}"
-    assert workspace.props["tags"]["Environment"] == stack and workspace.props["tags"]["ManagedBy"] == "pulumi"
-    parameter = named(stack, "monitoring-amp-workspace-id")
-    assert parameter.props["name"] == f"/betting/{stack}/amp_workspace_id"
-    assert plan(stack).outputs["amp_workspace_endpoint"] == (
-        f"https://aps-workspaces.eu-west-1.amazonaws.com/workspaces/{WORKSPACE}/")
+# ---- under Pulumi's mock engine ---------------------------------------------------------------------------------
+@functools.cache
+def enabled_plan():
+    """prod with monitoring.managedPrometheus enabled (the shipped stacks keep it off: README, Monitoring)."""
+    config = stack_config("prod")
+    monitoring = json.loads(config["betting-platform:monitoring"])
+    monitoring["managedPrometheus"] = {"enabled": True, "send": "aggregates"}
+    config["betting-platform:monitoring"] = json.dumps(monitoring)
+    evaluation = evaluate("prod", config, secret_values=SENTINELS)
+    assert evaluation.error is None, evaluation.error
+    return evaluation
 
 
-def _aps_statements(stack: str) -> dict[str, list[dict]]:
+def _of_type(resources, suffix: str):
+    return [r for r in resources if r.type.endswith(suffix)]
+
+
+def _aps_statements(resources) -> dict[str, list[dict]]:
     found: dict[str, list[dict]] = {}
-    for policy in of_type(stack, "iam/rolePolicy:RolePolicy"):
+    for policy in _of_type(resources, "iam/rolePolicy:RolePolicy"):
         for statement in json.loads(policy.props["policy"])["Statement"]:
             if any(a.startswith("aps:") for a in statement["Action"]):
                 found.setdefault(policy.name, []).append(statement)
     return found
 
 
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_shipped_stacks_ask_for_no_workspace(stack):
+    """(The program creates the workspace only with the setting; the enabled plan below shows it does then.)"""
+    settings = load_settings(stack_config(stack), stack)
+    assert not settings.monitoring.managed_prometheus.enabled
+    specs = host_specs(settings, build_topology(settings))
+    assert all(not s.workspace_actions and not any(f.parameters for f in s.files) for s in specs)
+
+
+def test_an_enabled_stack_gets_one_tagged_workspace_and_its_id_parameter():
+    evaluation = enabled_plan()
+    (workspace,) = _of_type(evaluation.resources, "amp/workspace:Workspace")
+    assert workspace.props["alias"] == "betting-prod" and workspace.parent == "monitoring"
+    assert workspace.props["tags"]["Environment"] == "prod" and workspace.props["tags"]["ManagedBy"] == "pulumi"
+    (parameter,) = [r for r in evaluation.resources if r.name == "monitoring-amp-workspace-id"]
+    assert parameter.props["name"] == "/betting/prod/amp_workspace_id" and parameter.props["type"] == "SecureString"
+    assert evaluation.outputs["amp_workspace_endpoint"] == (
+        f"https://aps-workspaces.eu-west-1.amazonaws.com/workspaces/{WORKSPACE}/")
+
+
 def test_only_prometheus_writes_and_only_grafana_reads_that_workspace():
-    statements = _aps_statements("prod")
+    statements = _aps_statements(enabled_plan().resources)
     assert set(statements) == {"monitoring-monitoring-1-access", "monitoring-monitoring-2-access",
                                "monitoring-grafana-1-access"}
     for name, found in statements.items():
@@ -185,14 +203,18 @@ def test_only_prometheus_writes_and_only_grafana_reads_that_workspace():
         expected = (["aps:RemoteWrite"] if "grafana" not in name else
                     ["aps:QueryMetrics", "aps:GetSeries", "aps:GetLabels", "aps:GetMetricMetadata"])
         assert statement["Action"] == expected, name
+    # Still no wildcard anywhere (tests/test_program.py checks the shipped stacks likewise).
+    for policy in _of_type(enabled_plan().resources, "iam/rolePolicy:RolePolicy"):
+        if policy.name != "network-flow-logs-write":
+            for statement in json.loads(policy.props["policy"])["Statement"]:
+                assert not any("*" in a for a in statement["Action"]), policy.name
+                assert all(r != "*" and not r.endswith(":*") for r in statement["Resource"]), policy.name
 
 
 def test_the_hosts_read_the_workspace_id_and_grafana_gets_a_sigv4_data_source():
-    resources = plan("prod").resources
-    grafana_instance = next(r for r in of_type("prod", "ec2/instance:Instance") if r.props["tags"]["Role"] == "grafana")
-    from tests.test_program import bundle_of
-
-    bundle = bundle_of(grafana_instance, resources)
+    resources = enabled_plan().resources
+    instances = {r.props["tags"]["Host"]: r for r in _of_type(resources, "ec2/instance:Instance")}
+    bundle = bundle_of(instances["grafana-1"], resources)
     (environment,) = [e for e in bundle["secret_environments"] if e["unit"] == "grafana-server"]
     assert environment["variables"]["AMP_WORKSPACE_ID"] == "/betting/prod/amp_workspace_id"
     files = {f["path"]: f["content"] for f in bundle["files"]}
@@ -202,6 +224,11 @@ def test_the_hosts_read_the_workspace_id_and_grafana_gets_a_sigv4_data_source():
     assert amp["jsonData"] == {"httpMethod": "POST", "sigV4Auth": True, "sigV4AuthType": "default",
                                "sigV4Region": "eu-west-1"}
     assert "sigv4_auth_enabled = true" in files[Paths.GRAFANA_CONFIG].splitlines()
-    # Its IAM grant names the parameter (ReadOwnSecrets) like any secret it reads.
-    statements = {s.get("Sid"): s for s in json.loads(named("prod", "monitoring-grafana-1-access").props["policy"])["Statement"]}
-    assert any(r.endswith("parameter/betting/prod/amp_workspace_id") for r in statements["ReadOwnSecrets"]["Resource"])
+    prometheus = next(f for f in bundle_of(instances["monitoring-1"], resources)["files"]
+                      if f["path"] == Paths.PROMETHEUS_CONFIG)
+    assert prometheus["parameters"] == {managed_prometheus.WORKSPACE_TOKEN: "/betting/prod/amp_workspace_id"}
+    # Both read the parameter like any secret (ReadOwnSecrets), and boot after it exists.
+    for host in ("grafana-1", "monitoring-1"):
+        policy = next(r for r in resources if r.name == f"monitoring-{host}-access")
+        statements = {s.get("Sid"): s for s in json.loads(policy.props["policy"])["Statement"]}
+        assert any(r.endswith("parameter/betting/prod/amp_workspace_id") for r in statements["ReadOwnSecrets"]["Resource"])
