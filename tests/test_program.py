@@ -195,8 +195,7 @@ def test_postgres_role_reads_only_its_secrets_and_writes_only_its_prefix():
     parameters = {r.rsplit("parameter", 1)[1] for r in by_sid["ReadOwnSecrets"]["Resource"]}
     assert parameters == {f"/betting/prod/{n}" for n in (
         "postgres_superuser_password", "postgres_replication_password", "postgres_rewind_password", "postgres_exporter_password",
-        "pgbackrest_tls_key", "pgbackrest_tls_cert", "tls_ca_cert", "hosts/pg-1/tls_key", "hosts/pg-1/tls_cert",
-        "patroni_restapi_username", "patroni_restapi_password")}
+        "pgbackrest_tls_key", "pgbackrest_tls_cert", "tls_ca_cert", "hosts/pg-1/tls_key", "hosts/pg-1/tls_cert")}
     objects = {s["Resource"][0]: s["Action"] for s in statements if "s3:PutObject" in s["Action"]}
     bucket = "arn:aws:s3:::betting-prod-pg-backups-eu-west-1"
     # pgBackRest's repository: read, write, expire; the verification records and the host's own audit
@@ -238,7 +237,7 @@ def test_secrets_stay_secret(stack):
         "postgres_superuser_password", "postgres_replication_password", "postgres_rewind_password",
         "postgres_exporter_password", "redis_auth_token", "pgbackrest_tls_key", "pgbackrest_tls_cert",
         "tls_ca_cert", "tls_ca_key", "tls_key", "tls_cert", "monitoring_password", "monitoring_web_config",
-        "clickhouse_default_password", "patroni_restapi_username", "patroni_restapi_password"}
+        "clickhouse_default_password"}
     for parameter in parameters:
         assert parameter.props["type"] == "SecureString" and parameter.props["value"] == SECRET_MASK
         assert parameter.props["name"].startswith(f"/betting/{stack}/")
