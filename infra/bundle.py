@@ -191,6 +191,8 @@ def bundle_document(spec: HostSpec, settings: StackSettings, topology: Topology)
                  "unit": rule.unit, "on_change": rule.action}
         if rule.inert_lines:
             entry["inert_lines"] = list(rule.inert_lines)
+        if file.parameters:
+            entry["parameters"] = {token: ssm_parameter_name(environment, name) for token, name in file.parameters}
         entries.append(entry)
     document: dict = {
         "format": FORMAT,

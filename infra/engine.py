@@ -70,6 +70,9 @@ def _computed(typ: str, name: str, inputs: dict, region: str = "eu-west-1") -> d
         state["primaryEndpointAddress"] = f"master.{name}.cache.amazonaws.com"
     elif typ == "aws:ec2/vpcEndpoint:VpcEndpoint" and inputs.get("vpcEndpointType") == "Gateway":
         state["prefixListId"] = f"pl-{name}"
+    elif typ == "aws:amp/workspace:Workspace":  # AWS's shapes, from the id the mock gives (`<name>_id`)
+        state["arn"] = f"arn:aws:aps:{region}:{OFFLINE_ACCOUNT}:workspace/{name}_id"
+        state["prometheusEndpoint"] = f"https://aps-workspaces.{region}.amazonaws.com/workspaces/{name}_id/"
     elif typ == "aws:kms/key:Key":
         state["keyId"] = f"{name}-key-id"
     elif typ == "aws:cloudwatch/logGroup:LogGroup":

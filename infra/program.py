@@ -126,6 +126,7 @@ def run() -> None:
         slack_warnings_webhook=secrets["slackWarningsWebhook"],
         deadman_heartbeat_key=secrets["deadmanHeartbeatKey"],
         smtp_auth_password=smtp_password,
+        managed_prometheus=settings.monitoring.managed_prometheus.enabled,
     ), opts=pulumi.ResourceOptions(depends_on=[redis]))  # redis_exporter reads Redis' token at boot
 
     instances = {
@@ -162,3 +163,5 @@ def run() -> None:
     pulumi.export("bundle_digests", bundles.digests)
     # What clients verify every TLS endpoint of the stack against (README, Security).
     pulumi.export("ca_certificate", authority.ca_certificate)
+    if monitoring.workspace is not None:  # monitoring.managedPrometheus: query it with SigV4 (README, Monitoring)
+        pulumi.export("amp_workspace_endpoint", monitoring.workspace.prometheus_endpoint)

@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -284,9 +285,18 @@ class GrafanaSettings(_Model):
     instance_type: InstanceType
 
 
+class ManagedPrometheusSettings(_Model):
+    """An Amazon Managed Service for Prometheus workspace every Prometheus remote-writes to (README, Monitoring)."""
+
+    enabled: StrictBool = False
+    # aggregates: only the recording rules' series (names with a colon: sli:..., slo:...); all: every series.
+    send: Literal["aggregates", "all"] = "aggregates"
+
+
 class MonitoringSettings(_Model):
     prometheus: PrometheusSettings
     grafana: GrafanaSettings
+    managed_prometheus: ManagedPrometheusSettings = ManagedPrometheusSettings()
 
 
 class AlertingSettings(_Model):

@@ -193,6 +193,9 @@ class SecretNames:
     # Patroni's REST API: the login its unsafe endpoints (switchover, restart, PATCH /config...) ask for.
     PATRONI_RESTAPI_USERNAME = "patroni_restapi_username"
     PATRONI_RESTAPI_PASSWORD = "patroni_restapi_password"
+    # The stack's Amazon Managed Prometheus workspace id: no secret, but known only once the workspace exists, so it
+    # reaches the hosts like one (a SecureString; Prometheus and Grafana get it substituted at apply time).
+    AMP_WORKSPACE_ID = "amp_workspace_id"
 
 
 def secret_path(name: str) -> str:

@@ -134,6 +134,12 @@ def test_prod_shape():
         (lambda r: r[P + "clientPath"].update(readerMaxLagBytes=-1),
          "clientPath.readerMaxLagBytes: Input should be greater than or equal to 0 (found -1)"),
         (lambda r: r[P + "clientPath"].update(poolMode="session"), "clientPath.poolMode: unknown setting"),
+        (lambda r: r[P + "monitoring"].update(managedPrometheus={"enabled": "yes"}),
+         "monitoring.managedPrometheus.enabled: Input should be a valid boolean (found 'yes')"),
+        (lambda r: r[P + "monitoring"].update(managedPrometheus={"enabled": True, "send": "everything"}),
+         "monitoring.managedPrometheus.send: Input should be 'aggregates' or 'all' (found 'everything')"),
+        (lambda r: r[P + "monitoring"].update(managedPrometheus={"enabled": True, "region": "us-east-1"}),
+         "monitoring.managedPrometheus.region: unknown setting"),
     ],
 )
 def test_bad_value_is_named(mutate, expected):
@@ -180,3 +186,10 @@ def test_durations(text, seconds):
 @pytest.mark.parametrize(("text", "size"), [("512MB", 512 * 2**20), ("42GB", 42 * 2**30), ("1TB", 2**40)])
 def test_sizes_are_base_2_like_prometheus(text, size):
     assert size_bytes(text) == size
+
+
+@pytest.mark.parametrize("stack", ["dev", "staging", "prod"])
+def test_managed_prometheus_ships_off_with_aggregates(stack):
+    """Off everywhere until Prometheus signs its remote writes (tests/monitoring/test_managed_prometheus_live.py)."""
+    managed = load(raw_stack(stack), stack).monitoring.managed_prometheus
+    assert (managed.enabled, managed.send) == (False, "aggregates")

@@ -4,9 +4,10 @@ clustered), Grafana, and the alerting secrets they read from SSM at boot.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pulumi
+import pulumi_aws as aws
 import pulumi_random as random
 
 from infra.hosts import HostSpec
@@ -26,11 +27,13 @@ class MonitoringArgs:
     slack_warnings_webhook: pulumi.Input[str]
     deadman_heartbeat_key: pulumi.Input[str]
     smtp_auth_password: pulumi.Input[str] | None = None  # only with alerting.smtpAuthUsername
+    managed_prometheus: bool = False  # monitoring.managedPrometheus.enabled: the stack's AMP workspace
 
 
 class Monitoring(pulumi.ComponentResource):
     prometheus: list[AwsHost]
     grafana: list[AwsHost]
+    workspace: aws.amp.Workspace | None = None
 
     def __init__(self, name: str, args: MonitoringArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("betting:monitoring:Monitoring", name, None, opts)
@@ -68,9 +71,23 @@ class Monitoring(pulumi.ComponentResource):
                                     ctx.data_key_arn, self, registry=ctx.secret_parameters),
         ]
 
+        if args.managed_prometheus:
+            # Remote-written by every Prometheus, queried by Grafana; each host's role reaches this workspace only.
+            self.workspace = aws.amp.Workspace(f"{name}-workspace", alias=f"betting-{ctx.environment}",
+                                               tags={**ctx.tags, "Purpose": "managed-prometheus"}, opts=child)
+            # Its id is AWS's: the hosts read it from SSM, the files carry a token for it (managed_prometheus.py).
+            workspace_parameter = create_secret_parameter(
+                f"{name}-amp-workspace-id", ctx.environment, SecretNames.AMP_WORKSPACE_ID, self.workspace.id,
+                ctx.data_key_arn, self, registry=ctx.secret_parameters)
+            ctx = replace(ctx, amp_workspace_arn=self.workspace.arn)
+            parameters.append(workspace_parameter)
+            grafana_parameter = [grafana_parameter, workspace_parameter]
+        else:
+            grafana_parameter = [grafana_parameter]
+
         self.prometheus = [create_host(name, spec, ctx, self, boots_after=parameters + monitoring_parameters)
                            for spec in args.prometheus_specs]
-        self.grafana = [create_host(name, spec, ctx, self, boots_after=[grafana_parameter, monitoring_parameters[0]])
+        self.grafana = [create_host(name, spec, ctx, self, boots_after=[*grafana_parameter, monitoring_parameters[0]])
                         for spec in args.grafana_specs]
 
         self.register_outputs({
@@ -78,4 +95,6 @@ class Monitoring(pulumi.ComponentResource):
             "alertmanager_urls": [f"https://{spec.host.fqdn}:{Ports.ALERTMANAGER}" for spec in args.prometheus_specs],
             "grafana_urls": [f"https://{spec.host.fqdn}:{Ports.GRAFANA}" for spec in args.grafana_specs],
             "grafana_admin_password": self.grafana_admin_password,
+            "amp_remote_write_url": (self.workspace.prometheus_endpoint.apply(lambda url: f"{url}api/v1/remote_write")
+                                     if self.workspace else None),
         })

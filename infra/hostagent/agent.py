@@ -287,6 +287,15 @@ def configure_patroni_access(spec: dict, platform) -> None:
     patroni.configure(platform.path(spec["ca_file"]), username, password)
 
 
+def _with_parameters(file: dict, platform) -> str:
+    """The file's content with each of its tokens replaced by its parameter's value (a value known only once a
+    resource exists, e.g. the AMP workspace id in prometheus.yml): a new value changes the file like any edit."""
+    content = file["content"]
+    for token, parameter in sorted(file.get("parameters", {}).items()):
+        content = content.replace(token, platform.secret(parameter))
+    return content
+
+
 def _wait_gate(host: str, unit: str, gate: dict | None, timeout: float | None = None) -> None:
     if gate is None:
         return
@@ -431,9 +440,10 @@ def apply(bundle: dict, platform, gate_timeout: float | None = None, rollout: st
     for file in bundle["files"]:
         path = platform.path(file["path"])
         before = _read(path)
-        if converge_file(path, file["content"].encode(), file["mode"], file["owner"]):
+        content = _with_parameters(file, platform).encode()
+        if converge_file(path, content, file["mode"], file["owner"]):
             report.changed.append(file["path"])
-            if not _only_inert(before, file["content"].encode(), file.get("inert_lines", ())):
+            if not _only_inert(before, content, file.get("inert_lines", ())):
                 need(file["unit"], file["on_change"])
             units_changed |= file["path"].startswith("/etc/systemd/system/")
     for command in bundle["boot_commands"]:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from infra.hosts.spec import BASE_PACKAGES, HostSpec, SecretEnvironment, SecretFile, node_exporter_files, place, tls_files
+from infra.render import managed_prometheus
 from infra.render.grafana import render_grafana
 from infra.settings import StackSettings
 from infra.topology import Host, Paths, SecretNames, Topology
 
+QUERY_ACTIONS = ("aps:QueryMetrics", "aps:GetSeries", "aps:GetLabels", "aps:GetMetricMetadata")
+
 
 def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
+    amp_variables = (((managed_prometheus.GRAFANA_WORKSPACE_VARIABLE, SecretNames.AMP_WORKSPACE_ID),)
+                     if managed_prometheus.enabled(settings) else ())
     return HostSpec(
         host=host,
         instance_type=settings.monitoring.grafana.instance_type,
@@ -24,7 +29,10 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
                       *tls_files(topology, host, reloads=(("grafana-server", "restart"),))),
         secret_environments=(
             # Grafana reads any setting from a GF_<SECTION>_<KEY> environment variable.
-            SecretEnvironment("grafana-server", (("GF_SECURITY_ADMIN_PASSWORD", SecretNames.GRAFANA_ADMIN_PASSWORD),),
-                              "grafana:grafana"),
+            SecretEnvironment("grafana-server", (("GF_SECURITY_ADMIN_PASSWORD", SecretNames.GRAFANA_ADMIN_PASSWORD),
+                                                 # Expanded in the AMP data source's URL (infra/render/managed_prometheus.py).
+                                                 *amp_variables), "grafana:grafana"),
         ),
+        # Queries only, on the stack's workspace only.
+        workspace_actions=QUERY_ACTIONS if managed_prometheus.enabled(settings) else (),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from infra.hosts.spec import (
     BASE_PACKAGES,
     DataVolume,
@@ -15,6 +17,7 @@ from infra.hosts.spec import (
     shell_args,
     tls_files,
 )
+from infra.render import managed_prometheus
 from infra.render.alertmanager import alertmanager_args, render_alertmanager
 from infra.render.prometheus import prometheus_args, render_prometheus
 from infra.render.webconfig import redis_exporter_tls_flags
@@ -40,13 +43,18 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         f"--web.listen-address=:{Ports.REDIS_EXPORTER}",
         *redis_exporter_tls_flags(),
     ]
+    placed = place(prometheus, {"prometheus/prometheus.yml": Paths.PROMETHEUS_CONFIG,
+                                "prometheus/rules/": Paths.PROMETHEUS_RULES_DIR + "/"})
+    # The AMP workspace id reaches prometheus.yml at apply time (infra/render/managed_prometheus.py).
+    placed = [replace(f, parameters=managed_prometheus.prometheus_parameters(settings))
+              if f.path == Paths.PROMETHEUS_CONFIG else f for f in placed]
     files = [
-        *place(prometheus, {"prometheus/prometheus.yml": Paths.PROMETHEUS_CONFIG,
-                            "prometheus/rules/": Paths.PROMETHEUS_RULES_DIR + "/"}),
+        *placed,
         *place(alertmanager, {"alertmanager/alertmanager.yml": Paths.ALERTMANAGER_CONFIG,
                               "alertmanager/": "/etc/prometheus/alertmanager/"}),
         # The flags Prometheus really runs with (retention included); the policy pack reads them from here.
-        File("/etc/default/prometheus", env_file({"ARGS": shell_args(prometheus_args(settings))})),
+        File("/etc/default/prometheus", env_file({"ARGS": shell_args(prometheus_args(settings)),
+                                                  **managed_prometheus.prometheus_environment(settings, host.name)})),
         File("/etc/default/prometheus-alertmanager", env_file({"ARGS": shell_args(alertmanager_args(settings, topology, host))})),
         File("/etc/default/prometheus-redis-exporter", env_file({"ARGS": shell_args(redis_exporter_args)})),
         *node_exporter_files(),
@@ -65,6 +73,7 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         # request (exporter-toolkit), redis_exporter its pair at every handshake, and Prometheus' clients re-read a
         # changed CA file (prometheus/common).
         + tls_files(topology, host),
+        workspace_actions=("aps:RemoteWrite",) if managed_prometheus.enabled(settings) else (),
         secret_environments=(
             SecretEnvironment("prometheus-redis-exporter", (("REDIS_PASSWORD", SecretNames.REDIS_AUTH_TOKEN),),
                               "prometheus:prometheus"),

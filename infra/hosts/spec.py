@@ -25,6 +25,9 @@ class File:
     content: bytes
     mode: str = "0644"
     owner: str = "root:root"
+    # (token, secret name): the agent writes the file with each token replaced by that SSM parameter's value, for a
+    # value known only once a resource exists (the AMP workspace id) in a daemon that cannot read it from a file.
+    parameters: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ class HostSpec:
     secret_files: tuple[SecretFile, ...] = ()
     secret_environments: tuple[SecretEnvironment, ...] = ()
     bucket_grants: tuple[BucketGrant, ...] = ()
+    # Amazon Managed Prometheus actions on the stack's workspace only (infra/platforms/aws.py `_access_policy`).
+    workspace_actions: tuple[str, ...] = ()
     boot_commands: tuple[str, ...] = ()  # run after packages and secrets, before the services start
     directories: tuple[Directory, ...] = ()  # converged after the packages that create them
 
@@ -111,6 +116,7 @@ class HostSpec:
         """The SSM names (under /betting/<env>/) this host reads: its IAM grant, exactly."""
         names = {s.parameter_name for s in self.secret_files}
         names.update(name for env in self.secret_environments for _, name in env.variables)
+        names.update(name for file in self.files for _, name in file.parameters)
         return tuple(sorted(names))
 
 

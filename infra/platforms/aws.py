@@ -68,6 +68,7 @@ class AwsContext:
     bucket_key_arns: dict[str, pulumi.Input[str]] = field(default_factory=dict)  # bucket name -> its KMS key
     protect_data: bool = False  # prod: data volumes and stateful instances are protected
     tags: dict[str, str] = field(default_factory=dict)
+    amp_workspace_arn: pulumi.Input[str] | None = None  # the hosts' HostSpec.workspace_actions apply to it alone
 
 
 @dataclass
@@ -83,9 +84,11 @@ def _access_policy(spec: HostSpec, ctx: AwsContext) -> pulumi.Output[str]:
     grants = spec.bucket_grants
     keyed = [g for g in grants if g.bucket in ctx.bucket_key_arns]
     bucket_keys = [ctx.bucket_key_arns[g.bucket] for g in keyed]
+    if spec.workspace_actions and ctx.amp_workspace_arn is None:
+        raise ValueError(f"{spec.host.name} needs {', '.join(spec.workspace_actions)} but the stack has no AMP workspace")
 
     def document(args: list) -> str:
-        account, data_key, *key_arns = args
+        account, data_key, workspace, *key_arns = args
         # A put-only grant encrypts (GenerateDataKey) and never decrypts; the others do both.
         keys = sorted({arn for g, arn in zip(keyed, key_arns, strict=True) if not g.put_only})
         put_keys = sorted({arn for g, arn in zip(keyed, key_arns, strict=True) if g.put_only} - set(keys))
@@ -128,9 +131,13 @@ def _access_policy(spec: HostSpec, ctx: AwsContext) -> pulumi.Output[str]:
         if put_keys:
             statements.append({"Sid": "EncryptAuditLogs", "Effect": "Allow", "Action": ["kms:GenerateDataKey"],
                                "Resource": put_keys})
+        if spec.workspace_actions:
+            statements.append({"Sid": "ManagedPrometheus", "Effect": "Allow", "Action": list(spec.workspace_actions),
+                               "Resource": [workspace]})
         return json.dumps({"Version": "2012-10-17", "Statement": statements}, sort_keys=True)
 
-    return pulumi.Output.all(ctx.account_id, ctx.data_key_arn, *bucket_keys).apply(document)
+    workspace = ctx.amp_workspace_arn if spec.workspace_actions else ""
+    return pulumi.Output.all(ctx.account_id, ctx.data_key_arn, workspace, *bucket_keys).apply(document)
 
 
 def create_host(prefix: str, spec: HostSpec, ctx: AwsContext, parent: pulumi.Resource,

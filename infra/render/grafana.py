@@ -29,6 +29,7 @@ from grafana_foundation_sdk.models import dashboard as dashboard_models
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 from infra import pki
+from infra.render import managed_prometheus
 from infra.render.haproxy import READER_PROXY, WRITER_PROXY
 from infra.render.prometheus import cluster_name
 from infra.render.webconfig import MONITORING_USER, password_path
@@ -472,6 +473,7 @@ def render_grafana(settings: StackSettings, topology: Topology) -> dict[str, byt
                 "jsonData": {"implementation": "prometheus", "handleGrafanaManagedAlerts": False, **client_json},
                 "secureJsonData": client_secure,
             },
+            *managed_prometheus.grafana_datasource(settings),
         ],
     }
     providers = {
@@ -488,7 +490,7 @@ def render_grafana(settings: StackSettings, topology: Topology) -> dict[str, byt
         ],
     }
     files = {
-        "grafana/grafana.ini": grafana_ini(),
+        "grafana/grafana.ini": grafana_ini() + "\n".join(managed_prometheus.grafana_ini_lines(settings)).encode(),
         "grafana/provisioning/datasources/datasources.yml": yaml.safe_dump(datasources, sort_keys=False).encode(),
         "grafana/provisioning/dashboards/dashboards.yml": yaml.safe_dump(providers, sort_keys=False).encode(),
     }

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from infra import pki
+from infra.render import managed_prometheus
 from infra.render.webconfig import client_http_config, exporter_client_config, server_flags
 from infra.settings import StackSettings
 from infra.slo import BURN_RATE_ALERTS, BURN_RATE_WINDOWS, SLIS, SLO, SLOS
@@ -669,16 +670,20 @@ def prometheus_config(settings: StackSettings, topology: Topology) -> dict:
             "scrape_interval": prom.scrape_interval,
             "evaluation_interval": prom.evaluation_interval,
             # No replica label: the HA pair sends identical alerts and Alertmanager deduplicates them.
-            "external_labels": {"cluster": cluster_name(settings), "environment": settings.environment},
+            "external_labels": {"cluster": cluster_name(settings), "environment": settings.environment,
+                                **managed_prometheus.replica_label(settings)},
         },
         "rule_files": [f"{Paths.PROMETHEUS_RULES_DIR}/*.yml"],
         "alerting": {
+            **({"alert_relabel_configs": relabel} if (relabel := managed_prometheus.alert_relabel_configs(settings)) else {}),
             "alertmanagers": [
                 {**client_http_config(),
                  "static_configs": [{"targets": [f"{h.fqdn}:{Ports.ALERTMANAGER}" for h in topology.monitoring]}]}
             ]
         },
         "scrape_configs": scrape_configs(topology),
+        # Last, so the sandbox can cut the whole section (infra/sandbox/mapping.py).
+        **({"remote_write": remote} if (remote := managed_prometheus.remote_write(settings)) else {}),
     }
 
 
@@ -699,4 +704,5 @@ def prometheus_args(settings: StackSettings) -> tuple[str, ...]:
         f"--storage.tsdb.retention.size={prom.retention_size}",
         f"--web.listen-address=0.0.0.0:{Ports.PROMETHEUS}",
         *server_flags(),
+        *managed_prometheus.prometheus_flags(settings),
     )

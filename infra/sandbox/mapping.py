@@ -288,6 +288,17 @@ def _allowlist_pairs(topology: Topology) -> dict[str, str]:
     return {f"- {h.fqdn}\n": f"- {LOOPBACK}\n" for h in (*topology.postgres, *topology.monitoring)}
 
 
+def _unsent_remote_write(settings: StackSettings) -> dict[str, str]:
+    """The sandbox has no AMP workspace (and no AWS credentials to sign for one): prometheus.yml's remote_write
+    section, the file's last, exactly as rendered -> nothing. tests/monitoring/test_managed_prometheus_live.py runs
+    the section against a local receiver instead."""
+    from infra.render.managed_prometheus import remote_write
+    from infra.render.prometheus import _dump
+
+    remote = remote_write(settings)
+    return {_dump({"remote_write": remote}).decode(): ""} if remote else {}
+
+
 def host_mapping(layout: Layout, topology: Topology, host: Host, s3: SandboxS3 | None = None,
                  region: str = "", settings: StackSettings | None = None) -> dict[bytes, bytes]:
     """The literal tokens of `host`'s files: every host's DNS name:port, this host's listen addresses
@@ -311,6 +322,8 @@ def host_mapping(layout: Layout, topology: Topology, host: Host, s3: SandboxS3 |
         pairs[PGBACKREST_BIN] = NO_S3_BIN
     if host.role == "monitoring":
         pairs.update(_unrun_scrape_targets(topology))
+        if settings is not None:
+            pairs.update(_unsent_remote_write(settings))
     pairs[f"rediss://{topology.redis_endpoint}:{Ports.REDIS}"] = f"{PLAIN_REDIS_SCHEME}{LOOPBACK}:{layout.redis}"
     pairs[UNIX_SOCKET_DIR] = str(layout.socket_dir)
     mapping = {k.encode(): v.encode() for k, v in pairs.items()}

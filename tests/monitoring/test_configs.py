@@ -96,6 +96,8 @@ def test_prometheus_args_accepted_by_prometheus(settings, tmp_path):
 def test_prometheus_config_scrapes_the_topology(settings, topology):
     config = yaml.safe_load(render_prometheus(settings, topology)["prometheus/prometheus.yml"])
     expected_labels = {"cluster": f"betting-{settings.environment}", "environment": settings.environment}
+    if settings.monitoring.managed_prometheus.enabled:  # AMP's HA deduplication (tests/monitoring/test_managed_prometheus.py)
+        expected_labels["__replica__"] = "${PROMETHEUS_REPLICA}"
     assert config["global"]["external_labels"] == expected_labels
     assert config["rule_files"] == [f"{Paths.PROMETHEUS_RULES_DIR}/*.yml"]
     alertmanagers = config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
@@ -149,7 +151,7 @@ def test_grafana_provisioning(settings, topology):
     assert providers[0]["options"]["path"] == Paths.GRAFANA_DASHBOARDS
     # Secrets only as references Grafana expands at start (tests/monitoring/test_tls_config.py checks them).
     for source in datasources:
-        assert all(value.startswith("$__file{") for value in source["secureJsonData"].values())
+        assert all(value.startswith("$__file{") for value in source.get("secureJsonData", {}).values())
     panels = {}
     for path, content in files.items():
         if path.endswith(".json"):
