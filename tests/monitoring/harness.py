@@ -199,10 +199,15 @@ def map_prometheus(
     targets: dict[str, list[tuple[str, str]]],
     intervals: dict[str, str] | None = None,
     secrets_dir: Path | None = None,
+    plain_jobs: tuple[str, ...] = (),
+    target_ca: dict[str, str] | None = None,
 ) -> dict:
     """Rule files, the Alertmanager and the scrape targets to loopback; `targets` maps a job to
     (address, instance) pairs; jobs not in it are dropped. Per-job scrape intervals are kept, and so are
-    the jobs' and the alerting's scheme, CA and credential (their files to `secrets_dir`)."""
+    the jobs' and the alerting's scheme, CA and credential (their files to `secrets_dir`).
+    `plain_jobs`: jobs whose test targets serve plain HTTP (exporters a test starts for their metric names; their TLS
+    is tests/monitoring/test_exporter_tls_live.py's); `target_ca`: job -> the CA its targets' certificates chain to,
+    where that is not this stack's own (the sandbox's hosts)."""
     config = _map_secret_paths(dict(config), secrets_dir) if secrets_dir is not None else dict(config)
     config["global"] = {**config["global"], **(intervals or {})}
     config["rule_files"] = [str(rules_dir / "*.yml")]
@@ -212,6 +217,11 @@ def map_prometheus(
     for job in config["scrape_configs"]:
         if job["job_name"] in targets:
             mapped = {k: v for k, v in job.items() if k != "static_configs"}
+            if job["job_name"] in plain_jobs:
+                mapped.pop("scheme", None)
+                mapped.pop("tls_config", None)
+            elif target_ca and job["job_name"] in target_ca:
+                mapped["tls_config"] = {**mapped.get("tls_config", {}), "ca_file": target_ca[job["job_name"]]}
             if intervals and "scrape_interval" in intervals:
                 mapped.pop("scrape_interval", None)
             mapped["static_configs"] = [{"targets": [address], "labels": {"instance": instance}}
@@ -317,6 +327,8 @@ def start_stack(
     prometheus_bin: str = "prometheus",
     alertmanager_bin: str = "prometheus-alertmanager",
     self_scrape: bool = False,
+    plain_jobs: tuple[str, ...] = (),
+    target_ca: dict[str, str] | None = None,
 ) -> Stack:
     """Write the mapped files under `workdir` and start Alertmanager, then Prometheus, on loopback.
     `self_scrape`: the jobs prometheus and alertmanager scrape this stack's two daemons (as monitoring-1)."""
@@ -337,7 +349,7 @@ def start_stack(
                    "alertmanager": [(f"127.0.0.1:{am_port}", "monitoring-1")]}
     prom_config = map_prometheus(
         yaml.safe_load(files["prometheus/prometheus.yml"]), rules_dir, f"127.0.0.1:{am_port}", targets, intervals,
-        secrets_dir,
+        secrets_dir, plain_jobs, target_ca,
     )
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(prom_config, sort_keys=False))
 

@@ -307,8 +307,10 @@ def exported(tmp_path_factory):
                    "node": [(f"127.0.0.1:{node_port}", "pg-1")],
                    "pgbouncer": [(f"127.0.0.1:{pgbouncer_exporter_port}", "pg-1")],
                    "haproxy": [(f"127.0.0.1:{haproxy_stats}", "pg-1")]}
+        # These exporters serve plain HTTP: this module is about their metric names.
         stack = start_stack(logs / "stack", files, targets, webhook, {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                            prometheus_bin=binary("prometheus"), alertmanager_bin=binary("prometheus-alertmanager"))
+                            prometheus_bin=binary("prometheus"), alertmanager_bin=binary("prometheus-alertmanager"),
+                            plain_jobs=("postgres", "node"))
 
         # The primary's exporter lists the replica in pg_stat_replication once it streams.
         yield {

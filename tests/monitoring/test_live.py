@@ -37,6 +37,7 @@ def live(tmp_path_factory):
     stack = start_stack(
         tmp_path_factory.mktemp("live"), files, {"postgres": [(target.address, "pg-1")]}, webhook, TEST_INTERVALS,
         prometheus_bin=binary("prometheus"), alertmanager_bin=binary("prometheus-alertmanager"),
+        plain_jobs=("postgres",),  # the stand-in exporter serves plain HTTP
     )
     started = time.monotonic()
     try:

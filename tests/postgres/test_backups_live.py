@@ -323,7 +323,8 @@ def test_an_unreachable_repository_pages_on_wal_archiving_and_fails_the_backup_n
     webhook, workdir = Webhook(), Path(tempfile.mkdtemp(prefix="wal-alert-"))
     stack = start_stack(workdir, files, {"postgres": [(exporter, leader.name)]}, webhook,
                         {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                        prometheus_bin=binary("prometheus"), alertmanager_bin=binary("prometheus-alertmanager"))
+                        prometheus_bin=binary("prometheus"), alertmanager_bin=binary("prometheus-alertmanager"),
+                        target_ca={"postgres": cluster.sandbox.ca_file})  # the exporter serves the sandbox CA's pair
     cluster.endpoint.stop()
     try:
         wait_scraped(stack.prometheus_url, f'pg_stat_archiver_archived_count{{instance="{leader.name}"}}', client=stack.client)

@@ -137,7 +137,8 @@ def test_replication_runs_over_tls_verified_and_psql_without_tls_is_refused(clus
 
 def test_exporters_log_in_with_the_role_patroni_created_at_bootstrap(cluster):
     for node in cluster.topology.postgres:
-        metrics = requests.get(f"http://127.0.0.1:{cluster.layout.postgres_exporter(node)}/metrics", timeout=5).text
+        metrics = requests.get(f"https://127.0.0.1:{cluster.layout.postgres_exporter(node)}/metrics", timeout=5,
+                               verify=cluster.ca_file).text  # TLS with the host's identity, as Prometheus scrapes it
         assert "\npg_up 1\n" in metrics, node.name
     roles = _query(cluster, cluster.leader(), "SELECT rolname FROM pg_roles WHERE pg_has_role(rolname, 'pg_monitor', 'member')")
     assert ("postgres_exporter",) in roles

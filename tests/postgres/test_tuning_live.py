@@ -299,9 +299,11 @@ def test_node_exporter_exports_the_clock_state(root):
     arguments = read_environment_file(env)["ARGS"].split()  # Debian's unit: ExecStart=... $ARGS
     textfiles = root / "textfile"
     textfiles.mkdir(exist_ok=True)
+    # Plain HTTP here: this test is about the clock collector; the rendered TLS web config is served in
+    # tests/monitoring/test_exporter_tls_live.py.
     arguments = [f"--collector.textfile.directory={textfiles}" if a.startswith("--collector.textfile.directory=") else
                  f"--web.listen-address=127.0.0.1:{NODE_EXPORTER_PORT}" if a.startswith("--web.listen-address=") else a
-                 for a in arguments]
+                 for a in arguments if not a.startswith("--web.config.file=")]
     exporter = subprocess.Popen(["prometheus-node-exporter", *arguments], stdout=subprocess.DEVNULL,
                                 stderr=(root / "node_exporter.log").open("w"))
     try:
