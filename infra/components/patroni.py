@@ -26,6 +26,7 @@ PASSWORDS = (
     SecretNames.POSTGRES_REPLICATION_PASSWORD,
     SecretNames.POSTGRES_REWIND_PASSWORD,
     SecretNames.POSTGRES_EXPORTER_PASSWORD,
+    SecretNames.METRICS_AGGREGATOR_PASSWORD,
 )
 # The load balancer listens on the ports HAProxy listens on: a client's connection string is the same
 # through the load balancer and straight at a node.
