@@ -37,7 +37,10 @@ class Failure(Exception):
 
 class Prometheus:
     def __init__(self, url: str, ca_file: str | None, user: str, password: str | None):
-        import requests
+        try:
+            import requests
+        except ImportError:
+            raise Failure(EXIT_PROMETHEUS, "prometheus: no requests (Debian's python3-requests)") from None
 
         self.url = url.rstrip("/")
         self.session = requests.Session()
@@ -89,7 +92,10 @@ CREATE TABLE IF NOT EXISTS {aggregates.SCHEMA}.{aggregates.TABLE} (
 
 class Store:
     def __init__(self, dsn: str, password: str | None):
-        import psycopg2
+        try:
+            import psycopg2
+        except ImportError:
+            raise Failure(EXIT_POSTGRES, "postgresql: no psycopg2 (Debian's python3-psycopg2)") from None
 
         self.errors = psycopg2.Error
         try:

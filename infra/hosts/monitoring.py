@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from infra import aggregates, pki
-
 from infra.hosts.spec import (
     BASE_PACKAGES,
     DataVolume,
