@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 # The real daemons the tests run: every rendered config is checked by the binary that will read it.
 SYSTEM_PACKAGES := cloud-init prometheus prometheus-alertmanager patroni python3-etcd etcd-server etcd-client postgresql \
 	postgresql-15-pgaudit redis-server prometheus-postgres-exporter prometheus-redis-exporter prometheus-node-exporter pgbackrest python3-boto3 \
+	python3-psycopg2 python3-requests \
 	curl shellcheck systemd pgbouncer haproxy prometheus-pgbouncer-exporter chrony
 
 .PHONY: setup system-deps test lint plan render diff snapshots preview up sandbox-up sandbox-down
@@ -27,6 +28,7 @@ system-deps:
 	[ -f /usr/lib/postgresql/15/lib/pgaudit.so ] || missing=1; \
 	[ -x /usr/sbin/chronyd ] || missing=1; \
 	/usr/bin/python3 -c 'import boto3' 2>/dev/null || missing=1; \
+	/usr/bin/python3 -c 'import psycopg2, requests' 2>/dev/null || missing=1; \
 	if [ $$missing = 1 ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(SYSTEM_PACKAGES); \

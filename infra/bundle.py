@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from infra import pki
+from infra import aggregates, pki
 from infra.hostagent.agent import AGENT_COMMAND, AGENT_ROOT
-from infra.hosts.postgres import AUDIT_SQL, PGBOUNCER_EXPORTER_ENV, PGBOUNCER_EXPORTER_UNIT
+from infra.hosts.monitoring import AGGREGATES_ENV, AGGREGATES_LIB, AGGREGATES_UNIT
+from infra.hosts.postgres import AGGREGATES_SQL, AUDIT_SQL, PGBOUNCER_EXPORTER_ENV, PGBOUNCER_EXPORTER_UNIT
 from infra.hosts.spec import File, HostSpec
 from infra.hosts.system import CHRONY_UNIT, SYSCTL_UNIT, THP_UNIT
 from infra.render.backup import SERVICE_TEMPLATE, TIMERS
@@ -25,7 +26,7 @@ from infra.render.haproxy import HEALTH_WRITER
 from infra.render.patroni import EXTENSIONS_SQL, patroni_config, restapi_url
 from infra.render.webconfig import MONITORING_USER, password_path
 from infra.settings import StackSettings
-from infra.topology import Paths, Ports, Topology, secret_path, ssm_parameter_name
+from infra.topology import Paths, Ports, SecretNames, Topology, secret_path, ssm_parameter_name
 
 FORMAT = 1
 HOSTAGENT_DIR = Path(__file__).resolve().parent / "hostagent"
@@ -97,6 +98,11 @@ CHANGE_RULES = (
     # A oneshot started by its timer: the next run reads the new unit (the agent daemon-reloads first).
     ChangeRule("/etc/systemd/system/betting-audit-ship.service", None, "none"),
     ChangeRule("/etc/systemd/system/betting-audit-ship.timer", "betting-audit-ship.timer", "restart"),
+    # The aggregates job likewise: its script, modules and values are read at its next run.
+    ChangeRule(f"{AGGREGATES_LIB}/", None, "none"),
+    ChangeRule(AGGREGATES_ENV, None, "none"),
+    ChangeRule(f"/etc/systemd/system/{AGGREGATES_UNIT}.service", None, "none"),
+    ChangeRule(f"/etc/systemd/system/{AGGREGATES_UNIT}.timer", f"{AGGREGATES_UNIT}.timer", "restart"),
     # Kernel settings apply at once (systemd-sysctl re-reads every file, as at boot), never by a reboot;
     # its gate checks the kernel took them (huge pages may not fit in fragmented memory).
     ChangeRule("/etc/sysctl.d/", SYSCTL_UNIT, "restart"),
@@ -227,6 +233,10 @@ def bundle_document(spec: HostSpec, settings: StackSettings, topology: Topology)
                                "audit": {"database": settings.audit.database, "sql": AUDIT_SQL},
                                # pg_stat_statements in the exporter's database, created on the leader likewise.
                                "extensions": {"database": "postgres", "sql": EXTENSIONS_SQL},
+                               # The SLO aggregates' database and writer role, on the leader likewise.
+                               "aggregates": {"database": settings.aggregates.database, "role": aggregates.ROLE,
+                                              "sql": AGGREGATES_SQL,
+                                              "password_file": secret_path(SecretNames.METRICS_AGGREGATOR_PASSWORD)},
                                # PgBouncer's auth function, in every database, on the leader after Patroni is healthy.
                                "pgbouncer_auth": {"sql": Paths.PGBOUNCER_AUTH_SQL}}
     if spec.host.role == "etcd":

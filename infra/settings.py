@@ -389,6 +389,31 @@ class SecuritySettings(_Model):
         return value
 
 
+# The months of daily SLO aggregates kept (infra/aggregates.py): the requirements keep aggregated metrics 1 year.
+MIN_AGGREGATE_MONTHS = 12
+# The databases PostgreSQL itself uses: the aggregates' database revokes PUBLIC's CONNECT, so it must be its own.
+_SYSTEM_DATABASES = ("postgres", "template0", "template1")
+
+
+class AggregatesSettings(_Model):
+    """The daily SLO aggregates (scripts/aggregate_metrics.py): a database of their own on the Patroni cluster."""
+
+    database: Annotated[str, Field(pattern=rf"^{_SQL_NAME}$")] = "metrics"
+    # Whole months kept before the current one; the job drops older monthly partitions.
+    months_kept: int = Field(default=MIN_AGGREGATE_MONTHS, ge=MIN_AGGREGATE_MONTHS, le=120)
+
+    @field_validator("database")
+    @classmethod
+    def _own_database(cls, database: str) -> str:
+        if database in _SYSTEM_DATABASES:
+            raise ValueError(f"must be a database of its own, not {database!r} (its CONNECT is revoked from PUBLIC)")
+        return database
+
+
+# The aggregates' database in PgBouncer: one writer a day needs a small pool of its own (and its login's connection).
+AGGREGATES_POOL_SIZE = 2
+
+
 # PgBouncer logs in with the auth role (auth_user) through each database's own pool to run its auth_query:
 # that connection counts against the database's limit, so every pooled database keeps one for it.
 AUTH_CONNECTIONS_PER_DATABASE = 1
@@ -423,8 +448,10 @@ class ClientPathSettings(_Model):
 
     @property
     def server_connections(self) -> int:
-        """PostgreSQL connections PgBouncer may open on a node, at most: every pool full, plus its logins."""
-        return len(self.databases) * (self.pool_size + AUTH_CONNECTIONS_PER_DATABASE)
+        """PostgreSQL connections PgBouncer may open on a node, at most: every pool full, plus its logins (the
+        aggregates' database's small pool included)."""
+        return (len(self.databases) * (self.pool_size + AUTH_CONNECTIONS_PER_DATABASE)
+                + AGGREGATES_POOL_SIZE + AUTH_CONNECTIONS_PER_DATABASE)
 
 
 class ImageSettings(_Model):
@@ -457,6 +484,7 @@ class StackSettings(_Model):
     roll_host: str = ""
     backups: BackupSettings = BackupSettings()
     audit: AuditSettings = AuditSettings()
+    aggregates: AggregatesSettings = AggregatesSettings()
     client_path: ClientPathSettings = ClientPathSettings()
     application: ApplicationSettings = ApplicationSettings()
     security: SecuritySettings = SecuritySettings()
@@ -515,9 +543,18 @@ class StackSettings(_Model):
         if pool.server_connections > limit:
             raise ValueError(
                 f"clientPath: {len(pool.databases)} pooled database(s) x (poolSize {pool.pool_size} + "
-                f"{AUTH_CONNECTIONS_PER_DATABASE} for logins) = {pool.server_connections} server connections exceed "
+                f"{AUTH_CONNECTIONS_PER_DATABASE} for logins) + {AGGREGATES_POOL_SIZE + AUTH_CONNECTIONS_PER_DATABASE} for "
+                f"aggregates.database = {pool.server_connections} server connections exceed "
                 f"patroni.maxConnections {self.patroni.max_connections} - clientPath.reservedConnections "
                 f"{pool.reserved_connections} = {limit}")
+        return self
+
+    @model_validator(mode="after")
+    def _aggregates_database_is_its_own(self) -> StackSettings:
+        database = self.aggregates.database
+        if database in self.client_path.databases or database == self.audit.database:
+            raise ValueError(f"aggregates.database {database!r} must be a database of its own, not one of "
+                             f"clientPath.databases or audit.database (its CONNECT is revoked from PUBLIC)")
         return self
 
     @property

@@ -170,6 +170,11 @@ class SLO:
     def window_seconds(self) -> float:
         return duration_seconds(self.window)
 
+    @property
+    def good(self) -> str:
+        """threshold: PromQL that is 1 while the gauge is in bounds, 0 while it is not."""
+        return f"({self.gauge}) {self.comparison} bool {self.threshold:g}"
+
     def error_ratio(self, window: str) -> str:
         """PromQL: share of bad events (or bad time) over `window`."""
         if self.kind == "ratio":
@@ -179,8 +184,7 @@ class SLO:
             le = _le(self.threshold)
             fast = f"sum(rate({self.total}_bucket{{{self.selector}{', ' if self.selector else ''}le=\"{le}\"}}[{window}]))"
             return f"1 - ({fast} / sum(rate({self.total}_count{{{self.selector}}}[{window}])))"
-        good = f"({self.gauge}) {self.comparison} bool {self.threshold:g}"
-        return f"1 - avg_over_time(({good})[{window}:1m])"
+        return f"1 - avg_over_time(({self.good})[{window}:1m])"
 
     def sli_value(self, window: str) -> str:
         """PromQL: the SLI itself over `window` (what the report prints)."""

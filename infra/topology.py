@@ -179,6 +179,8 @@ class SecretNames:
     POSTGRES_REPLICATION_PASSWORD = "postgres_replication_password"
     POSTGRES_REWIND_PASSWORD = "postgres_rewind_password"
     POSTGRES_EXPORTER_PASSWORD = "postgres_exporter_password"
+    # The SLO aggregates' writer (infra/aggregates.py ROLE): set by the agent on the leader, read by the daily job.
+    METRICS_AGGREGATOR_PASSWORD = "metrics_aggregator_password"
     REDIS_AUTH_TOKEN = "redis_auth_token"
     DEADMAN_HEARTBEAT_KEY = "deadman_heartbeat_key"  # Alertmanager Watchdog -> dead-man heartbeat API key
     SMTP_AUTH_PASSWORD = "smtp_auth_password"

@@ -4,6 +4,7 @@ consumed, PASS/FAIL and the error-budget policy tier, for every SLO of the catal
     python -m scripts.slo_report --prometheus https://monitoring-1.prod.betting.internal:9090
     python -m scripts.slo_report --prometheus URL --month 2026-10          # a calendar month
     python -m scripts.slo_report --prometheus URL --window 1d --slo api-availability --json
+    python -m scripts.slo_report --from-postgres 'host=... dbname=metrics' --month 2026-10  # the daily aggregates
 
 Every figure is one instant query over the report window (`/api/v1/query` with `time` at the
 window's end), so the report needs the raw data of the whole window (Prometheus keeps 30 days).
@@ -18,10 +19,11 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import requests
 
+from infra import aggregates
 from infra.slo import SLO, SLO_BY_ID, SLOS, policy_tier
 from infra.units import duration_seconds
 from scripts import monitoring_client
@@ -62,9 +64,14 @@ def instant(prometheus: str, expr: str, at: float, client: requests.Session | No
 
 
 def evaluate(prometheus: str, slo: SLO, window: str, at: float, client: requests.Session | None = None) -> Row:
-    window_minutes = duration_seconds(window) / 60
     error_ratio = instant(prometheus, slo.error_ratio(window), at, client)
     sli = instant(prometheus, slo.sli_value(window), at, client)
+    return row(slo, window, error_ratio, sli)
+
+
+def row(slo: SLO, window: str, error_ratio: float | None, sli: float | None) -> Row:
+    """The report's row from the window's error ratio and SLI, wherever they were read."""
+    window_minutes = duration_seconds(window) / 60
     if error_ratio is None or sli is None:
         return Row(slo.id, slo.title, slo.tier, slo.kind, slo.objective, slo.threshold, sli, error_ratio, None, None,
                    "NO DATA", "-", "no samples in the window")
@@ -84,6 +91,33 @@ def evaluate(prometheus: str, slo: SLO, window: str, at: float, client: requests
 
 def report(prometheus: str, window: str, at: float, slos=SLOS, client: requests.Session | None = None) -> list[Row]:
     return [evaluate(prometheus, slo, window, at, client) for slo in slos]
+
+
+def _connect(dsn: str):
+    """A DB-API connection: psycopg 3 where installed (the project's environment), else Debian's python3-psycopg2."""
+    try:
+        import psycopg
+    except ImportError:
+        import psycopg2
+
+        return psycopg2.connect(dsn)
+    return psycopg.connect(dsn)
+
+
+def report_from_postgres(dsn: str, month: str, slos=SLOS) -> list[Row]:
+    """The report of a calendar month from the daily aggregates (scripts/aggregate_metrics.py, infra/aggregates.py)."""
+    window, _ = month_window(month)
+    first = date.fromisoformat(f"{month}-01")
+    end = aggregates.add_months(first, 1)
+    with _connect(dsn) as connection, connection.cursor() as cursor:
+        cursor.execute(f"SELECT slo, component, le, value FROM {aggregates.SCHEMA}.{aggregates.TABLE} "
+                       "WHERE day >= %s AND day < %s", (first, end))
+        stored = cursor.fetchall()
+    rows = []
+    for slo in slos:
+        error_ratio, sli = aggregates.month_figures(slo, [(c, le, v) for s, c, le, v in stored if s == slo.id])
+        rows.append(row(slo, window, error_ratio, sli))
+    return rows
 
 
 def _sli_text(row: Row) -> str:
@@ -137,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--at", type=float, default=None, help="end of the window, Unix seconds (default: now)")
     parser.add_argument("--month", help="a calendar month YYYY-MM (overrides --window and --at)")
     parser.add_argument("--slo", action="append", choices=sorted(SLO_BY_ID), help="only these SLOs (repeatable)")
+    parser.add_argument("--from-postgres", metavar="DSN",
+                        help="read --month from the daily aggregates in PostgreSQL (libpq DSN) instead of Prometheus")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
 
@@ -145,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         window, at = month_window(args.month)
     duration_seconds(window)  # fail early on a bad window
     slos = [SLO_BY_ID[name] for name in args.slo] if args.slo else list(SLOS)
-    rows = report(args.prometheus.rstrip("/"), window, at, slos, monitoring_client.from_arguments(args))
+    if args.from_postgres:
+        if not args.month:
+            parser.error("--from-postgres reads whole months: give --month YYYY-MM")
+        rows = report_from_postgres(args.from_postgres, args.month, slos)
+    else:
+        rows = report(args.prometheus.rstrip("/"), window, at, slos, monitoring_client.from_arguments(args))
     if args.json:
         print(json.dumps({"window": window, "end": at, "slos": [asdict(row) for row in rows]}, indent=2))
     else:

@@ -196,7 +196,7 @@ def test_postgres_role_reads_only_its_secrets_and_writes_only_its_prefix():
     assert parameters == {f"/betting/prod/{n}" for n in (
         "postgres_superuser_password", "postgres_replication_password", "postgres_rewind_password", "postgres_exporter_password",
         "pgbackrest_tls_key", "pgbackrest_tls_cert", "tls_ca_cert", "hosts/pg-1/tls_key", "hosts/pg-1/tls_cert",
-        "patroni_restapi_username", "patroni_restapi_password")}
+        "patroni_restapi_username", "patroni_restapi_password", "metrics_aggregator_password")}
     objects = {s["Resource"][0]: s["Action"] for s in statements if "s3:PutObject" in s["Action"]}
     bucket = "arn:aws:s3:::betting-prod-pg-backups-eu-west-1"
     # pgBackRest's repository: read, write, expire; the verification records and the host's own audit
@@ -212,7 +212,9 @@ def test_monitoring_role_reads_alerting_secrets_and_nothing_of_postgres():
     statements = {s.get("Sid"): s for s in _policy("prod", "monitoring-monitoring-1-access")["Statement"]}
     names = {r.rsplit("/", 1)[1] for r in statements["ReadOwnSecrets"]["Resource"]}
     assert names == {"pagerduty_routing_key", "slack_critical_webhook", "slack_warnings_webhook", "deadman_heartbeat_key",
-                     "redis_auth_token", "tls_ca_cert", "tls_key", "tls_cert", "monitoring_password", "monitoring_web_config"}
+                     "redis_auth_token", "tls_ca_cert", "tls_key", "tls_cert", "monitoring_password", "monitoring_web_config",
+                     # The aggregates job's login: its role may write only the aggregates database.
+                     "metrics_aggregator_password"}
     # etcd members read no secret but their TLS identity, and no backup bucket: only their own bundles.
     for policy in (p for p in of_type("prod", "iam/rolePolicy:RolePolicy") if p.name.startswith("postgres-etcd")):
         statements = {s.get("Sid"): s for s in json.loads(policy.props["policy"])["Statement"]}
@@ -236,7 +238,8 @@ def test_secrets_stay_secret(stack):
         "pagerduty_routing_key", "slack_critical_webhook", "slack_warnings_webhook", "deadman_heartbeat_key",
         "grafana_admin_password",
         "postgres_superuser_password", "postgres_replication_password", "postgres_rewind_password",
-        "postgres_exporter_password", "redis_auth_token", "pgbackrest_tls_key", "pgbackrest_tls_cert",
+        "postgres_exporter_password", "metrics_aggregator_password", "redis_auth_token", "pgbackrest_tls_key",
+        "pgbackrest_tls_cert",
         "tls_ca_cert", "tls_ca_key", "tls_key", "tls_cert", "monitoring_password", "monitoring_web_config",
         "clickhouse_default_password", "patroni_restapi_username", "patroni_restapi_password"}
     for parameter in parameters:

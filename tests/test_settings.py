@@ -117,11 +117,19 @@ def test_prod_shape():
         (lambda r: r[P + "audit"].update(tables=["public.bets", "public.bets"]),
          "audit.tables: names a table more than once: ['public.bets']"),
         (lambda r: r[P + "audit"].update(database="bet-ting"), "audit.database: String should match pattern"),
-        (lambda r: r[P + "clientPath"].update(poolSize=380),
-         "clientPath: 1 pooled database(s) x (poolSize 380 + 1 for logins) = 381 server connections exceed "
-         "patroni.maxConnections 400 - clientPath.reservedConnections 20 = 380"),
+        (lambda r: r[P + "clientPath"].update(poolSize=377),
+         "clientPath: 1 pooled database(s) x (poolSize 377 + 1 for logins) + 3 for aggregates.database = 381 server "
+         "connections exceed patroni.maxConnections 400 - clientPath.reservedConnections 20 = 380"),
         (lambda r: r[P + "clientPath"].update(databases=["betting", "reports"], poolSize=200),
-         "clientPath: 2 pooled database(s) x (poolSize 200 + 1 for logins) = 402 server connections exceed"),
+         "clientPath: 2 pooled database(s) x (poolSize 200 + 1 for logins) + 3 for aggregates.database = 405 server "
+         "connections exceed"),
+        (lambda r: r.update({P + "aggregates": {"database": "postgres"}}),
+         "aggregates.database: must be a database of its own, not 'postgres' (its CONNECT is revoked from PUBLIC)"),
+        (lambda r: r.update({P + "aggregates": {"database": "Metrics"}}), "aggregates.database: String should match pattern"),
+        (lambda r: r.update({P + "aggregates": {"monthsKept": 6}}),
+         "aggregates.monthsKept: Input should be greater than or equal to 12 (found 6)"),
+        (lambda r: r[P + "clientPath"].update(databases=["metrics"]),
+         "aggregates.database 'metrics' must be a database of its own, not one of clientPath.databases or audit.database"),
         (lambda r: r[P + "clientPath"].update(reservedConnections=5),
          "clientPath.reservedConnections: Input should be greater than or equal to 10 (found 5)"),
         (lambda r: r[P + "clientPath"].update(databases=[]),

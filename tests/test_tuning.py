@@ -295,6 +295,7 @@ def test_a_reloaded_patroni_yml_is_given_its_ha_loop_before_a_pending_restart_is
     for service in bundle["services"]:
         service["gate"] = None
     bundle["patroni"].pop("audit"), bundle["patroni"].pop("extensions"), bundle["patroni"].pop("pgbouncer_auth")
+    bundle["patroni"].pop("aggregates")
     calls = []
     monkeypatch.setattr(patroni, "wait_healthy", lambda *a, **k: "ok")
     monkeypatch.setattr(patroni, "apply_dynamic_config", lambda api, desired: {})

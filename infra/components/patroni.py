@@ -28,6 +28,7 @@ PASSWORDS = (
     SecretNames.POSTGRES_REWIND_PASSWORD,
     SecretNames.POSTGRES_EXPORTER_PASSWORD,
     SecretNames.PATRONI_RESTAPI_PASSWORD,
+    SecretNames.METRICS_AGGREGATOR_PASSWORD,
 )
 # The load balancer listens on the ports HAProxy listens on: a client's connection string is the same
 # through the load balancer and straight at a node.

@@ -383,6 +383,22 @@ def converge_extensions(host: str, spec: dict, platform, report: Report) -> None
         raise ApplyError(host, "extensions", (error.stderr or str(error)).strip().splitlines()[-1]) from None
 
 
+def converge_aggregates(host: str, spec: dict, platform, report: Report) -> None:
+    """On the Patroni leader: the SLO aggregates' database and its writer role, whose password is set from its secret
+    file (the bundle's SQL file, idempotent); replicas get both by replication."""
+    api, aggregates = spec["api"], spec["aggregates"]
+    try:
+        if patroni.member(api).get("role") not in patroni.LEADER_ROLES:
+            return
+        platform.psql("postgres", "-v", f"database={aggregates['database']}", "-v", f"role={aggregates['role']}",
+                      "-v", f"password_file={platform.path(aggregates['password_file'])}",
+                      "-f", platform.path(aggregates["sql"]))
+    except patroni.PatroniError as error:
+        raise ApplyError(host, "aggregates", str(error)) from None
+    except subprocess.CalledProcessError as error:
+        raise ApplyError(host, "aggregates", (error.stderr or str(error)).strip().splitlines()[-1]) from None
+
+
 def converge_pgbouncer_auth(host: str, spec: dict, platform, report: Report) -> None:
     """On the Patroni leader: PgBouncer's auth function in every database that takes connections (the bundle's
     SQL file, idempotent, silent when nothing differs). PgBouncer runs auth_query in the database a client
@@ -475,6 +491,9 @@ def apply(bundle: dict, platform, gate_timeout: float | None = None, rollout: st
             converge_audit(host, bundle["patroni"], platform, report)
         if unit == "patroni" and "extensions" in bundle.get("patroni", {}):
             converge_extensions(host, bundle["patroni"], platform, report)
+        # Before PgBouncer's auth function: the aggregates' database gets it in the same apply.
+        if unit == "patroni" and "aggregates" in bundle.get("patroni", {}):
+            converge_aggregates(host, bundle["patroni"], platform, report)
         if unit == "patroni" and "pgbouncer_auth" in bundle.get("patroni", {}):
             converge_pgbouncer_auth(host, bundle["patroni"], platform, report)
     write_apply_metrics(bundle, platform, report, rollout)

@@ -78,6 +78,8 @@ BACKUP_PACKAGES = ("python3-boto3",)
 # pgaudit's grants, run by the agent on the leader (infra/hostagent/agent.py converge_audit).
 AUDIT_SQL = "/etc/betting/pg-audit.sql"
 _AUDIT_SQL_BYTES = (Path(__file__).resolve().parents[1] / "hostagent" / "files" / "pg-audit.sql").read_bytes()
+# The SLO aggregates' database and writer role, converged by the agent on the leader (converge_aggregates).
+AGGREGATES_SQL = "/etc/betting/pg-aggregates.sql"
 # The audit-log shipper (infra/hostagent/files/betting-ship-audit-logs) and its systemd units.
 AUDIT_SHIPPER = "/usr/local/sbin/betting-ship-audit-logs"
 AUDIT_SHIP_ENV = "/etc/betting/audit-ship.env"
@@ -212,6 +214,7 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         *backup_files(settings, topology, host),
         File(AUDIT_SQL, _AUDIT_SQL_BYTES),
         File(EXTENSIONS_SQL, (_FILES / "pg-extensions.sql").read_bytes()),
+        File(AGGREGATES_SQL, (_FILES / "pg-aggregates.sql").read_bytes()),
         *postgres_host_files(settings, volume),
         File(AUDIT_SHIPPER, (_FILES / "betting-ship-audit-logs").read_bytes(), mode="0755"),
         File(AUDIT_SHIP_ENV, env_file(audit_ship_environment(settings, topology, host))),
@@ -231,6 +234,8 @@ def spec(settings: StackSettings, topology: Topology, host: Host) -> HostSpec:
         SecretFile(SecretNames.POSTGRES_EXPORTER_PASSWORD, "prometheus:prometheus"),
         # The backup job writes its canary row on the leader, which it may reach only over TCP.
         SecretFile(SecretNames.POSTGRES_SUPERUSER_PASSWORD, "postgres:postgres"),
+        # The agent sets the aggregator role's password from it (psql as postgres reads it).
+        SecretFile(SecretNames.METRICS_AGGREGATOR_PASSWORD, "postgres:postgres"),
     ]
     # A renewed certificate: Patroni's reload reloads PostgreSQL (SIGHUP, every ssl_* setting) and swaps its REST API's
     # certificate (when the serial changed); PgBouncer rereads its client_tls_* files and HAProxy its checks' CA file on

@@ -26,8 +26,8 @@ No password is in a file, and PgBouncer has none:
 
 from __future__ import annotations
 
-from infra import pki
-from infra.settings import AUTH_CONNECTIONS_PER_DATABASE, StackSettings
+from infra import aggregates, pki
+from infra.settings import AGGREGATES_POOL_SIZE, AUTH_CONNECTIONS_PER_DATABASE, StackSettings
 from infra.topology import Paths, Ports
 
 UNIX_SOCKET_DIR = Paths.POSTGRES_SOCKET_DIR
@@ -69,6 +69,11 @@ def _ini(settings: StackSettings) -> str:
     databases = "\n".join(
         f"{name} = {socket_address(Ports.POSTGRES)} dbname={name} max_db_connections={max_db_connections(settings)}"
         for name in pool.databases)
+    # The daily SLO aggregates (scripts/aggregate_metrics.py): one writer, a small pool of its own.
+    aggregates_database = settings.aggregates.database
+    databases += (f"\n{aggregates_database} = {socket_address(Ports.POSTGRES)} dbname={aggregates_database} "
+                  f"pool_size={AGGREGATES_POOL_SIZE} "
+                  f"max_db_connections={AGGREGATES_POOL_SIZE + AUTH_CONNECTIONS_PER_DATABASE}")
     return f"""\
 ; PgBouncer on each PostgreSQL node (betting-{settings.environment}), in front of the node's own PostgreSQL.
 ; Only these databases are pooled; each holds at most max_db_connections server connections.
@@ -113,6 +118,11 @@ local {CONSOLE_DATABASE} {STATS_USER} peer
 # Neither the console user nor the login role ever comes in over the network.
 host all {STATS_USER},{AUTH_ROLE} 127.0.0.1/32 reject
 host all {STATS_USER},{AUTH_ROLE} {vpc} reject
+# The SLO aggregator reaches its own database only.
+hostssl {settings.aggregates.database} {aggregates.ROLE} 127.0.0.1/32 scram-sha-256
+hostssl {settings.aggregates.database} {aggregates.ROLE} {vpc} scram-sha-256
+host all {aggregates.ROLE} 127.0.0.1/32 reject
+host all {aggregates.ROLE} {vpc} reject
 # Clients, through HAProxy on this or another node, over TLS only: SCRAM against PostgreSQL's verifiers (auth_query).
 hostssl all all 127.0.0.1/32 scram-sha-256
 hostssl all all {vpc} scram-sha-256

@@ -324,6 +324,10 @@ def host_mapping(layout: Layout, topology: Topology, host: Host, s3: SandboxS3 |
         pairs.update(_unrun_scrape_targets(topology))
         if settings is not None:
             pairs.update(_unsent_remote_write(settings))
+        # The aggregates job's writer endpoint (the load balancer's name, which the sandbox has not): the first node's
+        # HAProxy writer port, which forwards to the leader's PgBouncer as the load balancer's target would.
+        pairs[f"host={topology.postgres_primary_endpoint} port={Ports.HAPROXY_PRIMARY}"] = (
+            f"host={LOOPBACK} port={layout.haproxy_primary(topology.postgres[0])}")
     pairs[f"rediss://{topology.redis_endpoint}:{Ports.REDIS}"] = f"{PLAIN_REDIS_SCHEME}{LOOPBACK}:{layout.redis}"
     pairs[UNIX_SOCKET_DIR] = str(layout.socket_dir)
     mapping = {k.encode(): v.encode() for k, v in pairs.items()}

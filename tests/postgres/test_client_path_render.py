@@ -19,7 +19,7 @@ from infra.render.patroni import SUPERUSER, UNIX_SOCKET_DIR, render_patroni
 from infra.render.pgbouncer import AUTH_ROLE, AUTH_SCHEMA, IDENT_MAP, OS_USER, render_pgbouncer
 from infra.sandbox.platform import ca_identity
 from infra.sandbox.runner import ALL_SERVICES, Sandbox
-from infra.settings import load_settings
+from infra.settings import AGGREGATES_POOL_SIZE, load_settings
 from infra.topology import Paths, Ports, build_topology
 from tests.conftest import stack_config
 from tests.monitoring.conftest import binary
@@ -110,8 +110,13 @@ def test_pgbouncer_pools_transactions_within_postgres_max_connections(settings):
     assert main["auth_user"] == AUTH_ROLE and main["auth_query"] == f"SELECT username, password FROM {AUTH_SCHEMA}.get_auth($1)"
     assert "admin_users" not in main  # the console is read-only (stats_users); reload with systemctl
     databases = {name: dict(re.findall(r"(\w+)=(\S+)", entry)) for name, entry in ini["databases"].items()}
-    assert set(databases) == set(pool.databases)  # no `*`: only the named databases are pooled
-    limits = 0
+    # No `*`: only the named databases are pooled, and the SLO aggregates' own, with a small pool of its own.
+    assert set(databases) == {*pool.databases, settings.aggregates.database}
+    aggregates_entry = databases.pop(settings.aggregates.database)
+    assert aggregates_entry == {"host": Paths.POSTGRES_SOCKET_DIR, "port": str(Ports.POSTGRES),
+                                "dbname": settings.aggregates.database, "pool_size": str(AGGREGATES_POOL_SIZE),
+                                "max_db_connections": str(AGGREGATES_POOL_SIZE + 1)}
+    limits = int(aggregates_entry["max_db_connections"])
     for name, entry in databases.items():
         # Over the local socket, to this node's PostgreSQL; the pool plus one connection for logins (auth_query).
         assert entry == {"host": Paths.POSTGRES_SOCKET_DIR, "port": str(Ports.POSTGRES), "dbname": name,

@@ -33,7 +33,7 @@ from infra.render.patroni import REPLICATION_USER, SUPERUSER, UNIX_SOCKET_DIR, r
 from infra.render.pgbouncer import AUTH_ROLE, CONSOLE_DATABASE, LISTEN_ADDRESS, STATS_USER, socket_address
 from infra.sandbox import mapping as m
 from infra.sandbox.runner import wait_for
-from infra.settings import load_settings
+from infra.settings import AGGREGATES_POOL_SIZE, load_settings
 from infra.topology import Paths, Ports, build_topology
 from tests.conftest import stack_config
 from tests.ports import port
@@ -181,7 +181,11 @@ def test_pgbouncer_runs_its_rendered_files_and_answers_on_its_console(pooled):
     assert config["listen_port"] == str(PGBOUNCER_PORT) and config["stats_users"] == STATS_USER
     assert config["server_login_retry"] == "1"
     databases = {row["name"]: row for row in _console(root, "SHOW DATABASES")}
-    assert set(databases) == {*pool.databases, CONSOLE_DATABASE}
+    assert set(databases) == {*pool.databases, settings.aggregates.database, CONSOLE_DATABASE}
+    # The SLO aggregates' database: its own small pool (pool_size per database, which PgBouncer 1.18 takes).
+    aggregates_pool = databases[settings.aggregates.database]
+    assert (aggregates_pool["pool_size"], aggregates_pool["max_connections"]) == (
+        str(AGGREGATES_POOL_SIZE), str(AGGREGATES_POOL_SIZE + 1))
     for name in pool.databases:
         assert databases[name]["port"] == str(POSTGRES_PORT) and databases[name]["host"] == str(root / "run")
         assert databases[name]["max_connections"] == str(pool.pool_size + 1)
