@@ -17,6 +17,9 @@ STACKS = ("dev", "staging", "prod")
 
 # Live fixtures of the whole session: the modules that use one run on the same pytest-xdist worker.
 SESSION_LIVE_FIXTURES = {"live_sandbox"}
+# moto keeps its state in module globals of the process: an in-process mock_aws() resets what the backup tests'
+# S3 endpoint (infra/sandbox/s3.py serves moto from a thread) holds. Modules using either share one worker, in order.
+MOTO_MARKERS = ("mock_aws", "S3Endpoint")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -27,6 +30,8 @@ def pytest_collection_modifyitems(config, items):
         module = item.nodeid.split("::", 1)[0]
         if SESSION_LIVE_FIXTURES & set(item.fixturenames):
             modules[module] = "live-sandbox"
+        elif module not in modules and any(marker in item.path.read_text() for marker in MOTO_MARKERS):
+            modules[module] = "moto"
         modules.setdefault(module, module)
     for item in items:
         item.add_marker(pytest.mark.xdist_group(modules[item.nodeid.split("::", 1)[0]]))
