@@ -34,10 +34,11 @@ system-deps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(SYSTEM_PACKAGES); \
 	fi
 
-# Two workers: most of the live tests' time is waiting on daemons (timeouts, failovers), and each module runs whole
-# on one worker (tests/conftest.py), on that worker's own ports (tests/ports.py).
+# One process. `pytest -n 2 --dist loadgroup` (pytest-xdist; each module whole on one worker, tests/conftest.py, on
+# that worker's own ports, tests/ports.py) takes 16 minutes instead of about 21, but under it the live backup tests
+# lose their repository's backups after the first backup test (they pass alone): not yet understood, README, Testing.
 test: setup system-deps
-	$(BIN)/pytest -q -n 2 --dist loadgroup
+	$(BIN)/pytest -q
 
 lint: setup
 	$(BIN)/ruff check .
