@@ -40,6 +40,7 @@ from infra.sandbox.platform import expand_command, parse_unit
 from infra.topology import SecretNames
 from scripts import slo_report
 from tests.monitoring.harness import wait_ready, write_tls
+from tests.peer_psql import PeerPsql, run_as
 from tests.ports import port
 from tests.tls import write_identity
 
@@ -129,26 +130,7 @@ def _write_openmetrics(folder: Path) -> list[Path]:
     return files
 
 
-def _as(user: str, *command: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *command],
-                          capture_output=True, text=True, **kwargs)
-
-
-class LeaderPsql:
-    """The agent's platform on the leader: psql as postgres over the socket (peer), files under the root."""
-
-    def __init__(self, root: Path, socket_dir: Path):
-        self.root, self.socket_dir = root, socket_dir
-
-    def path(self, path: str) -> str:
-        return str(self.root / path.lstrip("/"))
-
-    def psql(self, database: str, *args: str) -> str:
-        result = _as("postgres", "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.socket_dir),
-                     "-p", str(POSTGRES_PORT), "-d", database, *args)
-        if result.returncode:
-            raise subprocess.CalledProcessError(result.returncode, "psql", result.stdout, result.stderr)
-        return result.stdout
+_as = run_as
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +177,7 @@ def world(tmp_path_factory):
             f"-c ssl_cert_file={tls['cert']} -c ssl_key_file={tls['key']}", "start")
         assert (data / "postmaster.pid").exists(), (socket_dir / "postgres.log").read_text()[-2000:]
         # The agent's step, as on the leader, with the postgres host's files.
-        leader = LeaderPsql(root, socket_dir)
+        leader = PeerPsql(root, socket_dir, POSTGRES_PORT)
         postgres_files = {f.path: f for f in _spec(settings, topology, "postgres").files}
         sql = Path(leader.path(AGGREGATES_SQL))
         sql.parent.mkdir(parents=True, exist_ok=True)

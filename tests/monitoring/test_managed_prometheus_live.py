@@ -39,7 +39,7 @@ pytestmark = pytest.mark.live
 RECEIVER, RECORDER = port(27964), port(27965)
 SENDERS = {"aggregates": ("monitoring-1", port(27966)), "all": ("monitoring-2", port(27967))}
 WORKSPACE_IDS = {send: f"ws-live-{send}" for send in SENDERS}  # one each: the recorder tells the senders apart
-ACCESS_KEY = "AKIAIOSFODNN7EXAMPLE"  # AWS's documented example key: signs, grants nothing
+ACCESS_KEY = "AKIDTESTSIGNINGONLY0"  # not AWS's key shape: it signs, names no account
 RULES = {"groups": [{"name": "aggregates", "interval": "1s", "rules": [
     {"record": "sli:scrape_up:sum", "expr": "sum(up)"},
     {"record": "slo:head_series:max", "expr": "max(prometheus_tsdb_head_series)"},
@@ -106,7 +106,7 @@ def daemons(tmp_path_factory):
         for send, (replica, listen) in SENDERS.items():
             (workdir / f"{send}.yml").write_text(yaml.safe_dump(_sender_config(send, listen, str(workdir / "rules.yml"))))
             env = {"PATH": os.environ["PATH"], "HOME": str(workdir), "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                   "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "AWS_EC2_METADATA_DISABLED": "true",
+                   "AWS_SECRET_ACCESS_KEY": "test-secret-key-that-signs-nothing-real", "AWS_EC2_METADATA_DISABLED": "true",
                    managed_prometheus.REPLICA_VARIABLE: replica}
             flags = managed_prometheus.prometheus_flags(_settings(enabled=True, send=send))
             senders[send] = start(send, [f"--config.file={workdir / f'{send}.yml'}",

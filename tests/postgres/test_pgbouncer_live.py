@@ -36,6 +36,7 @@ from infra.sandbox.runner import wait_for
 from infra.settings import AGGREGATES_POOL_SIZE, load_settings
 from infra.topology import Paths, Ports, build_topology
 from tests.conftest import stack_config
+from tests.peer_psql import PeerPsql, run_as
 from tests.ports import port
 from tests.tls import write_identity
 
@@ -46,30 +47,7 @@ POSTGRES_PORT, PGBOUNCER_PORT, EXPORTER_PORT = port(27951), port(27952), port(27
 APP_PASSWORD = "app-password-for-this-test"
 
 
-def _as(user: str, *command: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *command],
-                          capture_output=True, text=True, **kwargs)
-
-
-class PeerPsql:
-    """The agent's platform for its PgBouncer step, as on a host (DebianHost.psql): psql as the OS user postgres
-    over the socket, peer authentication; files under the root."""
-
-    def __init__(self, root: Path, socket_dir: Path):
-        self.root, self.socket_dir = root, socket_dir
-
-    def path(self, path: str) -> str:
-        return str(self.root / path.lstrip("/"))
-
-    def psql(self, database: str, *args: str) -> str:
-        result = _as("postgres", "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.socket_dir),
-                     "-p", str(POSTGRES_PORT), "-d", database, *args)
-        if result.returncode:
-            raise subprocess.CalledProcessError(result.returncode, "psql", result.stdout, result.stderr)
-        return result.stdout
-
-    def sql(self, database: str, statement: str) -> str:
-        return self.psql(database, "-At", "-c", statement).strip()
+_as = run_as
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +93,7 @@ def pooled():
     _as("postgres", str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log"), "-w", "-o",
         f"-p {POSTGRES_PORT} -c listen_addresses={m.LOOPBACK} -c unix_socket_directories={socket_dir} -c ssl=on "
         f"-c ssl_cert_file={tls['cert']} -c ssl_key_file={tls['key']}", "start", check=True)
-    server = PeerPsql(root, socket_dir)
+    server = PeerPsql(root, socket_dir, POSTGRES_PORT)
     processes = []
     try:
         for database in settings.client_path.databases:
